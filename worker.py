@@ -27,6 +27,7 @@ Other commands::
 
 import asyncio
 import binascii
+import collections
 import dataclasses
 import datetime
 import dbm
@@ -34,6 +35,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -42,6 +44,7 @@ import ssl
 import sys
 import time
 import urllib.parse
+import zlib
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 try:
@@ -117,6 +120,7 @@ SHUTDOWN_GRACE_SECONDS = 25  # in-flight requests get this long after SIGTERM
 UPSTREAM_CONNECT_TIMEOUT = 30.0
 MAX_UPSTREAM_CLIENTS = 10000  # Tornado's default of 10 would queue the 11th stream
 JOURNAL_CHECKPOINT_BYTES = 4 << 20
+USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
 
 
 # ---------------------------------------------------------------------------
@@ -597,9 +601,90 @@ def check_name(name: str) -> str:
     return name
 
 
+# -- limits: what register and set take ----------------------------------------
+
+LIMIT_DEFAULTS: Dict[str, Any] = {"expires": None, "quota": 0, "rpm": 0, "models": ["*"],
+                                  "scope": "own"}
+LIMIT_FIELDS = ("days", "expires", "quota", "rpm", "models", "scope")
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def iso(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime.datetime:
+    """A date (the end of that day, UTC) or an ISO-8601 time (UTC if it names no zone)."""
+    if re.match(r"\d{4}-\d{2}-\d{2}\Z", text):
+        day = datetime.datetime.strptime(text, "%Y-%m-%d")
+        return day.replace(hour=23, minute=59, second=59, tzinfo=datetime.timezone.utc)
+    moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
+def parse_limits(fields: Dict[str, str]) -> Dict[str, Any]:
+    """The limits named in a register or set request; AdminError 400 names a bad field."""
+    unknown = sorted(set(fields) - set(LIMIT_FIELDS) - {"format"})
+    if unknown:
+        raise AdminError(400, f"unknown field {unknown[0]}; fields are {', '.join(LIMIT_FIELDS)}")
+    limits: Dict[str, Any] = {}
+    if "days" in fields and "expires" in fields:
+        raise AdminError(400, "days and expires: give one of them")
+    if "days" in fields:
+        days = _whole_number(fields["days"], "days")
+        if days < 1 or days > 36500:
+            raise AdminError(400, "days must be a whole number from 1 to 36500")
+        limits["expires"] = iso(utcnow() + datetime.timedelta(days=days))
+    if "expires" in fields:
+        text = fields["expires"].strip()
+        if text.lower() == "never":
+            limits["expires"] = None
+        else:
+            try:
+                limits["expires"] = iso(parse_time(text))
+            except ValueError:
+                raise AdminError(400, "expires must be YYYY-MM-DD, an ISO-8601 time, or never")
+    for field in ("quota", "rpm"):
+        if field in fields:
+            limits[field] = _whole_number(fields[field], field)
+    if "models" in fields:
+        models = [m.strip() for m in fields["models"].split(",") if m.strip()]
+        if not models or any(not re.match(r"[\w.:/*-]{1,128}\Z", m) for m in models):
+            raise AdminError(400, "models must be a comma-separated list of model names, or *")
+        limits["models"] = ["*"] if "*" in models else models
+    if "scope" in fields:
+        if fields["scope"] not in ("own", "all"):
+            raise AdminError(400, "scope must be own or all")
+        limits["scope"] = fields["scope"]
+    return limits
+
+
+def _whole_number(text: str, field: str) -> int:
+    if not re.match(r"\d{1,15}\Z", text.strip()):
+        raise AdminError(400, f"{field} must be a whole number of 0 or more, got {text!r}")
+    return int(text)
+
+
+def expiry_passed(user: Dict[str, Any]) -> bool:
+    return bool(user.get("expires")) and user["expires"] <= iso(utcnow())
+
+
+def allows_model(user: Dict[str, Any], model: str) -> bool:
+    models = user.get("models") or ["*"]
+    return "*" in models or model in models
+
+
 class Store:
-    """Users and their keys over a KV: ``user:NAME`` (a JSON record) and
-    ``key:SHA256`` (the name), so a key is found in O(1) and never kept in clear."""
+    """Users, keys and usage over a KV, one small record each:
+
+    - ``user:NAME``: the user's record (JSON: key hash, created, limits);
+    - ``key:SHA256``: the name, so a key is found in O(1) and never kept in clear;
+    - ``usage:NAME:DAY:MODEL``: ``[requests, input, output, total]`` tokens;
+    - ``total:NAME``: ``[requests, tokens]`` over all time, for the quota.
+    """
 
     def __init__(self, kv: DbmKV):
         self.kv = kv
@@ -614,29 +699,84 @@ class Store:
         record = await self.kv.get("user:" + name)
         return None if record is None else json.loads(record)
 
-    async def create_user(self, name: str) -> str:
-        if await self.get_user(name) is not None:
-            raise StoreError(409, f"user {name} exists")
-        key = new_key()
-        user = {"name": name, "key_hash": hash_key(key), "created": now_iso()}
-        await self.kv.write({"user:" + name: _dump(user), "key:" + user["key_hash"]: name})
-        return key
-
-    async def reset_key(self, name: str) -> str:
+    async def require_user(self, name: str) -> Dict[str, Any]:
         user = await self.get_user(name)
         if user is None:
             raise StoreError(404, f"no user {name}")
+        return user
+
+    async def create_user(self, name: str, limits: Dict[str, Any]) -> str:
+        if await self.get_user(name) is not None:
+            raise StoreError(409, f"user {name} exists")
+        key = new_key()
+        user = {"name": name, "key_hash": hash_key(key), "created": now_iso(),
+                **LIMIT_DEFAULTS, **limits}
+        await self.kv.write({"user:" + name: _dump(user), "key:" + user["key_hash"]: name,
+                             "total:" + name: None})
+        return key
+
+    async def reset_key(self, name: str) -> str:
+        user = await self.require_user(name)
         key = new_key()
         old_hash, user["key_hash"] = user["key_hash"], hash_key(key)
         await self.kv.write({"key:" + old_hash: None, "key:" + user["key_hash"]: name,
                              "user:" + name: _dump(user)})
         return key
 
+    async def set_limits(self, name: str, limits: Dict[str, Any]) -> Dict[str, Any]:
+        user = await self.require_user(name)
+        user.update(limits)
+        await self.kv.write({"user:" + name: _dump(user)})
+        return user
+
     async def delete_user(self, name: str) -> None:
-        user = await self.get_user(name)
-        if user is None:
-            raise StoreError(404, f"no user {name}")
-        await self.kv.write({"key:" + user["key_hash"]: None, "user:" + name: None})
+        """Delete the user and its key; its past usage stays in the stats."""
+        user = await self.require_user(name)
+        await self.kv.write({"key:" + user["key_hash"]: None, "user:" + name: None,
+                             "total:" + name: None})
+
+    async def list_users(self) -> List[Dict[str, Any]]:
+        return [json.loads(value) for value in (await self.kv.scan("user:")).values()]
+
+    # -- usage ----------------------------------------------------------------
+
+    async def total(self, name: str) -> List[int]:
+        """``[requests, tokens]`` counted for the user so far, over all time."""
+        record = await self.kv.get("total:" + name)
+        return json.loads(record) if record else [0, 0]
+
+    async def add_usage(self, batch: Dict[Tuple[str, str, str], List[int]]) -> None:
+        """Add counts per (name, day, model) to the stored ones, as one durable write."""
+        ops: Dict[str, Optional[str]] = {}
+        totals: Dict[str, List[int]] = {}
+        for (name, day, model), counts in batch.items():
+            key = f"usage:{name}:{day}:{model}"
+            stored = json.loads(ops.get(key) or await self.kv.get(key) or "[0, 0, 0, 0]")
+            ops[key] = _dump([a + b for a, b in zip(stored, counts)])
+            total = totals.setdefault(name, [0, 0])
+            total[0] += counts[0]
+            total[1] += counts[3]
+        for name, (requests, tokens) in totals.items():
+            stored = await self.total(name)
+            ops["total:" + name] = _dump([stored[0] + requests, stored[1] + tokens])
+        await self.kv.write(ops)
+
+    async def usage_rows(self, name: Optional[str], first_day: str,
+                         last_day: str) -> List[Dict[str, Any]]:
+        """Stored usage per day, user and model, oldest first."""
+        rows = []
+        prefix = "usage:" + (f"{name}:" if name else "")
+        for key, value in (await self.kv.scan(prefix)).items():
+            _, user, day, model = key.split(":", 3)
+            if first_day <= day <= last_day:
+                requests, input_tokens, output_tokens, total = json.loads(value)
+                rows.append({"day": day, "user": user, "model": model, "requests": requests,
+                             "input_tokens": input_tokens, "output_tokens": output_tokens,
+                             "total_tokens": total})
+        rows.sort(key=lambda row: (row["day"], row["user"], row["model"]))
+        return rows
+
+    # -- moving between stores --------------------------------------------------
 
     async def import_users(self, users: Dict[str, Any]) -> int:
         """Take ``{name: {"key": "sk-…"}}`` (Cloudflare) or this program's export."""
@@ -644,27 +784,270 @@ class Store:
         for name, entry in users.items():
             if not isinstance(entry, dict) or not NAME_RE.match(name) or name in ROUTE_WORDS:
                 raise ValueError(f"user {name!r}: needs a valid name and an object")
-            record = {k: v for k, v in entry.items() if k != "key"}
+            record = {k: v for k, v in entry.items() if k not in ("key", "usage", "total")}
             if isinstance(entry.get("key"), str) and entry["key"]:
                 record["key_hash"] = hash_key(entry["key"])
             if not re.match(r"[0-9a-f]{64}\Z", str(record.get("key_hash", ""))):
                 raise ValueError(f"user {name!r}: needs a key or a key_hash")
-            record.update(name=name, created=record.get("created") or now_iso())
+            record = {**LIMIT_DEFAULTS, **record, "name": name,
+                      "created": record.get("created") or now_iso()}
             old = await self.get_user(name)
             if old is not None and old["key_hash"] != record["key_hash"]:
                 ops["key:" + old["key_hash"]] = None
             ops["user:" + name] = _dump(record)
             ops["key:" + record["key_hash"]] = name
+            for row in entry.get("usage", []):
+                key = f"usage:{name}:{row['day']}:{row['model']}"
+                ops[key] = _dump([row["requests"], row["input_tokens"],
+                                  row["output_tokens"], row["total_tokens"]])
+            if entry.get("total"):
+                ops["total:" + name] = _dump(entry["total"])
         await self.kv.write(ops)
         return len(users)
 
     async def export_users(self) -> Dict[str, Any]:
-        users = await self.kv.scan("user:")
-        return {key[len("user:"):]: json.loads(value) for key, value in users.items()}
+        users = {user["name"]: user for user in await self.list_users()}
+        for name, user in users.items():
+            user["usage"] = [{k: v for k, v in row.items() if k != "user"}
+                             for row in await self.usage_rows(name, "", "9999")]
+            user["total"] = await self.total(name)
+        return users
 
 
 def _dump(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+# ---------------------------------------------------------------------------
+# Usage: read from the upstream's own answers, counted per user, day, model
+# ---------------------------------------------------------------------------
+
+try:  # optional: with it, brotli-compressed answers are counted too
+    import brotli
+except ImportError:
+    brotli = None
+
+USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+def token_counts(usage: Any) -> List[int]:
+    """``[input, output, total]`` from a usage object of any OpenAI API."""
+    if not isinstance(usage, dict):
+        return [0, 0, 0]
+    def number(*names: str) -> int:
+        for name in names:
+            value = usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+        return 0
+    input_tokens = number("prompt_tokens", "input_tokens")
+    output_tokens = number("completion_tokens", "output_tokens")
+    return [input_tokens, output_tokens, number("total_tokens") or input_tokens + output_tokens]
+
+
+def usage_in(obj: Any) -> Optional[Tuple[Optional[str], List[int]]]:
+    """(model, counts) from an answer, a stream chunk or an event that carries usage."""
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("usage"), dict):
+        model = obj.get("model")
+        return (model if isinstance(model, str) else None), token_counts(obj["usage"])
+    if isinstance(obj.get("response"), dict):  # response.completed, response.done
+        return usage_in(obj["response"])
+    return None
+
+
+def sse_data(event: bytes) -> Any:
+    """The JSON of an SSE event's data lines, or None."""
+    lines = [line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:")]
+    try:
+        return json.loads(b"\n".join(lines))
+    except ValueError:
+        return None
+
+
+def is_usage_only_chunk(event: bytes) -> bool:
+    """A chat completion's last chunk when include_usage was asked for: no choices."""
+    return b'"choices":[]' in event and any(m in event for m in USAGE_MARKERS)
+
+
+def decoder_for(content_encoding: str) -> Any:
+    encoding = content_encoding.strip().lower()
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        return zlib.decompressobj(47 if encoding != "deflate" else 15)
+    if encoding == "br" and brotli is not None:
+        return brotli.Decompressor()
+    return None
+
+
+def readable_encodings(accept_encoding: str) -> str:
+    """Accept-Encoding minus what this proxy could not decode to read usage."""
+    readable = {"gzip", "x-gzip", "deflate", "identity", "*"} | ({"br"} if brotli else set())
+    kept = [part for part in accept_encoding.split(",")
+            if part.split(";")[0].strip().lower() in readable]
+    return ",".join(kept).strip() or "identity"
+
+
+class UsageReader:
+    """Finds the usage in an answer as it streams past, without holding it.
+
+    JSON answers: the last ``"usage": {…}`` in the body's last 64 KB and the
+    first ``"model"`` in its first 8 KB, so a 50 MB embeddings answer costs no
+    more than a small one. Event streams: the last event that carries a usage
+    object (a chat completion's usage-only chunk, ``response.completed``).
+    With ``strip``, the usage-only chunk the proxy asked for on the client's
+    behalf, and the ``"usage":null`` it adds to every other chunk, are taken
+    out of what the client receives.
+    """
+
+    HEAD, TAIL = 8192, 65536
+
+    def __init__(self, content_type: str, content_encoding: str, strip: bool):
+        self.sse = content_type.lower().startswith("text/event-stream")
+        self.decoder = decoder_for(content_encoding) if content_encoding else None
+        self.compressed = bool(content_encoding) and content_encoding.lower() != "identity"
+        self.strip = strip and self.sse and not self.compressed
+        self.head = self.tail = self.pending = b""
+        self.usage_event: Optional[bytes] = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Read a chunk; return what the client gets of it."""
+        if self.compressed:
+            self._read(self._decode(chunk))
+            return chunk
+        return self._read(chunk)
+
+    def _decode(self, chunk: bytes) -> bytes:
+        if self.decoder is None:
+            return b""
+        try:
+            return self.decoder.decompress(chunk)
+        except Exception:  # a corrupt body: pass it on, count no tokens
+            self.decoder = None
+            return b""
+
+    def _read(self, data: bytes) -> bytes:
+        if not self.sse:
+            if len(self.head) < self.HEAD:
+                self.head += data[: self.HEAD - len(self.head)]
+            self.tail = (self.tail + data)[-self.TAIL:]
+            return data
+        self.pending += data
+        events = []
+        while True:
+            match = SSE_EVENT_END.search(self.pending)
+            if match is None:
+                break
+            events.append(self.pending[: match.end()])
+            self.pending = self.pending[match.end():]
+        kept = [event for event in events if self._keep(event)]
+        if not self.strip:
+            return data
+        return b"".join(map(strip_usage_nulls, kept))
+
+    def _keep(self, event: bytes) -> bool:
+        if any(marker in event for marker in USAGE_MARKERS):
+            self.usage_event = event
+            if self.strip and is_usage_only_chunk(event):
+                return False
+        return True
+
+    def flush(self) -> bytes:
+        """What is left for the client once the upstream is done."""
+        rest, self.pending = self.pending, b""
+        if rest and self.sse:
+            self._keep(rest)
+        return strip_usage_nulls(rest) if self.strip else b""
+
+    def result(self) -> Optional[Tuple[Optional[str], List[int]]]:
+        if self.sse:
+            return usage_in(sse_data(self.usage_event)) if self.usage_event else None
+        return self._json_result()
+
+    def _json_result(self) -> Optional[Tuple[Optional[str], List[int]]]:
+        starts = [m.start() for m in re.finditer(rb'"usage"\s*:\s*\{', self.tail)]
+        if not starts:
+            return None
+        text = self.tail[starts[-1]:].decode("utf-8", "replace")
+        try:
+            usage, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
+        except ValueError:
+            return None
+        match = re.search(rb'"model"\s*:\s*"([^"\\]{1,200})"', self.head)
+        return (match.group(1).decode() if match else None), token_counts(usage)
+
+
+def strip_usage_nulls(data: bytes) -> bytes:
+    """What OpenAI adds to every chunk once include_usage is on."""
+    return data.replace(b',"usage":null', b"").replace(b'"usage":null,', b"")
+
+
+class UsageBook:
+    """Counts in memory, written to the store in one batch every few seconds.
+
+    The request path only adds to a dict; the disk is written by ``flush``,
+    which a timer calls every ``USAGE_FLUSH_SECONDS`` and ``serve`` calls once
+    more on SIGTERM/SIGINT.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.pending: Dict[Tuple[str, str, str], List[int]] = {}
+
+    def record(self, name: str, model: str, counts: List[int]) -> None:
+        day = utcnow().strftime("%Y-%m-%d")
+        row = self.pending.setdefault((name, day, model), [0, 0, 0, 0])
+        row[0] += 1
+        for i, value in enumerate(counts, 1):
+            row[i] += value
+
+    def pending_for(self, name: str) -> Tuple[int, int]:
+        """(requests, tokens) counted for the user but not yet written."""
+        rows = [row for (user, _, _), row in self.pending.items() if user == name]
+        return sum(row[0] for row in rows), sum(row[3] for row in rows)
+
+    async def used_tokens(self, name: str) -> int:
+        return (await self.store.total(name))[1] + self.pending_for(name)[1]
+
+    async def flush(self) -> None:
+        batch, self.pending = self.pending, {}
+        if not batch:
+            return
+        try:
+            await self.store.add_usage(batch)
+        except Exception:
+            log.exception("usage: writing failed; keeping the counts for the next try")
+            for key, row in batch.items():
+                merged = self.pending.setdefault(key, [0, 0, 0, 0])
+                self.pending[key] = [a + b for a, b in zip(merged, row)]
+
+
+class RateLimiter:
+    """Requests per minute per user, over a sliding 60-second window."""
+
+    WINDOW = 60.0
+
+    def __init__(self) -> None:
+        self.windows: Dict[str, "collections.deque[float]"] = {}
+
+    def admit(self, name: str, rpm: int) -> Optional[ApiError]:
+        """None if the request may go; else the 429 to answer."""
+        now = time.monotonic()
+        window = self.windows.setdefault(name, collections.deque())
+        while window and now - window[0] >= self.WINDOW:
+            window.popleft()
+        if len(window) < rpm:
+            window.append(now)
+            return None
+        wait = self.WINDOW - (now - window[0])
+        return ApiError(
+            429, f"Rate limit reached for requests: {rpm} per minute for this key. "
+                 f"Please try again in {wait:.1f}s.", "requests", "rate_limit_exceeded",
+            headers={"Retry-After": str(max(1, math.ceil(wait))),
+                     "x-ratelimit-limit-requests": str(rpm),
+                     "x-ratelimit-remaining-requests": "0",
+                     "x-ratelimit-reset-requests": f"{wait:.3f}s"})
 
 
 # ---------------------------------------------------------------------------
@@ -698,6 +1081,9 @@ class BaseHandler(tornado.web.RequestHandler):
             self.set_header("Access-Control-Expose-Headers", "*")
             if origin != "*":
                 self.set_header("Vary", "Origin")
+
+    def on_log(self) -> None:
+        """Called just before the request's log line is written."""
 
     def compute_etag(self) -> Optional[str]:
         return None  # answers are passed through or freshly made: never 304
@@ -751,7 +1137,7 @@ class MissingVersionHandler(BaseHandler):
                             f"must end in /v1 ({base})", code="unknown_url")
 
     def options(self, *args: str) -> None:
-        self.set_status(204)
+        answer_preflight(self)
 
 
 # ---------------------------------------------------------------------------
@@ -778,6 +1164,9 @@ async def authenticate(store: Store, headers: tornado.httputil.HTTPHeaders) -> D
     if user is None:
         raise invalid_api_key(
             "Incorrect API key provided. Ask the owner of this proxy for a valid key.")
+    if expiry_passed(user):
+        raise invalid_api_key(f"This API key expired at {user['expires']}. "
+                              "Ask the owner of this proxy to extend it.")
     return user
 
 
@@ -785,33 +1174,84 @@ async def authenticate(store: Store, headers: tornado.httputil.HTTPHeaders) -> D
 # The HTTP proxy: /v<N>/…
 # ---------------------------------------------------------------------------
 
+# POST endpoints whose body names a model (../shared/openai-endpoints.tsv):
+# read before sending, for users with a model allowlist.
+MODEL_IN_BODY = re.compile(
+    r"/v\d+/(chat/completions|completions|responses(/input_tokens|/compact)?|embeddings"
+    r"|moderations|audio/(speech|transcriptions|translations)|images/(edits|generations|variations)"
+    r"|fine_tuning/jobs|assistants(/[^/]+)?|threads(/[^/]+)?/runs|videos"
+    r"|realtime/(calls(/[^/]+/accept)?|client_secrets|translations/client_secrets))\Z")
+# Streams whose usage OpenAI sends only when asked (stream_options.include_usage).
+USAGE_ON_REQUEST = re.compile(r"/v\d+/(chat/completions|completions)\Z")
+MODELS_LIST = re.compile(r"/v\d+/models\Z")
+MODEL_IN_PATH = re.compile(r"/v\d+/models/(.+)\Z")
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                    code="model_not_found")
+
+
+def model_in_body(content_type: str, body: bytes) -> Tuple[Optional[str], Any]:
+    """(the model a request body names, its parsed JSON if it is JSON)."""
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        fields: Dict[str, List[bytes]] = {}
+        try:
+            tornado.httputil.parse_body_arguments(content_type, body, fields, {})
+        except Exception:
+            return None, None
+        values = fields.get("model") or [b""]
+        return values[0].decode("utf-8", "replace") or None, None
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None, None
+    if not isinstance(obj, dict):
+        return None, obj
+    model = obj.get("model")
+    if model is None and isinstance(obj.get("session"), dict):
+        model = obj["session"].get("model")
+    return (model if isinstance(model, str) else None), obj
+
+
 @tornado.web.stream_request_body
 class ProxyHandler(BaseHandler):
     """Passes one API request through, streaming both ways.
 
-    Its life: prepare (authenticate, check the size, open the upstream request
+    Its life: prepare (authenticate, check limits, open the upstream request
     with a body producer) → data_received (body chunks to the upstream, with
     back-pressure) → the method handler (wait for the upstream) →
-    on_upstream_headers → on_upstream_chunk → finish.
+    on_upstream_headers → on_upstream_chunk (usage read on the way) → finish
+    → on_log (usage counted). Bodies that name a model, for a user with an
+    allowlist, and chat completions (to ask for streamed usage) are read
+    whole first and sent when complete.
     """
 
     BODY_QUEUE_CHUNKS = 4  # body chunks in flight between client and upstream
 
     async def prepare(self) -> None:
-        self.upstream_headers_sent = False
-        self.client_gone = False
+        self.upstream_headers_sent = self.client_gone = self.accounted = False
         self.fetch: Optional[asyncio.Future] = None
+        self.user: Optional[Dict[str, Any]] = None
+        self.reader: Optional[UsageReader] = None
+        self.ask_usage = self.filter_models = False
+        self.request_model: Optional[str] = None
+        self.body_chunks: Optional[List[bytes]] = None
         if self.request.method == "OPTIONS":
             return
         # Tornado's own limit answers a bare 400; ours, counted as the body
         # streams, answers OpenAI's 413, so Tornado's is set past it.
         self.request.connection.set_max_body_size(2 * self.app.settings.max_body_bytes + (1 << 20))
         self.body_received = 0
-        user = await authenticate(self.app.store, self.request.headers)
-        self.log_user = user["name"]
+        self.user = await authenticate(self.app.store, self.request.headers)
+        self.log_user = self.user["name"]
         self._check_body_size()
+        await self.check_limits(self.user)
         self.request.connection.stream.set_nodelay(True)
-        self.start_upstream()
+        if self.must_read_body():
+            self.body_chunks = []
+        else:
+            self.start_upstream(None)
 
     def _check_body_size(self) -> None:
         length = self.request.headers.get("Content-Length", "")
@@ -823,14 +1263,66 @@ class ProxyHandler(BaseHandler):
                              f"{self.app.settings.max_body_mb:g} MB (MAX_BODY_MB).",
                         code="request_too_large")
 
+    # -- limits ---------------------------------------------------------------
+
+    async def check_limits(self, user: Dict[str, Any]) -> None:
+        """Quota, requests per minute, and a model named in the path or query."""
+        if user.get("quota") and await self.app.usage.used_tokens(user["name"]) >= user["quota"]:
+            raise ApiError(429, f"You exceeded your quota of {user['quota']} tokens for this key. "
+                                "Ask the owner of this proxy to raise it.",
+                           "insufficient_quota", "insufficient_quota")
+        if user.get("rpm"):
+            refusal = self.app.limiter.admit(user["name"], user["rpm"])
+            if refusal is not None:
+                raise refusal
+        if self.has_allowlist():
+            path = self.upstream_path()
+            match = MODEL_IN_PATH.match(path)
+            model = urllib.parse.unquote(match.group(1)) if match else self.get_query_argument("model", None)
+            if model and not allows_model(user, model):
+                raise model_not_found(model)
+            self.request_model = model
+            self.filter_models = self.request.method == "GET" and bool(MODELS_LIST.match(path))
+
+    def has_allowlist(self) -> bool:
+        return "*" not in (self.user.get("models") or ["*"])
+
+    def must_read_body(self) -> bool:
+        if self.request.method != "POST" or not self.has_body():
+            return False
+        path = self.upstream_path()
+        return bool(USAGE_ON_REQUEST.match(path)
+                    or (self.has_allowlist() and MODEL_IN_BODY.match(path)))
+
+    def inspect_body(self, body: bytes) -> bytes:
+        """Check the model a read body names; ask for streamed usage if it is not asked."""
+        content_type = self.request.headers.get("Content-Type", "application/json").lower()
+        model, obj = model_in_body(content_type, body)
+        self.request_model = model
+        if model and self.has_allowlist() and not allows_model(self.user, model):
+            raise model_not_found(model)
+        if (USAGE_ON_REQUEST.match(self.upstream_path()) and isinstance(obj, dict)
+                and obj.get("stream") is True):
+            options = obj.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage")):
+                # OpenAI sends a stream's usage only when asked: ask, and take
+                # the answer out again so the client gets what it asked for.
+                obj["stream_options"] = {**(options or {}), "include_usage": True}
+                self.ask_usage = True
+                return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+        return body
+
     # -- request: client → upstream -------------------------------------------
 
-    def upstream_url(self) -> str:
+    def upstream_path(self) -> str:
         path = self.request.path
         while re.match(r"/v\d+/v\d+(/|$)", path):  # /v1/v1/…: a doubled base URL
             path = path[path.index("/", 1):]
+        return path
+
+    def upstream_url(self) -> str:
         query = self.request.query
-        return self.app.settings.upstream_url + path + (f"?{query}" if query else "")
+        return self.app.settings.upstream_url + self.upstream_path() + (f"?{query}" if query else "")
 
     def upstream_request_headers(self) -> tornado.httputil.HTTPHeaders:
         headers = tornado.httputil.HTTPHeaders()
@@ -843,6 +1335,10 @@ class ProxyHandler(BaseHandler):
             if lower not in NOT_FORWARDED_UP and lower not in named_by_connection:
                 headers.add(name, value)
         headers["Authorization"] = "Bearer " + self.app.settings.openapi_api_key
+        if "Accept-Encoding" in headers:  # only what the usage reader can decode
+            headers["Accept-Encoding"] = readable_encodings(headers["Accept-Encoding"])
+        if self.ask_usage or self.filter_models:  # answers this proxy rewrites
+            headers["Accept-Encoding"] = "identity"
         return headers
 
     def has_body(self) -> bool:
@@ -851,13 +1347,18 @@ class ProxyHandler(BaseHandler):
             return length.strip() != "0"
         return "chunked" in self.request.headers.get("Transfer-Encoding", "").lower()
 
-    def start_upstream(self) -> None:
+    def start_upstream(self, body: Optional[bytes]) -> None:
+        """Send the request upstream: ``body`` if it was read whole, else streamed."""
         self.body_queue: "asyncio.Queue[Optional[bytes]]" = asyncio.Queue(self.BODY_QUEUE_CHUNKS)
+        headers = self.upstream_request_headers()
+        if body is not None:
+            headers.pop("Content-Length", None)  # set again from the body sent
         request = tornado.httpclient.HTTPRequest(
             self.upstream_url(),
             method=self.request.method,
-            headers=self.upstream_request_headers(),
-            body_producer=self.produce_body if self.has_body() else None,
+            headers=headers,
+            body=body,
+            body_producer=self.produce_body if body is None and self.has_body() else None,
             header_callback=self.on_upstream_header_line,
             streaming_callback=self.on_upstream_chunk,
             decompress_response=False,
@@ -871,15 +1372,19 @@ class ProxyHandler(BaseHandler):
         self.fetch.add_done_callback(self._on_fetch_done)
 
     async def data_received(self, chunk: bytes) -> None:
-        if self.fetch is None or self.fetch.done() or self._finished:
+        if self._finished or self.user is None:
+            return
+        if self.body_chunks is None and (self.fetch is None or self.fetch.done()):
             return  # the answer is decided: the rest of the body goes nowhere
         self.body_received += len(chunk)
         if self.body_received > self.app.settings.max_body_bytes:
             self.abort_upstream()
             error = self.body_too_large()
             self.send_error(error.status_code, exc_info=(ApiError, error, None))
-            return
-        await self.body_queue.put(chunk)
+        elif self.body_chunks is not None:
+            self.body_chunks.append(chunk)
+        else:
+            await self.body_queue.put(chunk)
 
     async def produce_body(self, write: Callable[[bytes], "asyncio.Future[None]"]) -> None:
         while True:
@@ -928,19 +1433,33 @@ class ProxyHandler(BaseHandler):
         for name, value in headers.get_all():
             if name.lower() not in NOT_FORWARDED_DOWN:
                 self.add_header(name, value)
+        self.reader = UsageReader(headers.get("Content-Type", ""),
+                                  headers.get("Content-Encoding", ""), strip=self.ask_usage)
+        if self.reader.strip or (self.filter_models and code == 200):
+            self.clear_header("Content-Length")  # this proxy changes the body
+        if self.filter_models and code == 200:
+            self.models_list: List[bytes] = []
         self.upstream_headers_sent = True
 
     def on_upstream_chunk(self, chunk: bytes) -> None:
         if self.client_gone:
             # Raising here is the one way to stop a simple_httpclient fetch.
             raise tornado.iostream.StreamClosedError()
-        self.write(chunk)
-        self.flush().add_done_callback(_ignore_closed_stream)
+        if self.filter_models and self.get_status() == 200:
+            self.models_list.append(chunk)
+            return
+        data = self.reader.feed(chunk)
+        if data:
+            self.write(data)
+            self.flush().add_done_callback(_ignore_closed_stream)
 
     async def _pass_through(self, *args: str) -> None:
         if self._finished:
             return
-        if not self.fetch.done():
+        if self.body_chunks is not None:
+            self.start_upstream(self.inspect_body(b"".join(self.body_chunks)))
+            self.body_chunks = None
+        elif not self.fetch.done():
             await self.body_queue.put(None)  # the client's body is complete
         try:
             response = await self.fetch
@@ -948,6 +1467,7 @@ class ProxyHandler(BaseHandler):
         except Exception as e:  # raise_error=False still raises for a failed connection
             failure = e
         if self.client_gone:
+            self.log_cancelled()
             return
         if not self.upstream_headers_sent:
             raise self.upstream_error(failure)
@@ -955,7 +1475,12 @@ class ProxyHandler(BaseHandler):
             # The upstream broke off mid-answer: end the client's answer the
             # same way, so it never mistakes a cut stream for a whole one.
             self.request.connection.stream.close()
+            self.log_cancelled()
             return
+        if self.filter_models and self.get_status() == 200:
+            self.write(allowed_models_only(b"".join(self.models_list), self.user))
+        elif self.reader is not None:
+            self.write(self.reader.flush())
         self.finish()
 
     def upstream_error(self, error: Optional[BaseException]) -> ApiError:
@@ -970,18 +1495,41 @@ class ProxyHandler(BaseHandler):
     get = post = put = patch = delete = head = _pass_through
 
     def options(self, *args: str) -> None:
-        """CORS preflight, answered here: browsers send no key with it."""
-        self.set_status(204)
-        self.set_header("Access-Control-Allow-Methods", CORS_ALLOW_METHODS)
-        self.set_header("Access-Control-Allow-Headers",
-                        self.request.headers.get("Access-Control-Request-Headers")
-                        or CORS_DEFAULT_HEADERS)
-        self.set_header("Access-Control-Max-Age", "86400")
+        answer_preflight(self)
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
         self.client_gone = True
         self.abort_upstream()
+
+    # -- usage ----------------------------------------------------------------
+
+    def on_log(self) -> None:
+        """Count the request once, with the usage its answer reported."""
+        if self.accounted or self.user is None or self.fetch is None:
+            return
+        self.accounted = True
+        found = self.reader.result() if self.reader is not None else None
+        model, counts = found if found else (None, [0, 0, 0])
+        model = model or self.request_model or "-"
+        self.app.usage.record(self.user["name"], model, counts)
+        self.log_model = model
+        self.log_tokens = str(counts[2]) if found else "-"
+
+    def log_cancelled(self) -> None:
+        """A request whose client or upstream went away mid-answer: 499, as nginx logs it."""
+        if not self.accounted:
+            self.app.log_request(self, status=499)
+
+
+def allowed_models_only(body: bytes, user: Dict[str, Any]) -> bytes:
+    """``GET /v1/models`` as the user's allowlist sees it."""
+    try:
+        listing = json.loads(body)
+        listing["data"] = [m for m in listing["data"] if allows_model(user, m.get("id", ""))]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return body
+    return json.dumps(listing).encode()
 
 
 ABORT = b"abort"  # a body-queue sentinel, compared by identity
@@ -994,11 +1542,61 @@ def _ignore_closed_stream(future: "asyncio.Future[None]") -> None:
 
 
 # ---------------------------------------------------------------------------
+# Self-service: /me and /me/reset, with the user's own key
+# ---------------------------------------------------------------------------
+
+def answer_preflight(handler: tornado.web.RequestHandler) -> None:
+    """CORS preflight, answered here: browsers send no key with it."""
+    handler.set_status(204)
+    handler.set_header("Access-Control-Allow-Methods", CORS_ALLOW_METHODS)
+    handler.set_header("Access-Control-Allow-Headers",
+                       handler.request.headers.get("Access-Control-Request-Headers")
+                       or CORS_DEFAULT_HEADERS)
+    handler.set_header("Access-Control-Max-Age", "86400")
+
+
+class MeHandler(BaseHandler):
+    """``GET /me``: the caller's own record and usage. ``POST /me/reset``: a new key."""
+
+    async def prepare(self) -> None:
+        if self.request.method != "OPTIONS":
+            self.user = await authenticate(self.app.store, self.request.headers)
+            self.log_user = self.user["name"]
+
+    async def get(self, action: Optional[str]) -> None:
+        if action:
+            raise ApiError(404, f"Invalid URL (GET /me/{action}): try GET /me or POST /me/reset",
+                           code="unknown_url")
+        name = self.user["name"]
+        await self.app.usage.flush()
+        requests, tokens = await self.app.store.total(name)
+        today = utcnow().date()
+        first = (today - datetime.timedelta(days=29)).isoformat()
+        usage = await self.app.store.usage_rows(name, first, today.isoformat())
+        self.write({"name": name, "created": self.user.get("created"),
+                    "expires": self.user.get("expires"), "quota": self.user.get("quota", 0),
+                    "used": tokens, "rpm": self.user.get("rpm", 0),
+                    "models": self.user.get("models", ["*"]), "requests": requests,
+                    "usage": [{k: v for k, v in row.items() if k != "user"} for row in usage]})
+
+    async def post(self, action: Optional[str]) -> None:
+        if action != "reset":
+            raise ApiError(404, f"Invalid URL (POST /me/{action}): try POST /me/reset",
+                           code="unknown_url")
+        key = await self.app.store.reset_key(self.user["name"])
+        log.info("self-service: %s reset their key", self.user["name"])
+        self.write({"name": self.user["name"], "key": key})
+
+    def options(self, action: Optional[str]) -> None:
+        answer_preflight(self)
+
+
+# ---------------------------------------------------------------------------
 # Admin: /ACCESS_TOKEN/… and /admin/… (Bearer)
 # ---------------------------------------------------------------------------
 
 class AdminHandler(BaseHandler):
-    """The owner's commands: register, reset and delete users.
+    """The owner's commands: register, reset, set and delete users; users; stats.
 
     The token comes from the path (``/TOKEN/register/NAME``, as in the seed)
     or from ``Authorization: Bearer TOKEN`` on ``/admin/…``.
@@ -1055,21 +1653,85 @@ class AdminHandler(BaseHandler):
     async def run_command(self, command: str, name: Optional[str]) -> None:
         store = self.app.store
         try:
-            if command in ("register", "reset") and name is not None:
-                check_name(name)
-                make = store.create_user if command == "register" else store.reset_key
-                key = await make(name)
-                log.info("admin: %s %s", command, name)
-                self.answer(key, {"name": name, "key": key})
-            elif command == "delete" and name is not None:
-                check_name(name)
-                await store.delete_user(name)
-                log.info("admin: deleted %s", name)
-                self.answer("ok", {"name": name, "deleted": True})
+            if command == "users" and name is None:
+                await self.show_users()
+            elif command == "stats":
+                await self.show_stats(None if name is None else check_name(name))
+            elif name is None:
+                raise AdminError(404, "unknown command; see the README for the admin commands")
+            elif command == "register":
+                key = await store.create_user(check_name(name), parse_limits(self.fields()))
+                self.done(command, name, key, {"name": name, "key": key})
+            elif command == "reset":
+                key = await store.reset_key(check_name(name))
+                self.done(command, name, key, {"name": name, "key": key})
+            elif command == "set":
+                user = await store.set_limits(check_name(name), parse_limits(self.fields()))
+                row = await self.user_row(user)
+                self.done(command, name, render_table([row]), row)
+            elif command == "delete":
+                await store.delete_user(check_name(name))
+                self.done(command, name, "ok", {"name": name, "deleted": True})
             else:
                 raise AdminError(404, "unknown command; see the README for the admin commands")
         except StoreError as e:
             raise AdminError(e.status, str(e))
+
+    def fields(self) -> Dict[str, str]:
+        """Query and form fields, one value each."""
+        return {name: self.get_argument(name) for name in self.request.arguments}
+
+    def done(self, command: str, name: str, text: str, data: Dict[str, Any]) -> None:
+        log.info("admin: %s %s", command, name)
+        self.answer(text, data)
+
+    async def user_row(self, user: Dict[str, Any]) -> Dict[str, Any]:
+        requests, tokens = await self.app.store.total(user["name"])
+        pending_requests, pending_tokens = self.app.usage.pending_for(user["name"])
+        return {"name": user["name"], "created": user.get("created"),
+                "expires": user.get("expires"), "quota": user.get("quota", 0),
+                "used": tokens + pending_tokens, "rpm": user.get("rpm", 0),
+                "models": ",".join(user.get("models") or ["*"]),
+                "scope": user.get("scope", "own"), "requests": requests + pending_requests}
+
+    async def show_users(self) -> None:
+        rows = [await self.user_row(user) for user in await self.app.store.list_users()]
+        self.answer(render_table(rows) if rows else "no users", {"users": rows})
+
+    async def show_stats(self, name: Optional[str]) -> None:
+        first_day, last_day = self.stats_period()
+        await self.app.usage.flush()  # so the table includes the last seconds
+        rows = await self.app.store.usage_rows(name, first_day, last_day)
+        total = {"day": "total", "user": "", "model": "", **{
+            field: sum(row[field] for row in rows)
+            for field in ("requests", "input_tokens", "output_tokens", "total_tokens")}}
+        text = render_table(rows + [total]) if rows else f"no usage from {first_day} to {last_day}"
+        self.answer(text, {"from": first_day, "to": last_day, "usage": rows,
+                           "total": {k: v for k, v in total.items() if k not in ("day", "user", "model")}})
+
+    def stats_period(self) -> Tuple[str, str]:
+        """``?days=N`` (default 30, today included) or ``?from=&to=`` as UTC days."""
+        fields = self.fields()
+        unknown = sorted(set(fields) - {"days", "from", "to", "format"})
+        if unknown:
+            raise AdminError(400, f"unknown field {unknown[0]}; fields are days, from, to")
+        today = utcnow().date()
+        if "days" in fields and ("from" in fields or "to" in fields):
+            raise AdminError(400, "days and from/to: give one of them")
+        days = _whole_number(fields.get("days", "30"), "days")
+        if not 1 <= days <= 36500:
+            raise AdminError(400, "days must be a whole number from 1 to 36500")
+        first, last = today - datetime.timedelta(days=days - 1), today
+        for field in ("from", "to"):
+            if field in fields:
+                try:
+                    day = datetime.datetime.strptime(fields[field], "%Y-%m-%d").date()
+                except ValueError:
+                    raise AdminError(400, f"{field} must be a day as YYYY-MM-DD")
+                first, last = (day, last) if field == "from" else (first, day)
+        if first > last:
+            raise AdminError(400, "from must not be after to")
+        return first.isoformat(), last.isoformat()
 
     def _split(self) -> Tuple[str, Optional[str]]:
         rest = self.path_args[-1]
@@ -1088,6 +1750,19 @@ class AdminHandler(BaseHandler):
         await self.run_command("delete", command)
 
 
+def render_table(rows: List[Dict[str, Any]]) -> str:
+    """Rows as aligned text columns for curl; numbers right-aligned, None as -."""
+    columns = list(rows[0])
+    cells = [[str(c) for c in columns]]
+    cells += [["-" if row[c] is None else str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    numeric = [all(isinstance(row[c], int) for row in rows) for c in columns]
+    return "\n".join(
+        "  ".join(cell.rjust(w) if num else cell.ljust(w)
+                  for cell, w, num in zip(line, widths, numeric)).rstrip()
+        for line in cells)
+
+
 # ---------------------------------------------------------------------------
 # The application
 # ---------------------------------------------------------------------------
@@ -1101,6 +1776,8 @@ class App:
         self.http_client = tornado.httpclient.AsyncHTTPClient()
         self._token_digest = hashlib.sha256(settings.access_token.encode()).digest()
         self._admin_failures: Dict[str, List[float]] = {}
+        self.usage = UsageBook(store)
+        self.limiter = RateLimiter()
         self.active: "set[BaseHandler]" = set()  # requests in flight, for a graceful stop
 
     def cors_origin(self, origin: Optional[str]) -> Optional[str]:
@@ -1129,10 +1806,12 @@ class App:
         return (len(recent) >= ADMIN_FAILURES_ALLOWED
                 and time.monotonic() - recent[-1] < ADMIN_LOCKOUT_SECONDS)
 
-    def log_request(self, handler: tornado.web.RequestHandler) -> None:
+    def log_request(self, handler: tornado.web.RequestHandler, status: Optional[int] = None) -> None:
+        """The one log line per request; also where a proxied request is counted."""
         if not isinstance(handler, BaseHandler):
             return
-        status = handler.get_status()
+        handler.on_log()
+        status = status or handler.get_status()
         level = logging.WARNING if status >= 500 else logging.INFO
         if log.isEnabledFor(level):
             log.log(level, "%s %s %d user=%s model=%s tokens=%s %.1fms",
@@ -1144,6 +1823,7 @@ def make_app(app: App) -> tornado.web.Application:
     return tornado.web.Application(
         [
             (r"/healthz", HealthHandler),
+            (r"/me(?:/(.*))?", MeHandler),
             (r"/v\d+(?:/.*)?", ProxyHandler),
             (r"/admin/(.*)", AdminHandler, {"token_in_path": False}),
             (r"/(?:%s)(?:/.*)?" % "|".join(sorted(OPENAI_ROOTS)), MissingVersionHandler),
@@ -1191,6 +1871,8 @@ async def serve(settings: Settings) -> None:
         max_body_size=settings.max_body_bytes,
         idle_connection_timeout=120,
     )
+    flusher = tornado.ioloop.PeriodicCallback(app.usage.flush, USAGE_FLUSH_SECONDS * 1000)
+    flusher.start()
     sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=1024)
     server.add_sockets(sockets)
     log.info("listening on %s://%s:%d", settings.scheme, settings.host, settings.port)
@@ -1208,6 +1890,8 @@ async def serve(settings: Settings) -> None:
         await asyncio.wait_for(server.close_all_connections(), 5)
     except asyncio.TimeoutError:
         log.warning("stopping: some connections did not close")
+    flusher.stop()
+    await app.usage.flush()
     kv.close()
     log.info("stopped")
 
