@@ -39,19 +39,21 @@ import math
 import os
 import re
 import secrets
+import select
 import signal
 import ssl
 import sys
 import time
 import urllib.parse
 import zlib
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
+import tornado.http1connection
 import tornado.httpclient
 import tornado.httpserver
 import tornado.httputil
@@ -59,6 +61,7 @@ import tornado.ioloop
 import tornado.iostream
 import tornado.netutil
 import tornado.simple_httpclient
+import tornado.tcpclient
 import tornado.web
 
 log = logging.getLogger("worker")
@@ -118,8 +121,8 @@ ADMIN_FAILURES_ALLOWED = 10  # wrong admin tokens per client per window ...
 ADMIN_LOCKOUT_SECONDS = 60  # ... before it gets 429 for this long
 SHUTDOWN_GRACE_SECONDS = 25  # in-flight requests get this long after SIGTERM
 UPSTREAM_CONNECT_TIMEOUT = 30.0
-MAX_UPSTREAM_CLIENTS = 10000  # Tornado's default of 10 would queue the 11th stream
 JOURNAL_CHECKPOINT_BYTES = 4 << 20
+SMALL_BODY_BYTES = 256 << 10  # request bodies up to this are read whole, then sent
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
 
 
@@ -1171,6 +1174,212 @@ async def authenticate(store: Store, headers: tornado.httputil.HTTPHeaders) -> D
 
 
 # ---------------------------------------------------------------------------
+# The upstream client: kept-alive connections, back-pressure, cancel
+# ---------------------------------------------------------------------------
+
+class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
+    """An ``AsyncHTTPClient`` for one purpose: talking to the upstream API.
+
+    Tornado's simple_httpclient opens a new connection for every request (and
+    against OpenAI, a new TLS handshake). This one keeps finished connections
+    open for the next request (HTTP/1.1 keep-alive, ``MAX_IDLE_PER_HOST``
+    of them, closed after ``IDLE_SECONDS``), honours a ``streaming_callback``
+    that returns an awaitable (reading pauses until it is done: back-pressure
+    from a slow client), and can ``cancel`` a request at once, also before
+    the upstream has sent a byte (tornado issue #157). Installed with
+    ``AsyncHTTPClient.configure(UpstreamClient)``.
+    """
+
+    MAX_IDLE_PER_HOST = 100
+    IDLE_SECONDS = 30.0
+
+    def initialize(self, defaults: Optional[Dict[str, Any]] = None) -> None:  # type: ignore[override]
+        super().initialize(defaults)
+        self.tcp = tornado.tcpclient.TCPClient()
+        self.tls = ssl.create_default_context()
+        self.idle: Dict[Tuple[str, str, int], List[Tuple[tornado.iostream.IOStream, float]]] = {}
+        self.streams: Dict[int, tornado.iostream.IOStream] = {}  # id(request) -> its connection
+        self.cancelled: set = set()
+        self.sweeper = tornado.ioloop.PeriodicCallback(self._close_idle, 5000)
+        self.sweeper.start()
+
+    def close(self) -> None:
+        self.sweeper.stop()
+        for idle in self.idle.values():
+            for stream, _ in idle:
+                stream.close()
+        self.idle.clear()
+        super().close()
+
+    def cancel(self, request: tornado.httpclient.HTTPRequest) -> None:
+        """End ``request`` now: its connection is closed, its fetch fails with 599."""
+        self.cancelled.add(id(request))
+        stream = self.streams.get(id(request))
+        if stream is not None:
+            stream.close()
+
+    def fetch_impl(self, request: tornado.httpclient.HTTPRequest,
+                   callback: Callable[[tornado.httpclient.HTTPResponse], None]) -> None:
+        task = asyncio.ensure_future(self._fetch(request))
+        task.add_done_callback(lambda done: callback(done.result()))
+
+    async def _fetch(self, request: tornado.httpclient.HTTPRequest) -> tornado.httpclient.HTTPResponse:
+        original = getattr(request, "request", request)  # fetch() wraps it in a proxy
+        start = time.monotonic()
+        timed_out = []
+
+        def on_timeout() -> None:
+            timed_out.append(True)
+            self.cancel(original)
+
+        deadline = self.io_loop.call_later(request.request_timeout or 1e9, on_timeout)
+        try:
+            return await self._exchange(request, original, start)
+        except Exception as error:
+            if timed_out:
+                error = tornado.simple_httpclient.HTTPTimeoutError("Timeout")
+            return tornado.httpclient.HTTPResponse(
+                request, 599, error=error, request_time=time.monotonic() - start)
+        finally:
+            self.io_loop.remove_timeout(deadline)
+            self.cancelled.discard(id(original))
+            self.streams.pop(id(original), None)
+
+    async def _exchange(self, request: tornado.httpclient.HTTPRequest, original: Any,
+                        start: float) -> tornado.httpclient.HTTPResponse:
+        url = urllib.parse.urlsplit(request.url)
+        host = url.hostname or ""
+        key = (url.scheme, host, url.port or (443 if url.scheme == "https" else 80))
+        # A streamed body cannot be sent twice, so it never risks a stale connection.
+        replayable = request.body_producer is None
+        for attempt in range(2):
+            stream = self._idle_stream(key) if replayable else None
+            reused = stream is not None
+            if stream is None:
+                stream = await self._connect(key, request)
+            self.streams[id(original)] = stream
+            if id(original) in self.cancelled:
+                stream.close()
+            answer = _UpstreamAnswer(request)
+            connection = tornado.http1connection.HTTP1Connection(
+                stream, True, tornado.http1connection.HTTP1ConnectionParameters(
+                    max_body_size=1 << 62, decompress=False))
+            try:
+                await self._send(connection, request, url, host)
+                await connection.read_response(answer)
+            except (tornado.iostream.StreamClosedError, OSError):
+                if reused and not answer.started and attempt == 0 and id(original) not in self.cancelled:
+                    continue  # the upstream had closed the idle connection: once more, anew
+                raise
+            if answer.code is None:
+                raise tornado.iostream.StreamClosedError()
+            if answer.keep_alive and not stream.closed():
+                self._release(key, connection.detach())
+            else:
+                stream.close()
+            return tornado.httpclient.HTTPResponse(
+                request, answer.code, reason=answer.reason, headers=answer.headers,
+                effective_url=request.url, request_time=time.monotonic() - start)
+        raise AssertionError("unreachable")
+
+    async def _connect(self, key: Tuple[str, str, int],
+                       request: tornado.httpclient.HTTPRequest) -> tornado.iostream.IOStream:
+        scheme, host, port = key
+        timeout = min(request.connect_timeout or 1e9, request.request_timeout or 1e9)
+        try:
+            stream = await self.tcp.connect(
+                host, port, ssl_options=self.tls if scheme == "https" else None,
+                timeout=timeout, max_buffer_size=1 << 27)
+        except TimeoutError:
+            raise tornado.simple_httpclient.HTTPTimeoutError("Timeout while connecting")
+        stream.set_nodelay(True)
+        return stream
+
+    async def _send(self, connection: Any, request: tornado.httpclient.HTTPRequest,
+                    url: urllib.parse.SplitResult, host: str) -> None:
+        headers = tornado.httputil.HTTPHeaders(request.headers)
+        headers.setdefault("Host", url.netloc.rpartition("@")[2])
+        body = request.body if request.body is not None else None
+        if body is not None or (request.body_producer is None and request.method in ("POST", "PUT", "PATCH")):
+            headers["Content-Length"] = str(len(body or b""))
+        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        start_line = tornado.httputil.RequestStartLine(request.method, target, "HTTP/1.1")
+        await connection.write_headers(start_line, headers, body or None)
+        if request.body_producer is not None:
+            await request.body_producer(connection.write)
+        connection.finish()
+
+    def _idle_stream(self, key: Tuple[str, str, int]) -> Optional[tornado.iostream.IOStream]:
+        idle = self.idle.get(key, [])
+        while idle:
+            stream, since = idle.pop()
+            if not stream.closed() and time.monotonic() - since < self.IDLE_SECONDS \
+                    and not _peer_has_closed(stream):
+                return stream
+            stream.close()
+        return None
+
+    def _release(self, key: Tuple[str, str, int], stream: tornado.iostream.IOStream) -> None:
+        idle = self.idle.setdefault(key, [])
+        if len(idle) < self.MAX_IDLE_PER_HOST:
+            idle.append((stream, time.monotonic()))
+        else:
+            stream.close()
+
+    def _close_idle(self) -> None:
+        now = time.monotonic()
+        for key, idle in self.idle.items():
+            keep = [(s, t) for s, t in idle if now - t < self.IDLE_SECONDS and not s.closed()]
+            for stream, since in idle:
+                if (stream, since) not in keep:
+                    stream.close()
+            self.idle[key] = keep
+
+
+def _peer_has_closed(stream: tornado.iostream.IOStream) -> bool:
+    """An idle connection with something to read has been closed by the peer
+    (or sent what it should not have): either way, not one to reuse."""
+    try:
+        readable, _, _ = select.select([stream.socket], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class _UpstreamAnswer(tornado.httputil.HTTPMessageDelegate):
+    """Hands an upstream answer to the request's callbacks as it arrives."""
+
+    def __init__(self, request: tornado.httpclient.HTTPRequest):
+        self.request = request
+        self.code: Optional[int] = None
+        self.reason = ""
+        self.headers = tornado.httputil.HTTPHeaders()
+        self.started = False
+        self.keep_alive = False
+
+    def headers_received(self, start_line: Any, headers: tornado.httputil.HTTPHeaders) -> None:
+        self.started = True
+        if start_line.code < 200:
+            return  # 100 Continue and friends: the answer follows
+        self.code, self.reason, self.headers = start_line.code, start_line.reason, headers
+        delimited = ("Content-Length" in headers or "chunked" in headers.get("Transfer-Encoding", "")
+                     or self.request.method == "HEAD" or start_line.code in (204, 304))
+        self.keep_alive = (start_line.version == "HTTP/1.1" and delimited
+                           and headers.get("Connection", "").lower() != "close")
+        callback = self.request.header_callback
+        if callback is not None:
+            callback("%s %s %s\r\n" % (start_line.version, start_line.code, start_line.reason))
+            for name, value in headers.get_all():
+                callback(f"{name}: {value}\r\n")
+            callback("\r\n")
+
+    def data_received(self, chunk: bytes) -> Optional[Awaitable[None]]:
+        if self.request.streaming_callback is not None:
+            return self.request.streaming_callback(chunk)
+        return None
+
+
+# ---------------------------------------------------------------------------
 # The HTTP proxy: /v<N>/…
 # ---------------------------------------------------------------------------
 
@@ -1288,7 +1497,16 @@ class ProxyHandler(BaseHandler):
         return "*" not in (self.user.get("models") or ["*"])
 
     def must_read_body(self) -> bool:
-        if self.request.method != "POST" or not self.has_body():
+        """Whether to read the body whole before sending it: small ones (so a
+        kept-alive connection that went stale can be retried with it) and
+        those that must be looked at."""
+        if not self.has_body():
+            return False
+        length = self.request.headers.get("Content-Length", "")
+        return (length.isdigit() and int(length) <= SMALL_BODY_BYTES) or self.must_inspect_body()
+
+    def must_inspect_body(self) -> bool:
+        if self.request.method != "POST":
             return False
         path = self.upstream_path()
         return bool(USAGE_ON_REQUEST.match(path)
@@ -1296,6 +1514,10 @@ class ProxyHandler(BaseHandler):
 
     def inspect_body(self, body: bytes) -> bytes:
         """Check the model a read body names; ask for streamed usage if it is not asked."""
+        if not self.must_inspect_body():
+            return body
+        if not self.has_allowlist() and b'"stream"' not in body:
+            return body  # not a stream, and no model to check: no need to parse it
         content_type = self.request.headers.get("Content-Type", "application/json").lower()
         model, obj = model_in_body(content_type, body)
         self.request_model = model
@@ -1368,6 +1590,7 @@ class ProxyHandler(BaseHandler):
             request_timeout=self.app.settings.upstream_timeout,
         )
         self._header_lines: List[str] = []
+        self.upstream_request = request
         self.fetch = self.app.http_client.fetch(request, raise_error=False)
         self.fetch.add_done_callback(self._on_fetch_done)
 
@@ -1406,10 +1629,13 @@ class ProxyHandler(BaseHandler):
             self.body_queue.get_nowait()
 
     def abort_upstream(self) -> None:
-        """Stop the upstream request while the body is still going up."""
+        """End the upstream request now, wherever it is."""
         if self.fetch is not None and not self.fetch.done():
             self._drain_body_queue()
             self.body_queue.put_nowait(ABORT)
+            cancel = getattr(self.app.http_client, "cancel", None)
+            if cancel is not None:
+                cancel(self.upstream_request)
 
     # -- response: upstream → client ------------------------------------------
 
@@ -1441,17 +1667,18 @@ class ProxyHandler(BaseHandler):
             self.models_list: List[bytes] = []
         self.upstream_headers_sent = True
 
-    def on_upstream_chunk(self, chunk: bytes) -> None:
+    def on_upstream_chunk(self, chunk: bytes) -> Optional[Awaitable[None]]:
+        """Pass a chunk on; the upstream is read again once the client took it."""
         if self.client_gone:
-            # Raising here is the one way to stop a simple_httpclient fetch.
-            raise tornado.iostream.StreamClosedError()
+            return None
         if self.filter_models and self.get_status() == 200:
             self.models_list.append(chunk)
-            return
+            return None
         data = self.reader.feed(chunk)
-        if data:
-            self.write(data)
-            self.flush().add_done_callback(_ignore_closed_stream)
+        if not data:
+            return None
+        self.write(data)
+        return _quietly(self.flush())
 
     async def _pass_through(self, *args: str) -> None:
         if self._finished:
@@ -1467,7 +1694,7 @@ class ProxyHandler(BaseHandler):
         except Exception as e:  # raise_error=False still raises for a failed connection
             failure = e
         if self.client_gone:
-            self.log_cancelled()
+            self.set_status(499, "Client Closed Request")  # as nginx logs it
             return
         if not self.upstream_headers_sent:
             raise self.upstream_error(failure)
@@ -1475,7 +1702,6 @@ class ProxyHandler(BaseHandler):
             # The upstream broke off mid-answer: end the client's answer the
             # same way, so it never mistakes a cut stream for a whole one.
             self.request.connection.stream.close()
-            self.log_cancelled()
             return
         if self.filter_models and self.get_status() == 200:
             self.write(allowed_models_only(b"".join(self.models_list), self.user))
@@ -1516,11 +1742,6 @@ class ProxyHandler(BaseHandler):
         self.log_model = model
         self.log_tokens = str(counts[2]) if found else "-"
 
-    def log_cancelled(self) -> None:
-        """A request whose client or upstream went away mid-answer: 499, as nginx logs it."""
-        if not self.accounted:
-            self.app.log_request(self, status=499)
-
 
 def allowed_models_only(body: bytes, user: Dict[str, Any]) -> bytes:
     """``GET /v1/models`` as the user's allowlist sees it."""
@@ -1535,10 +1756,12 @@ def allowed_models_only(body: bytes, user: Dict[str, Any]) -> bytes:
 ABORT = b"abort"  # a body-queue sentinel, compared by identity
 
 
-def _ignore_closed_stream(future: "asyncio.Future[None]") -> None:
-    if not future.cancelled() and future.exception() is not None:
-        if not isinstance(future.exception(), tornado.iostream.StreamClosedError):
-            log.warning("client write failed: %r", future.exception())
+async def _quietly(flushed: "asyncio.Future[None]") -> None:
+    """Wait for a write to the client; one that has gone is the disconnect path's business."""
+    try:
+        await flushed
+    except tornado.iostream.StreamClosedError:
+        pass
 
 
 # ---------------------------------------------------------------------------
@@ -1806,12 +2029,12 @@ class App:
         return (len(recent) >= ADMIN_FAILURES_ALLOWED
                 and time.monotonic() - recent[-1] < ADMIN_LOCKOUT_SECONDS)
 
-    def log_request(self, handler: tornado.web.RequestHandler, status: Optional[int] = None) -> None:
+    def log_request(self, handler: tornado.web.RequestHandler) -> None:
         """The one log line per request; also where a proxied request is counted."""
         if not isinstance(handler, BaseHandler):
             return
         handler.on_log()
-        status = status or handler.get_status()
+        status = handler.get_status()
         level = logging.WARNING if status >= 500 else logging.INFO
         if log.isEnabledFor(level):
             log.log(level, "%s %s %d user=%s model=%s tokens=%s %.1fms",
@@ -1862,8 +2085,7 @@ def tls_context(settings: Settings) -> Optional[ssl.SSLContext]:
 
 async def serve(settings: Settings) -> None:
     kv = DbmKV(settings.db_path).open()
-    tornado.httpclient.AsyncHTTPClient.configure(
-        None, max_clients=MAX_UPSTREAM_CLIENTS, max_body_size=1 << 50)
+    tornado.httpclient.AsyncHTTPClient.configure(UpstreamClient)
     app = App(settings, Store(kv))
     server = tornado.httpserver.HTTPServer(
         make_app(app),
