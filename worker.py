@@ -46,7 +46,7 @@ import sys
 import time
 import urllib.parse
 import zlib
-from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 try:
     import fcntl
@@ -60,9 +60,11 @@ import tornado.httputil
 import tornado.ioloop
 import tornado.iostream
 import tornado.netutil
+import tornado.routing
 import tornado.simple_httpclient
 import tornado.tcpclient
 import tornado.web
+import tornado.websocket
 
 log = logging.getLogger("worker")
 
@@ -122,6 +124,7 @@ ADMIN_LOCKOUT_SECONDS = 60  # ... before it gets 429 for this long
 SHUTDOWN_GRACE_SECONDS = 25  # in-flight requests get this long after SIGTERM
 UPSTREAM_CONNECT_TIMEOUT = 30.0
 JOURNAL_CHECKPOINT_BYTES = 4 << 20
+WS_MAX_MESSAGE_BYTES = 64 << 20  # a realtime message with a long audio chunk
 SMALL_BODY_BYTES = 256 << 10  # request bodies up to this are read whole, then sent
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
 
@@ -1075,6 +1078,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def on_connection_close(self) -> None:
         self.app.active.discard(self)
+        super().on_connection_close()
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")
@@ -1156,9 +1160,10 @@ def key_from_headers(headers: tornado.httputil.HTTPHeaders) -> Optional[str]:
     return headers.get("api-key", "").strip() or None
 
 
-async def authenticate(store: Store, headers: tornado.httputil.HTTPHeaders) -> Dict[str, Any]:
+async def authenticate(store: Store, headers: tornado.httputil.HTTPHeaders,
+                       key: Optional[str] = None) -> Dict[str, Any]:
     """The user the request's key belongs to; raises 401 in OpenAI's shape."""
-    key = key_from_headers(headers)
+    key = key_from_headers(headers) or key
     if key is None:
         raise invalid_api_key(
             "You didn't provide an API key. You need to provide your API key in an "
@@ -1396,6 +1401,20 @@ MODELS_LIST = re.compile(r"/v\d+/models\Z")
 MODEL_IN_PATH = re.compile(r"/v\d+/models/(.+)\Z")
 
 
+async def check_limits(app: "App", user: Dict[str, Any], path: str, model: Optional[str]) -> None:
+    """Quota, requests per minute, and the model named in the path or query."""
+    if user.get("quota") and await app.usage.used_tokens(user["name"]) >= user["quota"]:
+        raise ApiError(429, f"You exceeded your quota of {user['quota']} tokens for this key. "
+                            "Ask the owner of this proxy to raise it.",
+                       "insufficient_quota", "insufficient_quota")
+    if user.get("rpm"):
+        refusal = app.limiter.admit(user["name"], user["rpm"])
+        if refusal is not None:
+            raise refusal
+    if model and not allows_model(user, model):
+        raise model_not_found(model)
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
                     code="model_not_found")
@@ -1475,23 +1494,13 @@ class ProxyHandler(BaseHandler):
     # -- limits ---------------------------------------------------------------
 
     async def check_limits(self, user: Dict[str, Any]) -> None:
-        """Quota, requests per minute, and a model named in the path or query."""
-        if user.get("quota") and await self.app.usage.used_tokens(user["name"]) >= user["quota"]:
-            raise ApiError(429, f"You exceeded your quota of {user['quota']} tokens for this key. "
-                                "Ask the owner of this proxy to raise it.",
-                           "insufficient_quota", "insufficient_quota")
-        if user.get("rpm"):
-            refusal = self.app.limiter.admit(user["name"], user["rpm"])
-            if refusal is not None:
-                raise refusal
-        if self.has_allowlist():
-            path = self.upstream_path()
-            match = MODEL_IN_PATH.match(path)
-            model = urllib.parse.unquote(match.group(1)) if match else self.get_query_argument("model", None)
-            if model and not allows_model(user, model):
-                raise model_not_found(model)
-            self.request_model = model
-            self.filter_models = self.request.method == "GET" and bool(MODELS_LIST.match(path))
+        path = self.upstream_path()
+        match = MODEL_IN_PATH.match(path)
+        model = urllib.parse.unquote(match.group(1)) if match else self.get_query_argument("model", None)
+        await check_limits(self.app, user, path, model)
+        self.request_model = model
+        self.filter_models = (self.has_allowlist() and self.request.method == "GET"
+                              and bool(MODELS_LIST.match(path)))
 
     def has_allowlist(self) -> bool:
         return "*" not in (self.user.get("models") or ["*"])
@@ -1762,6 +1771,133 @@ async def _quietly(flushed: "asyncio.Future[None]") -> None:
         await flushed
     except tornado.iostream.StreamClosedError:
         pass
+
+
+# ---------------------------------------------------------------------------
+# The WebSocket proxy: /v1/realtime and any other /v<N>/… upgrade
+# ---------------------------------------------------------------------------
+
+KEY_SUBPROTOCOL = "openai-insecure-api-key."  # how browsers send a key: no headers there
+NOT_FORWARDED_WS = NOT_FORWARDED_UP | {
+    "origin", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+    "sec-websocket-protocol",
+}
+
+
+class WebSocketUpgrade(tornado.routing.PathMatches):
+    """Matches the path only for requests that ask to become a WebSocket."""
+
+    def match(self, request: tornado.httputil.HTTPServerRequest) -> Optional[Dict[str, Any]]:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return None
+        return super().match(request)
+
+
+class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
+    """Joins a client WebSocket to one the proxy opens upstream, frame for frame.
+
+    The key is checked and the upstream connected before the client's upgrade
+    is accepted, so a bad key or an unreachable upstream gets an HTTP answer
+    in OpenAI's shape. Usage in ``response.done`` events is counted.
+    """
+
+    upstream: Optional[tornado.websocket.WebSocketClientConnection] = None
+    user: Optional[Dict[str, Any]] = None
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            self.user = await authenticate(self.app.store, self.request.headers,
+                                           self.subprotocol_key())
+            self.log_user = self.user["name"]
+            await check_limits(self.app, self.user, self.request.path,
+                               self.get_query_argument("model", None))
+            self.upstream = await self.connect_upstream()
+        except ApiError as error:
+            self.send_error(error.status_code, exc_info=(ApiError, error, None))
+            return
+        await super().get(*args, **kwargs)
+
+    def subprotocols(self) -> List[str]:
+        value = self.request.headers.get("Sec-WebSocket-Protocol", "")
+        return [p.strip() for p in value.split(",") if p.strip()]
+
+    def subprotocol_key(self) -> Optional[str]:
+        for protocol in self.subprotocols():
+            if protocol.startswith(KEY_SUBPROTOCOL):
+                return protocol[len(KEY_SUBPROTOCOL):]
+        return None
+
+    async def connect_upstream(self) -> tornado.websocket.WebSocketClientConnection:
+        base = self.app.settings.upstream_url
+        url = "ws" + base[len("http"):] + self.request.path
+        if self.request.query:
+            url += "?" + self.request.query
+        headers = tornado.httputil.HTTPHeaders()
+        for name, value in self.request.headers.get_all():
+            if name.lower() not in NOT_FORWARDED_WS:
+                headers.add(name, value)
+        headers["Authorization"] = "Bearer " + self.app.settings.openapi_api_key
+        request = tornado.httpclient.HTTPRequest(
+            url, headers=headers, request_timeout=self.app.settings.upstream_timeout,
+            connect_timeout=min(UPSTREAM_CONNECT_TIMEOUT, self.app.settings.upstream_timeout))
+        protocols = [p for p in self.subprotocols() if not p.startswith(KEY_SUBPROTOCOL)]
+        try:
+            return await tornado.websocket.websocket_connect(
+                request, on_message_callback=self.on_upstream_message,
+                subprotocols=protocols or None, max_message_size=WS_MAX_MESSAGE_BYTES)
+        except tornado.httpclient.HTTPClientError as error:
+            if error.code == 599:
+                raise ApiError(504, "The upstream API did not answer in time.", "server_error",
+                               "upstream_timeout")
+            raise ApiError(error.code, f"The upstream refused the WebSocket ({error.code}).",
+                           "server_error" if error.code >= 500 else "invalid_request_error")
+        except Exception as error:
+            log.warning("upstream WebSocket failed: %s", type(error).__name__)
+            raise ApiError(502, "The upstream API could not be reached.", "server_error",
+                           "upstream_unreachable")
+
+    def select_subprotocol(self, subprotocols: List[str]) -> Optional[str]:
+        return self.upstream.selected_subprotocol if self.upstream else None
+
+    def check_origin(self, origin: str) -> bool:
+        return self.app.cors_origin(origin) is not None
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        self.set_nodelay(True)
+
+    async def on_message(self, message: Union[str, bytes]) -> None:
+        if self.upstream is not None:
+            try:
+                await self.upstream.write_message(message, binary=isinstance(message, bytes))
+            except tornado.websocket.WebSocketClosedError:
+                self.close(1011, "upstream closed")
+
+    def on_upstream_message(self, message: Union[str, bytes, None]) -> None:
+        if message is None:  # the upstream closed: close the client the same way
+            upstream = self.upstream
+            self.close(getattr(upstream, "close_code", None) or 1000,
+                       getattr(upstream, "close_reason", None) or "")
+            return
+        if isinstance(message, str) and '"response.done"' in message[:200]:
+            self.count_usage(message)
+        try:
+            self.write_message(message, binary=isinstance(message, bytes))
+        except tornado.websocket.WebSocketClosedError:
+            self.on_close()
+
+    def count_usage(self, message: str) -> None:
+        try:
+            found = usage_in(json.loads(message))
+        except ValueError:
+            return
+        if found is not None and self.user is not None:
+            model, counts = found
+            self.app.usage.record(self.user["name"], model or self.get_query_argument("model", "-"), counts)
+
+    def on_close(self) -> None:
+        if self.upstream is not None:
+            upstream, self.upstream = self.upstream, None
+            upstream.close(self.close_code or 1000, self.close_reason or "")
 
 
 # ---------------------------------------------------------------------------
@@ -2047,6 +2183,7 @@ def make_app(app: App) -> tornado.web.Application:
         [
             (r"/healthz", HealthHandler),
             (r"/me(?:/(.*))?", MeHandler),
+            (WebSocketUpgrade(r"/v\d+(?:/.*)?"), RealtimeHandler),
             (r"/v\d+(?:/.*)?", ProxyHandler),
             (r"/admin/(.*)", AdminHandler, {"token_in_path": False}),
             (r"/(?:%s)(?:/.*)?" % "|".join(sorted(OPENAI_ROOTS)), MissingVersionHandler),
