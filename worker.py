@@ -124,6 +124,7 @@ ADMIN_LOCKOUT_SECONDS = 60  # ... before it gets 429 for this long
 SHUTDOWN_GRACE_SECONDS = 25  # in-flight requests get this long after SIGTERM
 UPSTREAM_CONNECT_TIMEOUT = 30.0
 JOURNAL_CHECKPOINT_BYTES = 4 << 20
+SNAPSHOT_CACHE_ENTRIES = 20000  # reads of the immutable dbm snapshot kept in memory
 WS_MAX_MESSAGE_BYTES = 64 << 20  # a realtime message with a long audio chunk
 SMALL_BODY_BYTES = 256 << 10  # request bodies up to this are read whole, then sent
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
@@ -344,6 +345,7 @@ class DbmKV:
         self._snapshot = None  # the dbm of generation self._gen, read-only
         self._overlay: Dict[str, Optional[str]] = {}  # key -> value, None = deleted
         self._frozen: Dict[str, Optional[str]] = {}  # overlay being checkpointed
+        self._snapshot_cache: Dict[str, Optional[str]] = {}  # reads of the snapshot
         self._journal = None
         self._journal_gen = 0
         self._lock_file = None
@@ -427,13 +429,17 @@ class DbmKV:
     # -- reads ----------------------------------------------------------------
 
     def _get(self, key: str) -> Optional[str]:
-        for layer in (self._overlay, self._frozen):
+        for layer in (self._overlay, self._frozen, self._snapshot_cache):
             if key in layer:
                 return layer[key]
         if self._snapshot is None:
             return None
         value = self._snapshot.get(key.encode())
-        return None if value is None else value.decode()
+        if len(self._snapshot_cache) >= SNAPSHOT_CACHE_ENTRIES:
+            self._snapshot_cache.clear()
+        # A snapshot never changes, so what it said stays true until the next one.
+        self._snapshot_cache[key] = value = None if value is None else value.decode()
+        return value
 
     async def get(self, key: str) -> Optional[str]:
         return self._get(key)
@@ -530,6 +536,7 @@ class DbmKV:
             self._snapshot.close()
         self._gen = new_gen
         self._snapshot = dbm.open(self._file(f"snap-{new_gen}"), "r")
+        self._snapshot_cache = {}
         self._frozen = {}
         self._remove_stale_files()
 
@@ -1415,6 +1422,11 @@ async def check_limits(app: "App", user: Dict[str, Any], path: str, model: Optio
         raise model_not_found(model)
 
 
+def connection_tokens(headers: tornado.httputil.HTTPHeaders) -> set:
+    """Headers a message's ``Connection`` names: hop-by-hop too (RFC 9110 §7.6.1)."""
+    return {token.strip().lower() for token in headers.get("Connection", "").split(",")}
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
                     code="model_not_found")
@@ -1557,10 +1569,7 @@ class ProxyHandler(BaseHandler):
 
     def upstream_request_headers(self) -> tornado.httputil.HTTPHeaders:
         headers = tornado.httputil.HTTPHeaders()
-        named_by_connection = {
-            token.strip().lower()
-            for token in self.request.headers.get("Connection", "").split(",")
-        }
+        named_by_connection = connection_tokens(self.request.headers)
         for name, value in self.request.headers.get_all():
             lower = name.lower()
             if lower not in NOT_FORWARDED_UP and lower not in named_by_connection:
@@ -1664,9 +1673,12 @@ class ProxyHandler(BaseHandler):
         if self.client_gone:
             return
         self.set_status(code, reason or None)
-        self.clear_header("Content-Type")
+        for ours in ("Content-Type", "Date"):  # the upstream's own, if any, instead
+            self.clear_header(ours)
+        named_by_connection = connection_tokens(headers)
         for name, value in headers.get_all():
-            if name.lower() not in NOT_FORWARDED_DOWN:
+            lower = name.lower()
+            if lower not in NOT_FORWARDED_DOWN and lower not in named_by_connection:
                 self.add_header(name, value)
         self.reader = UsageReader(headers.get("Content-Type", ""),
                                   headers.get("Content-Encoding", ""), strip=self.ask_usage)
