@@ -1210,7 +1210,8 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         self.tcp = tornado.tcpclient.TCPClient()
         self.tls = ssl.create_default_context()
         self.idle: Dict[Tuple[str, str, int], List[Tuple[tornado.iostream.IOStream, float]]] = {}
-        self.streams: Dict[int, tornado.iostream.IOStream] = {}  # id(request) -> its connection
+        # Requests in flight, by id(request): their connection once they have one.
+        self.in_flight: Dict[int, Optional[tornado.iostream.IOStream]] = {}
         self.cancelled: set = set()
         self.sweeper = tornado.ioloop.PeriodicCallback(self._close_idle, 5000)
         self.sweeper.start()
@@ -1225,8 +1226,10 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
 
     def cancel(self, request: tornado.httpclient.HTTPRequest) -> None:
         """End ``request`` now: its connection is closed, its fetch fails with 599."""
+        if id(request) not in self.in_flight:
+            return  # done already (and its id may soon be another request's)
         self.cancelled.add(id(request))
-        stream = self.streams.get(id(request))
+        stream = self.in_flight[id(request)]
         if stream is not None:
             stream.close()
 
@@ -1238,6 +1241,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
     async def _fetch(self, request: tornado.httpclient.HTTPRequest) -> tornado.httpclient.HTTPResponse:
         original = getattr(request, "request", request)  # fetch() wraps it in a proxy
         start = time.monotonic()
+        self.in_flight[id(original)] = None
         timed_out = []
 
         def on_timeout() -> None:
@@ -1255,7 +1259,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         finally:
             self.io_loop.remove_timeout(deadline)
             self.cancelled.discard(id(original))
-            self.streams.pop(id(original), None)
+            self.in_flight.pop(id(original), None)
 
     async def _exchange(self, request: tornado.httpclient.HTTPRequest, original: Any,
                         start: float) -> tornado.httpclient.HTTPResponse:
@@ -1269,7 +1273,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
             reused = stream is not None
             if stream is None:
                 stream = await self._connect(key, request)
-            self.streams[id(original)] = stream
+            self.in_flight[id(original)] = stream
             if id(original) in self.cancelled:
                 stream.close()
             answer = _UpstreamAnswer(request)
