@@ -1233,6 +1233,9 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         if stream is not None:
             stream.close()
 
+    # Beyond AsyncHTTPClient's interface: a request's ``on_headers(code, reason,
+    # headers)``, if set, gets the parsed headers instead of header_callback lines.
+
     def fetch_impl(self, request: tornado.httpclient.HTTPRequest,
                    callback: Callable[[tornado.httpclient.HTTPResponse], None]) -> None:
         task = asyncio.ensure_future(self._fetch(request))
@@ -1313,7 +1316,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
 
     async def _send(self, connection: Any, request: tornado.httpclient.HTTPRequest,
                     url: urllib.parse.SplitResult, host: str) -> None:
-        headers = tornado.httputil.HTTPHeaders(request.headers)
+        headers = request.headers  # the caller's to give: no copy
         headers.setdefault("Host", url.netloc.rpartition("@")[2])
         body = request.body if request.body is not None else None
         if body is not None or (request.body_producer is None and request.method in ("POST", "PUT", "PATCH")):
@@ -1382,6 +1385,10 @@ class _UpstreamAnswer(tornado.httputil.HTTPMessageDelegate):
                      or self.request.method == "HEAD" or start_line.code in (204, 304))
         self.keep_alive = (start_line.version == "HTTP/1.1" and delimited
                            and headers.get("Connection", "").lower() != "close")
+        on_headers = getattr(self.request, "on_headers", None)  # parsed already: no round trip
+        if on_headers is not None:
+            on_headers(start_line.code, start_line.reason, headers)
+            return
         callback = self.request.header_callback
         if callback is not None:
             callback("%s %s %s\r\n" % (start_line.version, start_line.code, start_line.reason))
@@ -1603,7 +1610,6 @@ class ProxyHandler(BaseHandler):
             headers=headers,
             body=body,
             body_producer=self.produce_body if body is None and self.has_body() else None,
-            header_callback=self.on_upstream_header_line,
             streaming_callback=self.on_upstream_chunk,
             decompress_response=False,
             follow_redirects=False,
@@ -1611,7 +1617,7 @@ class ProxyHandler(BaseHandler):
             connect_timeout=min(UPSTREAM_CONNECT_TIMEOUT, self.app.settings.upstream_timeout),
             request_timeout=self.app.settings.upstream_timeout,
         )
-        self._header_lines: List[str] = []
+        request.on_headers = self.on_upstream_headers  # type: ignore[attr-defined]
         self.upstream_request = request
         self.fetch = self.app.http_client.fetch(request, raise_error=False)
         self.fetch.add_done_callback(self._on_fetch_done)
@@ -1660,17 +1666,6 @@ class ProxyHandler(BaseHandler):
                 cancel(self.upstream_request)
 
     # -- response: upstream → client ------------------------------------------
-
-    def on_upstream_header_line(self, line: str) -> None:
-        if line != "\r\n":
-            self._header_lines.append(line)
-            return
-        start = tornado.httputil.parse_response_start_line(self._header_lines[0].rstrip())
-        headers = tornado.httputil.HTTPHeaders()
-        for header_line in self._header_lines[1:]:
-            headers.parse_line(header_line.rstrip("\r\n"))
-        self._header_lines = []
-        self.on_upstream_headers(start.code, start.reason, headers)
 
     def on_upstream_headers(self, code: int, reason: str,
                             headers: tornado.httputil.HTTPHeaders) -> None:
