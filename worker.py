@@ -1912,7 +1912,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
 
 # ---------------------------------------------------------------------------
-# Self-service: /me and /me/reset, with the user's own key
+# Self-service: /me, /me/reset and the billing views, with the user's own key
 # ---------------------------------------------------------------------------
 
 def answer_preflight(handler: tornado.web.RequestHandler) -> None:
@@ -1925,13 +1925,20 @@ def answer_preflight(handler: tornado.web.RequestHandler) -> None:
     handler.set_header("Access-Control-Max-Age", "86400")
 
 
-class MeHandler(BaseHandler):
-    """``GET /me``: the caller's own record and usage. ``POST /me/reset``: a new key."""
+class UserHandler(BaseHandler):
+    """A route answered here for the caller's own key."""
 
     async def prepare(self) -> None:
         if self.request.method != "OPTIONS":
             self.user = await authenticate(self.app.store, self.request.headers)
             self.log_user = self.user["name"]
+
+    def options(self, *args: Optional[str]) -> None:
+        answer_preflight(self)
+
+
+class MeHandler(UserHandler):
+    """``GET /me``: the caller's own record and usage. ``POST /me/reset``: a new key."""
 
     async def get(self, action: Optional[str]) -> None:
         if action:
@@ -1957,8 +1964,45 @@ class MeHandler(BaseHandler):
         log.info("self-service: %s reset their key", self.user["name"])
         self.write({"name": self.user["name"], "key": key})
 
-    def options(self, action: Optional[str]) -> None:
-        answer_preflight(self)
+
+class BillingHandler(UserHandler):
+    """``/dashboard/billing/subscription`` and ``/usage`` (also below ``/v1``):
+    OpenAI's retired billing endpoints, which some GUI apps still call to show
+    what is used and left, answered from the caller's own quota and usage.
+    The amounts are thousands of tokens written as dollars (1 "USD" = 1,000
+    tokens); a user without a quota gets a hard limit of 1,000,000."""
+
+    TOKENS_PER_USD = 1000
+
+    async def get(self, what: str) -> None:
+        name = self.user["name"]
+        if what == "subscription":
+            quota = self.user.get("quota") or 0
+            limit = quota / self.TOKENS_PER_USD if quota else 1_000_000
+            expires = self.user.get("expires")
+            self.write({
+                "object": "billing_subscription", "has_payment_method": True,
+                "canceled": False, "canceled_at": None, "delinquent": None,
+                "access_until": int(parse_time(expires).timestamp()) if expires else 0,
+                "soft_limit_usd": limit, "hard_limit_usd": limit, "system_hard_limit_usd": limit,
+                "plan": {"title": "worker.py", "id": "worker.py"}, "account_name": name})
+            return
+        today = utcnow().date()
+        first = self.get_query_argument("start_date", (today - datetime.timedelta(days=99)).isoformat())
+        end = self.get_query_argument("end_date", (today + datetime.timedelta(days=1)).isoformat())
+        if not all(re.match(r"\d{4}-\d{2}-\d{2}\Z", day) for day in (first, end)):
+            raise ApiError(400, "start_date and end_date must be days as YYYY-MM-DD")
+        await self.app.usage.flush()
+        rows = [row for row in await self.app.store.usage_rows(name, first, end) if row["day"] < end]
+        days: Dict[str, List[Dict[str, Any]]] = {}
+        for row in rows:
+            days.setdefault(row["day"], []).append(
+                {"name": row["model"], "cost": row["total_tokens"] * 100 / self.TOKENS_PER_USD})
+        self.write({"object": "list", "total_usage": sum(
+                        row["total_tokens"] for row in rows) * 100 / self.TOKENS_PER_USD,
+                    "daily_costs": [{"timestamp": int(datetime.datetime.strptime(
+                        day, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc).timestamp()),
+                        "line_items": items} for day, items in sorted(days.items())]})
 
 
 # ---------------------------------------------------------------------------
@@ -2194,6 +2238,7 @@ def make_app(app: App) -> tornado.web.Application:
         [
             (r"/healthz", HealthHandler),
             (r"/me(?:/(.*))?", MeHandler),
+            (r"/(?:v1/)?dashboard/billing/(subscription|usage)", BillingHandler),
             (WebSocketUpgrade(r"/v\d+(?:/.*)?"), RealtimeHandler),
             (r"/v\d+(?:/.*)?", ProxyHandler),
             (r"/admin/(.*)", AdminHandler, {"token_in_path": False}),
