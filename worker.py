@@ -540,7 +540,14 @@ class DbmKV:
         self._frozen = {}
         self._remove_stale_files()
 
+    async def aclose(self) -> None:
+        """Close, after any checkpoint in progress: two at once would race for CURRENT."""
+        if self._checkpointing is not None:
+            await self._checkpointing
+        self.close()
+
     def close(self) -> None:
+        assert self._checkpointing is None, "use aclose() while a checkpoint may run"
         if self._journal is not None:
             self.checkpoint_now()
             self._journal.close()
@@ -2307,7 +2314,7 @@ async def serve(settings: Settings) -> None:
         log.warning("stopping: some connections did not close")
     flusher.stop()
     await app.usage.flush()
-    kv.close()
+    await kv.aclose()
     log.info("stopped")
 
 
@@ -2334,14 +2341,14 @@ async def run_import(settings: Settings, path: str) -> None:
     except ValueError as e:
         raise ConfigError(f"import: {e}")
     finally:
-        kv.close()
+        await kv.aclose()
     print(f"imported {count} users")
 
 
 async def run_export(settings: Settings) -> None:
     kv = DbmKV(settings.db_path, readonly=True).open()
     users = await Store(kv).export_users()
-    kv.close()
+    await kv.aclose()
     json.dump(users, sys.stdout, indent=2, sort_keys=True)
     print()
 
