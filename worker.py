@@ -1654,8 +1654,7 @@ class ProxyHandler(BaseHandler):
             await write(chunk)
 
     def _on_fetch_done(self, fetch: "asyncio.Future[Any]") -> None:
-        if not fetch.cancelled():
-            fetch.exception()  # seen here, so an abandoned fetch logs no warning
+        _retrieve(fetch)  # an abandoned fetch logs no warning
         self._drain_body_queue()
 
     def _drain_body_queue(self) -> None:
@@ -1705,7 +1704,11 @@ class ProxyHandler(BaseHandler):
         if not data:
             return None
         self.write(data)
-        return _quietly(self.flush())
+        flushed = self.flush()
+        if not self.request.connection.stream.writing():
+            flushed.add_done_callback(_retrieve)  # a client gone is on_connection_close's business
+            return None  # all of it went to the socket: read on at once
+        return _quietly(flushed)  # the client is behind: wait for it
 
     async def _pass_through(self, *args: str) -> None:
         if self._finished:
@@ -1781,6 +1784,12 @@ def allowed_models_only(body: bytes, user: Dict[str, Any]) -> bytes:
 
 
 ABORT = b"abort"  # a body-queue sentinel, compared by identity
+
+
+def _retrieve(future: "asyncio.Future[Any]") -> None:
+    """Mark a future's exception as seen, so asyncio does not log it."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _quietly(flushed: "asyncio.Future[None]") -> None:
