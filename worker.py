@@ -1832,6 +1832,13 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
     user: Optional[Dict[str, Any]] = None
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
+        origin = self.request.headers.get("Origin")
+        if origin is not None and not self.check_origin(origin):
+            # Before anything else: a refused page must not reach the upstream.
+            error = ApiError(403, f"Origin {origin} is not allowed (CORS_ORIGINS).",
+                             code="forbidden")
+            self.send_error(403, exc_info=(ApiError, error, None))
+            return
         try:
             self.user = await authenticate(self.app.store, self.request.headers,
                                            self.subprotocol_key())
