@@ -665,7 +665,7 @@ def parse_limits(fields: Dict[str, str]) -> Dict[str, Any]:
         else:
             try:
                 limits["expires"] = iso(parse_time(text))
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise AdminError(400, "expires must be YYYY-MM-DD, an ISO-8601 time, or never")
     for field in ("quota", "rpm"):
         if field in fields:
@@ -1426,8 +1426,8 @@ MODELS_LIST = re.compile(r"/v\d+/models\Z")
 MODEL_IN_PATH = re.compile(r"/v\d+/models/(.+)\Z")
 
 
-async def check_limits(app: "App", user: Dict[str, Any], path: str, model: Optional[str]) -> None:
-    """Quota, requests per minute, and the model named in the path or query."""
+async def check_limits(app: "App", user: Dict[str, Any], models: List[str]) -> None:
+    """Quota, requests per minute, and the models named in the path or query."""
     if user.get("quota") and await app.usage.used_tokens(user["name"]) >= user["quota"]:
         raise ApiError(429, f"You exceeded your quota of {user['quota']} tokens for this key. "
                             "Ask the owner of this proxy to raise it.",
@@ -1436,8 +1436,9 @@ async def check_limits(app: "App", user: Dict[str, Any], path: str, model: Optio
         refusal = app.limiter.admit(user["name"], user["rpm"])
         if refusal is not None:
             raise refusal
-    if model and not allows_model(user, model):
-        raise model_not_found(model)
+    for model in models:
+        if not allows_model(user, model):
+            raise model_not_found(model)
 
 
 def connection_tokens(headers: tornado.httputil.HTTPHeaders) -> set:
@@ -1450,26 +1451,38 @@ def model_not_found(model: str) -> ApiError:
                     code="model_not_found")
 
 
-def model_in_body(content_type: str, body: bytes) -> Tuple[Optional[str], Any]:
-    """(the model a request body names, its parsed JSON if it is JSON)."""
+def models_in_body(content_type: str, body: bytes) -> Tuple[List[str], Any]:
+    """(every model a request body names, its parsed JSON if it is JSON).
+
+    Every one, not the first: a body that names two (a repeated form field, a
+    repeated JSON key) would otherwise pass the allowlist with one and reach
+    an upstream that reads the other."""
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         fields: Dict[str, List[bytes]] = {}
         try:
             tornado.httputil.parse_body_arguments(content_type, body, fields, {})
         except Exception:
-            return None, None
-        values = fields.get("model") or [b""]
-        return values[0].decode("utf-8", "replace") or None, None
+            return [], None
+        return [v.decode("utf-8", "replace") for v in fields.get("model", [])], None
+    per_object: List[List[Any]] = []  # the "model" values of each JSON object, inner first
+
+    def collect(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        per_object.append([value for key, value in pairs if key == "model"])
+        return dict(pairs)
+
     try:
-        obj = json.loads(body)
-    except ValueError:
-        return None, None
+        obj = json.loads(body, object_pairs_hook=collect)
+    except (ValueError, RecursionError):
+        return [], None
     if not isinstance(obj, dict):
-        return None, obj
-    model = obj.get("model")
-    if model is None and isinstance(obj.get("session"), dict):
-        model = obj["session"].get("model")
-    return (model if isinstance(model, str) else None), obj
+        return [], obj
+    models = list(per_object[-1])  # the outermost object is decoded last
+    if isinstance(obj.get("session"), dict):  # realtime client secrets: session.model
+        models.append(obj["session"].get("model"))
+    return [str(m) for m in models if m is not None], obj
+
+
+MODEL_NEAR_START = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 
 
 @tornado.web.stream_request_body
@@ -1486,9 +1499,14 @@ class ProxyHandler(BaseHandler):
     """
 
     BODY_QUEUE_CHUNKS = 4  # body chunks in flight between client and upstream
+    # Set again in prepare; here for a connection that closes before it runs.
+    user: Optional[Dict[str, Any]] = None
+    fetch: Optional["asyncio.Future[Any]"] = None
+    body_complete = client_gone = False
 
     async def prepare(self) -> None:
         self.upstream_headers_sent = self.client_gone = self.accounted = False
+        self.body_complete = False
         self.fetch: Optional[asyncio.Future] = None
         self.user: Optional[Dict[str, Any]] = None
         self.reader: Optional[UsageReader] = None
@@ -1526,9 +1544,10 @@ class ProxyHandler(BaseHandler):
     async def check_limits(self, user: Dict[str, Any]) -> None:
         path = self.upstream_path()
         match = MODEL_IN_PATH.match(path)
-        model = urllib.parse.unquote(match.group(1)) if match else self.get_query_argument("model", None)
-        await check_limits(self.app, user, path, model)
-        self.request_model = model
+        models = [urllib.parse.unquote(match.group(1))] if match else []
+        models += self.get_query_arguments("model")  # every one: see models_in_body
+        await check_limits(self.app, user, models)
+        self.request_model = models[0] if models else None
         self.filter_models = (self.has_allowlist() and self.request.method == "GET"
                               and bool(MODELS_LIST.match(path)))
 
@@ -1556,12 +1575,21 @@ class ProxyHandler(BaseHandler):
         if not self.must_inspect_body():
             return body
         if not self.has_allowlist() and b'"stream"' not in body:
-            return body  # not a stream, and no model to check: no need to parse it
+            # Not a stream, and no model to check: no need to parse it. The
+            # model, for counting a failed request, is usually near the start.
+            match = MODEL_NEAR_START.search(body, 0, 4096)
+            self.request_model = match.group(1).decode("utf-8", "replace") if match else None
+            return body
+        encoding = self.request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding != "identity" and self.has_allowlist():
+            raise ApiError(415, "A compressed request body cannot be checked against this key's "
+                                "model list: send it uncompressed.", code="unsupported_encoding")
         content_type = self.request.headers.get("Content-Type", "application/json").lower()
-        model, obj = model_in_body(content_type, body)
-        self.request_model = model
-        if model and self.has_allowlist() and not allows_model(self.user, model):
-            raise model_not_found(model)
+        models, obj = models_in_body(content_type, body)
+        self.request_model = models[0] if models else None
+        for model in models:
+            if self.has_allowlist() and not allows_model(self.user, model):
+                raise model_not_found(model)
         if (USAGE_ON_REQUEST.match(self.upstream_path()) and isinstance(obj, dict)
                 and obj.get("stream") is True):
             options = obj.get("stream_options")
@@ -1711,6 +1739,7 @@ class ProxyHandler(BaseHandler):
         return _quietly(flushed)  # the client is behind: wait for it
 
     async def _pass_through(self, *args: str) -> None:
+        self.body_complete = True
         if self._finished:
             return
         if self.body_chunks is not None:
@@ -1757,6 +1786,10 @@ class ProxyHandler(BaseHandler):
         super().on_connection_close()
         self.client_gone = True
         self.abort_upstream()
+        if self.user is not None and not self.body_complete:
+            # Gone mid-upload: Tornado will not finish this request, so log it here.
+            self.set_status(499, "Client Closed Request")
+            self.app.log_request(self)
 
     # -- usage ----------------------------------------------------------------
 
@@ -1843,8 +1876,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             self.user = await authenticate(self.app.store, self.request.headers,
                                            self.subprotocol_key())
             self.log_user = self.user["name"]
-            await check_limits(self.app, self.user, self.request.path,
-                               self.get_query_argument("model", None))
+            await check_limits(self.app, self.user, self.get_query_arguments("model"))
             self.upstream = await self.connect_upstream()
         except ApiError as error:
             self.send_error(error.status_code, exc_info=(ApiError, error, None))
@@ -1908,9 +1940,11 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     def on_upstream_message(self, message: Union[str, bytes, None]) -> None:
         if message is None:  # the upstream closed: close the client the same way
-            upstream = self.upstream
-            self.close(getattr(upstream, "close_code", None) or 1000,
-                       getattr(upstream, "close_reason", None) or "")
+            code = getattr(self.upstream, "close_code", None)
+            reason = getattr(self.upstream, "close_reason", None)
+            if code is None:  # gone without a close frame (RFC 6455 §7.4.1: 1011)
+                code, reason = 1011, "upstream connection lost"
+            self.close(code, reason or "")
             return
         if isinstance(message, str) and '"response.done"' in message[:200]:
             self.count_usage(message)
@@ -2097,7 +2131,9 @@ class AdminHandler(BaseHandler):
             elif name is None:
                 raise AdminError(404, "unknown command; see the README for the admin commands")
             elif command == "register":
-                key = await store.create_user(check_name(name), parse_limits(self.fields()))
+                limits = parse_limits(self.fields())
+                await self.app.usage.flush()  # a name's unsaved usage is not the new user's
+                key = await store.create_user(check_name(name), limits)
                 self.done(command, name, key, {"name": name, "key": key})
             elif command == "reset":
                 key = await store.reset_key(check_name(name))
@@ -2107,7 +2143,9 @@ class AdminHandler(BaseHandler):
                 row = await self.user_row(user)
                 self.done(command, name, render_table([row]), row)
             elif command == "delete":
-                await store.delete_user(check_name(name))
+                check_name(name)
+                await self.app.usage.flush()  # into the stats, where past usage stays
+                await store.delete_user(name)
                 self.done(command, name, "ok", {"name": name, "deleted": True})
             else:
                 raise AdminError(404, "unknown command; see the README for the admin commands")
