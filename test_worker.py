@@ -264,6 +264,21 @@ REALTIME_USAGE = {"total_tokens": 57, "input_tokens": 40, "output_tokens": 17,
                   "output_token_details": {"text_tokens": 17, "audio_tokens": 0}}
 
 
+# x-fake-store collections (the path after /v1/): id prefix, "object", OpenAI's kind name
+STORE_KINDS = {
+    "files": ("file-", "file", "File"),
+    "batches": ("batch_", "batch", "Batch"),
+    "chat/completions": ("chatcmpl-", "chat.completion", "ChatCompletion"),
+    "responses": ("resp_", "response", "Response"),
+    "vector_stores": ("vs_", "vector_store", "VectorStore"),
+    "assistants": ("asst_", "assistant", "Assistant"),
+    "threads": ("thread_", "thread", "Thread"),
+    "containers": ("cntr_", "container", "Container"),
+    "evals": ("eval_", "eval", "Eval"),
+    "skills": ("skill_", "skill", "Skill"),
+}
+
+
 @tornado.web.stream_request_body
 class UpstreamHandler(tornado.web.RequestHandler):
     """Every path, every method: the body is streamed in, then FakeUpstream answers."""
@@ -402,6 +417,10 @@ class FakeUpstream:
         self.key = key
         self.records: List[Dict[str, Any]] = []
         self.files: Dict[str, bytes] = {}
+        # x-fake-store mode: objects kept as OpenAI keeps them (see ``store``)
+        self.objects: Dict[str, Dict[str, Any]] = {}  # id -> object, in creation order
+        self.contents: Dict[str, bytes] = {}  # file id -> its bytes
+        self.created = 1700000000
         self.drop_ports: set = set()  # connections to close when their next request comes
         self.notes: List[Dict[str, Any]] = []  # every request, from its headers on
         self.lock = threading.Lock()
@@ -545,6 +564,8 @@ class FakeUpstream:
             chunks = [BIG_BLOCK] * int(control["x-fake-download-mb"])
             return await self.send(h, record, 200, {"Content-Type": "application/octet-stream"},
                                    chunks, stream=True)
+        if control.get("x-fake-store"):
+            return await self.store(h, record, route, body)
         method = req.method
         if method == "POST" and route == "/v1/chat/completions":
             return await self.chat(h, record, body)
@@ -739,6 +760,122 @@ class FakeUpstream:
             "created_at": 1700000000, "filename": upload["filename"],
             "purpose": fields.get("purpose", [b""])[0].decode(), "status": "processed",
             "status_details": None, "expires_at": None})
+
+    # -- x-fake-store: 1 -- objects kept like OpenAI keeps them ---------------
+
+    async def store(self, h: UpstreamHandler, record: Dict[str, Any], route: str,
+                    body: bytes) -> None:
+        """One handler for every collection of STORE_KINDS: create (POST /v1/C), list
+        (GET /v1/C with limit, after, order and equality filters such as purpose),
+        retrieve, modify (POST), delete, a file's content, a batch's cancel; any other
+        path below a known id echoes; an unknown id is OpenAI's 404."""
+        method = h.request.method
+        route = urllib.parse.unquote(route)  # as a server that decodes the path, OpenAI's too
+        if h.request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        coll = next((c for c in STORE_KINDS if route == "/v1/" + c
+                     or route.startswith("/v1/" + c + "/")), None)
+        if coll is None:
+            return await self.echo(h, record)
+        prefix, object_name, kind = STORE_KINDS[coll]
+        rest = route[len("/v1/" + coll) + 1:].split("/") if route != "/v1/" + coll else []
+        if not rest:
+            if method == "GET":
+                return await self.send_json(h, record, self.store_list(coll, h))
+            if method != "POST":
+                return await self.echo(h, record)
+            return await self.store_create(h, record, coll, body)
+        obj_id = rest[0]
+        obj = self.objects.get(obj_id)
+        if obj is None or obj["_coll"] != coll:
+            return await self.store_404(h, record, kind, obj_id)
+        if len(rest) == 1 and method == "DELETE":
+            del self.objects[obj_id]
+            return await self.send_json(h, record, {"id": obj_id, "object": object_name,
+                                                    "deleted": True})
+        if len(rest) == 1 and method == "POST":
+            obj.update({k: v for k, v in json.loads(body or b"{}").items() if k != "id"})
+        if len(rest) == 1 and method == "GET" and coll == "batches" \
+                and obj["status"] == "validating":
+            # The batch is done by the time anyone asks: its output is a new file
+            # that the upstream made, not the caller.
+            output = self.store_add("files", {
+                "bytes": 0, "filename": "batch_output.jsonl", "purpose": "batch_output",
+                "status": "processed"}, b'{"id": "batch_req_1", "response": {}}\n')
+            obj.update(status="completed", output_file_id=output["id"])
+        if rest[1:] == ["content"] and coll == "files" and method == "GET":
+            return await self.send(h, record, 200, {"Content-Type": "application/octet-stream"},
+                                   [self.contents.get(obj_id, b"")])
+        if rest[1:] == ["cancel"] and method == "POST":
+            obj["status"] = "cancelling"
+        elif rest[1:]:
+            return await self.echo(h, record)
+        await self.send_json(h, record, self.public(obj))
+
+    def store_add(self, coll: str, fields: Dict[str, Any], content: Optional[bytes] = None,
+                  obj_id: Optional[str] = None) -> Dict[str, Any]:
+        prefix, object_name, _ = STORE_KINDS[coll]
+        self.created += 1  # a second apart, so order=desc is creation order
+        obj = {"id": obj_id or prefix + secrets.token_hex(12), "object": object_name,
+               "created" if coll == "chat/completions" else "created_at": self.created}
+        obj.update(fields, _coll=coll)  # id first, as OpenAI's answers have it
+        if content is not None:
+            obj["bytes"] = len(content)
+            self.contents[obj["id"]] = content
+        self.objects[obj["id"]] = obj
+        return obj
+
+    @staticmethod
+    def public(obj: Dict[str, Any]) -> Dict[str, Any]:
+        return {k: v for k, v in obj.items() if not k.startswith("_")}
+
+    async def store_404(self, h: UpstreamHandler, record: Dict[str, Any], kind: str,
+                        obj_id: str) -> None:
+        await self.send_json(h, record, {"error": {
+            "message": f"No such {kind} object: {obj_id}", "type": "invalid_request_error",
+            "param": "id", "code": None}}, 404)
+
+    async def store_create(self, h: UpstreamHandler, record: Dict[str, Any], coll: str,
+                           body: bytes) -> None:
+        if coll == "files":
+            fields, files = self.form(h, body)
+            upload = files["file"][0]
+            obj = self.store_add("files", {
+                "filename": upload["filename"], "status": "processed", "expires_at": None,
+                "purpose": fields.get("purpose", [b""])[0].decode()}, upload["body"])
+            return await self.send_json(h, record, self.public(obj))
+        sent = json.loads(body or b"{}")
+        if coll == "chat/completions":  # answered as without the store, kept when asked to
+            if sent.get("store"):
+                self.store_add(coll, {"model": sent.get("model")},
+                               obj_id="chatcmpl-" + record["id"])
+            return await self.chat(h, record, body)
+        if coll == "responses":
+            if sent.get("store", True):
+                self.store_add(coll, {"model": sent.get("model"), "status": "completed"},
+                               obj_id="resp_" + record["id"])
+            return await self.responses(h, record, body)
+        if coll == "batches":
+            if sent.get("input_file_id") not in self.objects:
+                return await self.store_404(h, record, "File", str(sent.get("input_file_id")))
+            sent.update(status="validating", output_file_id=None, error_file_id=None)
+        obj = self.store_add(coll, {k: v for k, v in sent.items() if k not in ("id", "object")})
+        await self.send_json(h, record, self.public(obj))
+
+    def store_list(self, coll: str, h: UpstreamHandler) -> Dict[str, Any]:
+        query = {k: h.get_query_argument(k) for k in h.request.query_arguments}
+        found = [o for o in self.objects.values() if o["_coll"] == coll and all(
+            str(o.get(k)) == v for k, v in query.items() if k not in ("limit", "after", "order"))]
+        if query.get("order", "desc") == "desc":
+            found.reverse()
+        ids = [o["id"] for o in found]
+        after = query.get("after")
+        start = 0 if not after else ids.index(after) + 1 if after in ids else len(ids)
+        limit = min(int(query.get("limit", 20)), 10000 if coll == "files" else 100)
+        page = [self.public(o) for o in found[start:start + limit]]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": start + limit < len(found)}
 
     async def unframed(self, h: UpstreamHandler, record: Dict[str, Any]) -> None:
         """A chat completion with neither Content-Length nor chunking: the body ends
@@ -1904,7 +2041,7 @@ class TestProxy:
         assert upstream.find(test_id) == []
 
     def test_body_under_max_body_mb_passes(self, tight_worker, upstream):
-        key, test_id = tight_worker.register(unique("small")), new_test_id()
+        key, test_id = tight_worker.register(unique("small"), "?scope=all"), new_test_id()  # a made-up upload id
         body = det_bytes(900 * 1024, "small")
         answer = request("POST", tight_worker.url + "/v1/uploads/u_1/parts", body, dict(
             bearer(key), **{"Content-Type": "application/octet-stream", "x-test-id": test_id}))
@@ -1979,7 +2116,7 @@ class TestStreaming:
             yield w
 
     def test_big_upload_streams_through(self, fresh_worker, upstream):
-        key, test_id = fresh_worker.register("uploader"), new_test_id()
+        key, test_id = fresh_worker.register("uploader", "?scope=all"), new_test_id()  # made-up ids
         digest = hashlib.sha256()
 
         def body() -> Iterator[bytes]:
@@ -2006,7 +2143,7 @@ class TestStreaming:
         assert peak < self.BIG_MB / 2, f"{peak:.0f} MB for a {self.BIG_MB} MB upload"
 
     def test_big_download_streams_through(self, fresh_worker, upstream):
-        key, test_id = fresh_worker.register("downloader"), new_test_id()
+        key, test_id = fresh_worker.register("downloader", "?scope=all"), new_test_id()  # made-up ids
         conn = connect(fresh_worker.url, timeout=120)
         digest, length = hashlib.sha256(), 0
         try:
@@ -2449,10 +2586,10 @@ class TestLogs:
             expected.append((method, path.partition("?")[0], status))
 
         try:
-            alice = worker.register("alice")
+            alice = worker.register("alice", "?scope=all")  # made-up object ids
             alice2 = worker.reset("alice")
             status, bob = curl("-H", f"Authorization: Bearer {ACCESS_TOKEN}",
-                               f"{worker.url}/admin/register/bob")
+                               f"{worker.url}/admin/register/bob?scope=all")  # made-up ids
             bob = bob.strip()
             assert status == 200 and USER_KEY.match(bob)
             assert curl(f"{worker.url}/{ACCESS_TOKEN[:-1]}x/register/eve")[0] == 403
@@ -2964,7 +3101,7 @@ class TestAdminViews:
     """``users``, ``stats``, ``stats/NAME`` as tables and JSON; bad values (issue 3 item 5)."""
 
     USER_COLUMNS = ["name", "created", "expires", "quota", "used", "rpm", "models", "scope",
-                    "requests"]
+                    "requests", "objects"]
 
     def test_users_is_an_aligned_table_with_a_header(self, worker):
         name = unique("table")
@@ -3834,3 +3971,592 @@ class TestBrowser:
             assert fake.find(ids["refused"] + "-fetch") == []
             assert fake.find(ids["refused"] + "-sdk") == []
             assert upstream_sockets(fake, ids["refused"]) == [], "refused origin reached the upstream"
+
+
+# ---------------------------------------------------------------------------
+# 21. Isolation: users never see each other's objects (issue 5)
+# ---------------------------------------------------------------------------
+
+def store_call(base: str, key: str, method: str, path: str, obj: Any = None,
+               body: Optional[bytes] = None, content_type: Optional[str] = None,
+               test_id: Optional[str] = None) -> Answer:
+    """A request to ``base`` (the proxy, or the fake itself) in x-fake-store mode."""
+    headers = dict(bearer(key), **{"x-fake-store": "1", "x-test-id": test_id or new_test_id()})
+    if obj is not None:
+        body, content_type = compact(obj), "application/json"
+    if content_type:
+        headers["Content-Type"] = content_type
+    return request(method, base + path, body, headers)
+
+
+def store_create(base: str, key: str, coll: str, **fields: Any) -> str:
+    """Create one object of ``coll`` (a STORE_KINDS path) at ``base``; its id."""
+    if coll == "files":
+        body, kind = multipart({"purpose": fields.get("purpose", "batch")}, {"file": (
+            "in.jsonl", fields.get("data", b'{"custom_id": "1"}\n'), "application/jsonl")})
+        answer = store_call(base, key, "POST", "/v1/files", body=body, content_type=kind)
+    elif coll == "chat/completions":
+        answer = store_call(base, key, "POST", "/v1/" + coll, dict(
+            {"model": "gpt-4o-mini", "messages": CHAT_MESSAGES, "store": True}, **fields))
+    elif coll == "responses":
+        answer = store_call(base, key, "POST", "/v1/responses",
+                            dict({"model": "gpt-4o-mini", "input": "hi"}, **fields))
+    elif coll == "batches":
+        answer = store_call(base, key, "POST", "/v1/batches", dict(
+            {"endpoint": "/v1/chat/completions", "completion_window": "24h"}, **fields))
+    else:
+        answer = store_call(base, key, "POST", "/v1/" + coll, dict({"name": "x"}, **fields))
+    assert answer.status == 200, answer
+    return answer.json()["id"]
+
+
+def not_found(kind: str, obj_id: str) -> Dict[str, Any]:
+    """OpenAI's answer (and the fake's) to an id it does not know."""
+    return {"error": {"message": f"No such {kind} object: {obj_id}",
+                      "type": "invalid_request_error", "param": "id", "code": None}}
+
+
+class Tenant:
+    """A user of a server, with the calls the isolation tests make as that user."""
+
+    def __init__(self, worker: Worker, query: str = "", name: Optional[str] = None):
+        self.worker = worker
+        self.name = name or unique("iso")
+        self.key = worker.register(self.name, query)
+
+    def call(self, method: str, path: str, obj: Any = None, **kw: Any) -> Answer:
+        return store_call(self.worker.url, self.key, method, path, obj, **kw)
+
+    def create(self, coll: str, **fields: Any) -> str:
+        return store_create(self.worker.url, self.key, coll, **fields)
+
+    def get(self, path: str) -> Dict[str, Any]:
+        answer = self.call("GET", path)
+        assert answer.status == 200, answer
+        return answer.json()
+
+    def pages(self, coll: str, limit: int, order: Optional[str] = None,
+              test_id: Optional[str] = None) -> List[str]:
+        """Every id the list of ``coll`` shows, following ``has_more`` and ``after``
+        as a client does; checks the shape of each page on the way."""
+        ids: List[str] = []
+        after = None
+        for _ in range(50):
+            query = {"limit": str(limit)}
+            if order:
+                query["order"] = order
+            if after:
+                query["after"] = after
+            answer = self.call("GET", f"/v1/{coll}?{urllib.parse.urlencode(query)}",
+                               test_id=test_id)
+            assert answer.status == 200, answer
+            page = answer.json()
+            assert page["object"] == "list" and isinstance(page["has_more"], bool), page
+            data = [item["id"] for item in page["data"]]
+            assert len(data) <= limit, page
+            if data:
+                assert (page["first_id"], page["last_id"]) == (data[0], data[-1]), page
+            ids += data
+            if not page["has_more"]:
+                return ids
+            assert len(data) == limit, f"has_more with a short page: {page}"
+            after = page["last_id"]
+        raise AssertionError(f"the list of {coll} never ended: {ids}")
+
+    def hidden(self, upstream: FakeUpstream, method: str, path: str, kind: str, obj_id: str,
+               obj: Any = None) -> None:
+        """``path`` naming ``obj_id`` is OpenAI's 404 for this user and never sent."""
+        test_id = new_test_id()
+        answer = self.call(method, path, obj, test_id=test_id)
+        assert upstream.find(test_id) == [], f"{method} {path} reached the upstream"
+        if method == "HEAD":
+            assert answer.status == 404, answer
+            return
+        is_openai_error(answer, 404)
+        assert answer.json() == not_found(kind, obj_id), (method, path, answer)
+
+    def refused_reference(self, upstream: FakeUpstream, path: str, obj: Any, kind: str,
+                          obj_id: str) -> None:
+        """A body that refers to ``obj_id`` gets the 404 naming it and is never sent."""
+        test_id = new_test_id()
+        answer = self.call("POST", path, obj, test_id=test_id)
+        assert upstream.find(test_id) == [], f"POST {path} {obj} reached the upstream"
+        error = is_openai_error(answer, 404)
+        assert error["message"] == f"No such {kind} object: {obj_id}", (path, error)
+        assert (error["type"], error["code"]) == ("invalid_request_error", None), error
+
+
+def norm_kind(kind: str) -> str:
+    return re.sub(r"[^a-z]", "", kind.lower())
+
+
+class TestIsolation:
+    """Two users (scope own) through the real server, a fake upstream that keeps
+    objects like OpenAI (x-fake-store): each sees and reaches only their own."""
+
+    @pytest.mark.parametrize("coll", ["files", "batches", "chat/completions"])
+    def test_lists_show_only_own_objects_across_pages(self, worker, upstream, coll):
+        alice, bob = Tenant(worker), Tenant(worker)
+        inputs = {}
+        if coll == "batches":
+            inputs = {t.name: t.create("files") for t in (alice, bob)}
+        made: Dict[str, List[str]] = {alice.name: [], bob.name: []}
+        for who in (alice, bob, alice, alice, bob, alice, bob):
+            fields = {"input_file_id": inputs[who.name]} if inputs else {}
+            made[who.name].append(who.create(coll, **fields))
+        for who in (alice, bob):
+            mine = made[who.name]
+            test_id = new_test_id()
+            assert who.pages(coll, 2, test_id=test_id) == mine[::-1], who.name
+            assert who.pages(coll, 3, "asc") == mine, who.name
+            assert [o["id"] for o in who.get(f"/v1/{coll}")["data"]] == mine[::-1]
+            asked = upstream.find(test_id)
+            assert asked, "the list never reached the upstream"
+            for record in asked:  # pages of up to 100, the client's query passed on
+                query = urllib.parse.parse_qs(record["query"])
+                assert 1 <= int(query.get("limit", ["20"])[0]) <= 100, record["query"]
+                assert record["path"] == f"/v1/{coll}", record["path"]
+
+    def test_sdk_auto_pagination_shows_only_own_objects(self, worker, upstream):
+        alice, bob = Tenant(worker), Tenant(worker)
+        clients = {t.name: sdk(worker, t.key, **{"x-fake-store": "1"}) for t in (alice, bob)}
+        made: Dict[str, Dict[str, List[str]]] = {alice.name: {}, bob.name: {}}
+        for number, who in enumerate((bob, alice, alice, bob, alice, bob, alice, alice)):
+            client, mine = clients[who.name], made[who.name]
+            file = client.files.create(file=(f"in{number}.jsonl", b'{"n": %d}\n' % number),
+                                       purpose="batch")
+            mine.setdefault("files", []).append(file.id)
+            batch = client.batches.create(input_file_id=file.id, completion_window="24h",
+                                          endpoint="/v1/chat/completions")
+            mine.setdefault("batches", []).append(batch.id)
+            completion = client.chat.completions.create(model="gpt-4o-mini", store=True,
+                                                        messages=CHAT_MESSAGES)
+            mine.setdefault("chat", []).append(completion.id)
+        for who in (alice, bob):
+            client, mine = clients[who.name], made[who.name]
+            assert [f.id for f in client.files.list(limit=2)] == mine["files"][::-1]
+            assert [b.id for b in client.batches.list(limit=2)] == mine["batches"][::-1]
+            assert [c.id for c in client.chat.completions.list(limit=2)] == mine["chat"][::-1]
+            assert [f.id for f in client.files.list(limit=3, order="asc")] == mine["files"]
+            assert client.files.retrieve(mine["files"][0]).id == mine["files"][0]
+        with pytest.raises(openai.NotFoundError) as caught:
+            clients[bob.name].files.retrieve(made[alice.name]["files"][0])
+        assert caught.value.status_code == 404
+
+    def test_other_users_ids_are_404_and_never_sent(self, worker, upstream):
+        alice, bob = Tenant(worker), Tenant(worker)
+        file = bob.create("files", data=b"bob's secret\n")
+        batch = bob.create("batches", input_file_id=file)
+        chat = bob.create("chat/completions")
+        response = bob.create("responses")
+        store = bob.create("vector_stores")
+        assistant = bob.create("assistants")
+        thread = bob.create("threads")
+        probes = [
+            ("GET", f"/v1/files/{file}", "File", file),
+            ("GET", f"/v1/files/{file}/content", "File", file),
+            ("DELETE", f"/v1/files/{file}", "File", file),
+            ("GET", f"/v1/batches/{batch}", "Batch", batch),
+            ("POST", f"/v1/batches/{batch}/cancel", "Batch", batch),
+            ("GET", f"/v1/chat/completions/{chat}", "ChatCompletion", chat),
+            ("GET", f"/v1/chat/completions/{chat}/messages", "ChatCompletion", chat),
+            ("POST", f"/v1/chat/completions/{chat}", "ChatCompletion", chat),
+            ("DELETE", f"/v1/chat/completions/{chat}", "ChatCompletion", chat),
+            ("GET", f"/v1/responses/{response}", "Response", response),
+            ("GET", f"/v1/responses/{response}?stream=true", "Response", response),
+            ("GET", f"/v1/responses/{response}/input_items", "Response", response),
+            ("POST", f"/v1/responses/{response}/cancel", "Response", response),
+            ("DELETE", f"/v1/responses/{response}", "Response", response),
+            ("GET", f"/v1/vector_stores/{store}", "VectorStore", store),
+            ("GET", f"/v1/vector_stores/{store}/files", "VectorStore", store),
+            ("POST", f"/v1/assistants/{assistant}", "Assistant", assistant),
+            ("GET", f"/v1/threads/{thread}/runs/run_abc", "Thread", thread),
+            ("POST", f"/v1/threads/{thread}/messages", "Thread", thread),
+            # the same ids spelled differently
+            ("GET", f"/v1/v1/files/{file}", "File", file),
+            ("GET", f"/v1/files/{file}/", "File", file),
+            ("GET", f"/v1/files/{file}?purpose=batch", "File", file),
+            ("HEAD", f"/v1/files/{file}", "File", file),
+            # guessed: nobody's
+            ("GET", "/v1/files/file-0123456789abcdef01234567", "File",
+             "file-0123456789abcdef01234567"),
+            ("GET", "/v1/batches/batch_guessed", "Batch", "batch_guessed"),
+        ]
+        for method, path, kind, obj_id in probes:
+            body = {"metadata": {"a": "b"}} if method == "POST" else None
+            alice.hidden(upstream, method, path, kind, obj_id, body)
+        # An id with an encoded letter reaches the same object at OpenAI: hidden too.
+        encoded = "%66" + file[1:]
+        test_id = new_test_id()
+        answer = alice.call("GET", f"/v1/files/{encoded}", test_id=test_id)
+        assert upstream.find(test_id) == [], "an encoded id reached the upstream"
+        assert answer.status == 404, answer
+        # the same 404 as OpenAI's (the fake's) for an id it does not know
+        direct = store_call(upstream.url, UPSTREAM_KEY, "GET", "/v1/files/file-nobody")
+        proxied = alice.call("GET", "/v1/files/file-nobody")
+        assert (proxied.status, proxied.json()) == (direct.status, direct.json()) == (
+            404, not_found("File", "file-nobody"))
+        # nothing of Bob's was touched, and he still reaches all of it
+        assert bob.call("GET", f"/v1/files/{file}/content").body == b"bob's secret\n"
+        for path in (f"/v1/batches/{batch}", f"/v1/chat/completions/{chat}",
+                     f"/v1/responses/{response}", f"/v1/vector_stores/{store}",
+                     f"/v1/assistants/{assistant}", f"/v1/threads/{thread}"):
+            assert bob.call("GET", path).status == 200, path
+
+    def test_references_to_others_objects_are_404_and_never_sent(self, worker, upstream):
+        alice, bob = Tenant(worker), Tenant(worker)
+        bobs_file = bob.create("files")
+        bobs_store = bob.create("vector_stores")
+        bobs_response = bob.create("responses")
+        bobs_assistant = bob.create("assistants")
+        own_file = alice.create("files")
+        batch = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        alice.refused_reference(upstream, "/v1/batches", dict(batch, input_file_id=bobs_file),
+                                "File", bobs_file)
+        alice.refused_reference(upstream, "/v1/vector_stores",
+                                {"name": "v", "file_ids": [own_file, bobs_file]},
+                                "File", bobs_file)
+        alice.refused_reference(upstream, "/v1/assistants", {
+            "model": "gpt-4o-mini", "tools": [{"type": "file_search"}],
+            "tool_resources": {"file_search": {"vector_store_ids": [bobs_store]}}},
+            "VectorStore", bobs_store)
+        alice.refused_reference(upstream, "/v1/responses", {
+            "model": "gpt-4o-mini", "input": "hi", "previous_response_id": bobs_response},
+            "Response", bobs_response)
+        alice.refused_reference(upstream, "/v1/responses", {
+            "model": "gpt-4o-mini", "input": [{"role": "user", "content": [
+                {"type": "input_file", "file_id": bobs_file}]}]}, "File", bobs_file)
+        alice.refused_reference(upstream, "/v1/responses", {
+            "model": "gpt-4o-mini", "input": "hi", "conversation": {"id": "conv_guessed"}},
+            "Conversation", "conv_guessed")
+        alice.refused_reference(upstream, "/v1/threads/runs", {
+            "assistant_id": bobs_assistant, "thread": {"messages": []}},
+            "Assistant", bobs_assistant)
+        # her own ids in the same places pass
+        own_batch = alice.create("batches", input_file_id=own_file)
+        assert alice.get(f"/v1/batches/{own_batch}")["input_file_id"] == own_file
+        own_response = alice.create("responses")
+        alice.create("responses", previous_response_id=own_response)
+        # and nothing she was refused was made
+        assert alice.pages("batches", 100) == [own_batch]
+        assert alice.pages("vector_stores", 100) == []
+
+    def test_object_made_at_the_upstream_is_hidden_from_users(self, worker, upstream):
+        alice, bob = Tenant(worker), Tenant(worker)
+        alice.create("files")
+        direct = store_create(upstream.url, UPSTREAM_KEY, "files")
+        for who in (alice, bob):
+            assert direct not in who.pages("files", 100)
+            who.hidden(upstream, "GET", f"/v1/files/{direct}", "File", direct)
+            who.hidden(upstream, "GET", f"/v1/files/{direct}/content", "File", direct)
+        everyone = Tenant(worker, "?scope=all")
+        assert everyone.get(f"/v1/files/{direct}")["id"] == direct
+
+    def test_scope_all_sees_everything(self, worker, upstream):
+        alice, bob = Tenant(worker), Tenant(worker)
+        files = [alice.create("files"), bob.create("files"),
+                 store_create(upstream.url, UPSTREAM_KEY, "files")]
+        chat = bob.create("chat/completions")
+        carol = Tenant(worker, "?scope=all")
+        listed = carol.pages("files", 100)
+        assert set(files) <= set(listed) and len(listed) == len(set(listed))
+        assert chat in carol.pages("chat/completions", 100)
+        test_id = new_test_id()
+        assert carol.call("GET", f"/v1/files/{files[1]}", test_id=test_id).status == 200
+        assert len(upstream.find(test_id)) == 1
+        # ``set`` turns it on and off for an existing user
+        set_limits(worker, alice.name, "scope=all")
+        assert alice.get(f"/v1/chat/completions/{chat}")["id"] == chat
+        assert set(files) <= set(alice.pages("files", 100))
+        set_limits(worker, alice.name, "scope=own")
+        alice.hidden(upstream, "GET", f"/v1/chat/completions/{chat}", "ChatCompletion", chat)
+        assert alice.pages("files", 100) == [files[0]]
+
+    def test_delete_through_the_proxy_drops_the_record(self, worker, upstream):
+        alice = Tenant(worker)
+        file, chat = alice.create("files"), alice.create("chat/completions")
+        kept = alice.create("files")
+        for path, kind, obj_id in ((f"/v1/files/{file}", "File", file),
+                                   (f"/v1/chat/completions/{chat}", "ChatCompletion", chat)):
+            test_id = new_test_id()
+            answer = alice.call("DELETE", path, test_id=test_id)
+            assert answer.status == 200 and answer.json()["deleted"] is True, answer
+            assert len(upstream.find(test_id)) == 1
+            alice.hidden(upstream, "GET", path, kind, obj_id)
+            alice.hidden(upstream, "DELETE", path, kind, obj_id)
+        assert alice.pages("files", 100) == [kept]
+        objects = admin_json(worker, f"objects/{alice.name}")["objects"]
+        assert [o["id"] for o in objects] == [kept], objects
+        assert users_by_name(worker)[alice.name]["objects"] == 1
+
+    def test_a_failed_delete_keeps_the_record(self, worker, upstream):
+        alice = Tenant(worker)
+        file = alice.create("files")
+        answer = request("DELETE", f"{worker.url}/v1/files/{file}", headers=dict(
+            bearer(alice.key), **{"x-fake-store": "1", "x-fake-status": "500"}))
+        assert answer.status == 500, answer
+        assert alice.get(f"/v1/files/{file}")["id"] == file
+
+    def test_only_stored_completions_and_responses_are_owned(self, worker, upstream):
+        alice, bob = Tenant(worker), Tenant(worker)
+        unstored = alice.create("chat/completions", store=False)
+        alice.hidden(upstream, "GET", f"/v1/chat/completions/{unstored}", "ChatCompletion",
+                     unstored)
+        unstored = alice.create("responses", store=False)
+        alice.hidden(upstream, "GET", f"/v1/responses/{unstored}", "Response", unstored)
+        # streamed: the id of the first event
+        for path, obj, kind in (
+                ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "stream": True},
+                 "Response"),
+                ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": CHAT_MESSAGES,
+                                          "stream": True, "store": True}, "ChatCompletion")):
+            answer = alice.call("POST", path, obj)
+            assert answer.status == 200, answer
+            first = json.loads(re.search(rb"^data: (.*)$", answer.body, re.M).group(1))
+            obj_id = (first.get("response") or first)["id"]
+            assert alice.get(f"{path}/{obj_id}")["id"] == obj_id
+            bob.hidden(upstream, "GET", f"{path}/{obj_id}", kind, obj_id)
+        admin = admin_json(worker, f"objects/{alice.name}")["objects"]
+        assert len(admin) == 2, admin
+
+    @pytest.mark.parametrize("method,path", [
+        ("POST", "/v1/responses/input_tokens"), ("POST", "/v1/responses/compact"),
+        ("POST", "/v1/threads/runs"), ("POST", "/v1/videos/edits"),
+        ("POST", "/v1/videos/extensions"), ("POST", "/v1/videos/characters"),
+        ("GET", "/v1/videos/characters/char_123")])
+    def test_paths_that_are_not_ids_pass(self, worker, upstream, method, path):
+        """Rows of openai-endpoints.tsv below an owned collection that name no id:
+        isolation takes no API away."""
+        alice = Tenant(worker)
+        test_id = new_test_id()
+        body = b'{"model": "gpt-4o-mini"}' if method == "POST" else None
+        answer = request(method, worker.url + path, body, dict(
+            bearer(alice.key), **{"x-test-id": test_id, "Content-Type": "application/json"}))
+        assert answer.status == 200, (path, answer)
+        assert upstream.one(test_id)["path"] == path
+
+    def test_batch_output_file_is_its_owners_only(self, worker, upstream):
+        alice, bob = Tenant(worker), Tenant(worker)
+        batch = alice.create("batches", input_file_id=alice.create("files"))
+        done = alice.get(f"/v1/batches/{batch}")
+        output = done["output_file_id"]
+        assert done["status"] == "completed" and output, done
+        content = alice.call("GET", f"/v1/files/{output}/content")
+        assert content.status == 200 and content.body == upstream.contents[output], content
+        assert output in alice.pages("files", 100)
+        bob.hidden(upstream, "GET", f"/v1/files/{output}/content", "File", output)
+        bob.hidden(upstream, "GET", f"/v1/files/{output}", "File", output)
+        assert output not in bob.pages("files", 100)
+
+    def test_organization_is_403_for_scope_own_and_passes_for_scope_all(self, worker,
+                                                                         upstream):
+        alice, carol = Tenant(worker), Tenant(worker, "?scope=all")
+        for method, path in (("GET", "/v1/organization/users"),
+                             ("POST", "/v1/organization/projects"),
+                             ("GET", "/v1/organization/costs?start_time=1"),
+                             ("DELETE", "/v1/organization/admin_api_keys/key_1"),
+                             ("DELETE", "/v1/models/ft:gpt-4o-mini:acme::abc123")):
+            body = b"{}" if method == "POST" else None
+            headers = dict(bearer(alice.key), **{"x-test-id": new_test_id()})
+            answer = request(method, worker.url + path, body, headers)
+            error = is_openai_error(answer, 403, "forbidden")
+            assert (error["type"], error["param"]) == ("invalid_request_error", None), error
+            assert upstream.find(headers["x-test-id"]) == [], path
+            headers = dict(bearer(carol.key), **{"x-test-id": new_test_id()})
+            assert request(method, worker.url + path, body, headers).status == 200, path
+            assert len(upstream.find(headers["x-test-id"])) == 1, path
+
+    def test_admin_objects_view_and_users_column(self, worker, upstream):
+        alice, bob = Tenant(worker), Tenant(worker)
+        made = {"File": alice.create("files"), "ChatCompletion": alice.create("chat/completions"),
+                "Response": alice.create("responses"), "VectorStore": alice.create("vector_stores")}
+        made["Batch"] = alice.create("batches", input_file_id=made["File"])
+        bob.create("files")
+        objects = {o["id"]: o for o in admin_json(worker, f"objects/{alice.name}")["objects"]}
+        assert set(objects) == set(made.values()), objects
+        for kind, obj_id in made.items():
+            row = objects[obj_id]
+            assert {"id", "kind", "created", "expires"} <= set(row), row
+            assert norm_kind(row["kind"]).startswith(norm_kind(kind)[:9]), row
+            if kind in ("ChatCompletion", "Response"):  # 30 days, as OpenAI keeps them
+                assert row["expires"], row
+                if isinstance(row["created"], (int, float)):
+                    assert abs(row["expires"] - row["created"] - 30 * 86400) < 120, row
+                else:
+                    gap = parse_utc(row["expires"]) - parse_utc(row["created"])
+                    assert abs(gap.total_seconds() - 30 * 86400) < 120, row
+            elif kind in ("File", "Batch"):
+                assert row["expires"] is None, row
+        answer = request("GET", f"{worker.admin}/objects/{alice.name}")
+        assert answer.status == 200 and answer.headers["Content-Type"].startswith(
+            "text/plain"), answer
+        lines = [line.split() for line in answer.text.splitlines() if line.strip()]
+        assert lines[0][:3] == ["id", "kind", "created"], answer.text
+        assert sorted(line[0] for line in lines[1:]) == sorted(made.values()), answer.text
+        users = users_by_name(worker)
+        assert (users[alice.name]["objects"], users[bob.name]["objects"]) == (5, 1)
+        header = request("GET", f"{worker.admin}/users").text.splitlines()[0].split()
+        assert "objects" in header, header
+        assert request("GET", f"{worker.admin}/objects/{unique('nobody')}").status == 404
+
+    def test_deleting_the_user_drops_its_records(self, worker, upstream):
+        alice = Tenant(worker)
+        file = alice.create("files")
+        worker.delete(alice.name)
+        again = Tenant(worker, name=alice.name)
+        again.hidden(upstream, "GET", f"/v1/files/{file}", "File", file)
+        assert admin_json(worker, f"objects/{alice.name}")["objects"] == []
+        assert users_by_name(worker)[alice.name]["objects"] == 0
+
+    def test_ownership_survives_a_restart_and_a_key_reset(self, tmp_root, upstream):
+        with running_worker(tmp_root, upstream.url) as server:
+            alice, bob = Tenant(server), Tenant(server)
+            made = {alice.name: [alice.create("files"), alice.create("chat/completions")],
+                    bob.name: [bob.create("files"), bob.create("chat/completions")]}
+            batch = alice.create("batches", input_file_id=made[alice.name][0])
+            output = alice.get(f"/v1/batches/{batch}")["output_file_id"]
+            assert server.stop() == 0
+            server.start()
+            for who, other in ((alice, bob), (bob, alice)):
+                file, chat = made[who.name]
+                assert who.get(f"/v1/files/{file}")["id"] == file
+                assert who.get(f"/v1/chat/completions/{chat}")["id"] == chat
+                other.hidden(upstream, "GET", f"/v1/files/{file}", "File", file)
+                other.hidden(upstream, "GET", f"/v1/chat/completions/{chat}",
+                             "ChatCompletion", chat)
+            assert alice.call("GET", f"/v1/files/{output}/content").status == 200
+            bob.hidden(upstream, "GET", f"/v1/files/{output}/content", "File", output)
+            old = alice.key
+            alice.key = server.reset(alice.name)
+            assert USER_KEY.match(alice.key) and alice.key != old
+            assert set(alice.pages("files", 100)) == {made[alice.name][0], output}
+            assert alice.get(f"/v1/batches/{batch}")["id"] == batch
+            assert store_call(server.url, old, "GET", f"/v1/files/{output}").status == 401
+            assert users_by_name(server)[alice.name]["objects"] == 4
+
+    def test_records_reach_the_disk_within_five_seconds(self, tmp_root, upstream):
+        """Written with the usage at least every 5 s: a SIGKILL after that loses none."""
+        with running_worker(tmp_root, upstream.url) as server:
+            alice, bob = Tenant(server), Tenant(server)
+            file = alice.create("files")
+            time.sleep(5.5)
+            server.kill()
+            server.start()
+            assert alice.get(f"/v1/files/{file}")["id"] == file
+            bob.hidden(upstream, "GET", f"/v1/files/{file}", "File", file)
+
+
+class TestIsolationBypasses:
+    """Ways around the ownership checks a user might try: each must still end in
+    OpenAI's 404 (or 403) with nothing sent upstream."""
+
+    def test_batch_metadata_cannot_make_anothers_file_ones_own(self, worker, upstream):
+        """Metadata is the client's to write; an owned batch's answer shows it, so
+        only the batch's own output_file_id / error_file_id may count."""
+        alice, bob = Tenant(worker), Tenant(worker)
+        secret = bob.create("files", data=b"bob's secret\n")
+        other = bob.create("files")
+        batch = alice.create("batches", input_file_id=alice.create("files"),
+                             metadata={"output_file_id": secret, "error_file_id": other})
+        assert alice.get(f"/v1/batches/{batch}")["metadata"]["output_file_id"] == secret
+        assert [b["id"] for b in alice.get("/v1/batches")["data"]] == [batch]
+        alice.hidden(upstream, "GET", f"/v1/files/{secret}/content", "File", secret)
+        alice.hidden(upstream, "GET", f"/v1/files/{other}", "File", other)
+
+    def test_compressed_body_cannot_hide_a_reference(self, worker, upstream):
+        alice, bob = Tenant(worker), Tenant(worker)
+        secret = bob.create("files")
+        body = gzip.compress(compact({"input_file_id": secret, "completion_window": "24h",
+                                      "endpoint": "/v1/chat/completions"}))
+        test_id = new_test_id()
+        answer = request("POST", worker.url + "/v1/batches", body, dict(bearer(alice.key), **{
+            "x-fake-store": "1", "x-test-id": test_id, "Content-Type": "application/json",
+            "Content-Encoding": "gzip"}))
+        assert upstream.find(test_id) == [], f"the compressed body went upstream: {answer}"
+        assert answer.status in (404, 415), answer
+
+    def test_escaped_key_cannot_hide_a_reference(self, worker, upstream):
+        """JSON lets a key be written with escapes; every parser reads it as the key."""
+        alice, bob = Tenant(worker), Tenant(worker)
+        secret = bob.create("files")
+        for body in ('{"input\\u005ffile_id": "%s", "endpoint": "/v1/chat/completions", '
+                     '"completion_window": "24h"}' % secret,
+                     '{"\\u0069nput_file_id" : "%s", "endpoint": "/v1/chat/completions", '
+                     '"completion_window": "24h"}' % secret):
+            assert json.loads(body)["input_file_id"] == secret
+            test_id = new_test_id()
+            answer = alice.call("POST", "/v1/batches", body=body.encode(),
+                                content_type="application/json", test_id=test_id)
+            assert upstream.find(test_id) == [], f"{body} went upstream: {answer}"
+            assert answer.json() == not_found("File", secret), answer
+
+    def test_encoded_path_cannot_reach_anothers_object(self, worker, upstream):
+        """A percent-encoded letter names the same path to the upstream (the proxy
+        itself decodes ids the same way)."""
+        alice, bob = Tenant(worker), Tenant(worker)
+        secret = bob.create("files", data=b"bob's secret\n")
+        for path in (f"/v1/%66iles/{secret}/content", f"/v1/fil%65s/{secret}",
+                     f"/v1/files/{secret}/%63ontent"):
+            test_id = new_test_id()
+            answer = alice.call("GET", path, test_id=test_id)
+            assert upstream.find(test_id) == [], f"{path} went upstream: {answer}"
+            assert answer.status == 404, answer
+        for path in ("/v1/%6Frganization/users", "/v1/organizatio%6E/projects"):
+            test_id = new_test_id()
+            answer = request("GET", worker.url + path,
+                             headers=dict(bearer(alice.key), **{"x-test-id": test_id}))
+            assert upstream.find(test_id) == [], f"{path} went upstream: {answer}"
+            assert answer.status in (403, 404), answer
+
+    def test_doubled_slashes_cannot_reach_anothers_object(self, worker, upstream):
+        """Servers that merge slashes (nginx's default) read these as the object's path."""
+        alice, bob = Tenant(worker), Tenant(worker)
+        secret = bob.create("files")
+        for method, path in (("GET", f"/v1/files//{secret}"), ("DELETE", f"/v1//files/{secret}"),
+                             ("GET", f"/v1//files/{secret}/content"),
+                             ("GET", "/v1//organization/users")):
+            test_id = new_test_id()
+            answer = alice.call(method, path, test_id=test_id)
+            assert upstream.find(test_id) == [], f"{method} {path} went upstream: {answer}"
+            assert answer.status in (403, 404), answer
+
+    def test_list_reaches_own_objects_behind_many_others(self, worker, upstream):
+        """The proxy pages through the upstream list until it has ``limit`` owned
+        objects or the upstream has no more (the spec's item 3): 2,100 objects that
+        are nobody's between the client and its own do not end the list early."""
+        alice = Tenant(worker)
+        oldest = alice.create("assistants")
+        others = []
+        try:
+            for _ in range(2100):  # made at the upstream, straight into its store
+                others.append(upstream.store_add("assistants", {"name": "other"})["id"])
+            newest = alice.create("assistants")
+            assert alice.pages("assistants", 2) == [newest, oldest]
+            assert alice.pages("assistants", 1, "asc")[-2:] == [oldest, newest]
+        finally:
+            for obj_id in others:
+                upstream.objects.pop(obj_id, None)
+
+    def test_other_references_by_id(self, worker, upstream):
+        """Ids in bodies under keys the spec's list lacks: a Responses code
+        interpreter's ``container``, an eval run's data source ``{"type": "file_id",
+        "id": …}``."""
+        alice, bob = Tenant(worker), Tenant(worker)
+        container, secret = bob.create("containers"), bob.create("files")
+        alice.refused_reference(upstream, "/v1/responses", {
+            "model": "gpt-4o-mini", "input": "ls /mnt/data",
+            "tools": [{"type": "code_interpreter", "container": container}]},
+            "Container", container)
+        evaluation = alice.create("evals")
+        alice.refused_reference(upstream, f"/v1/evals/{evaluation}/runs", {
+            "name": "r", "data_source": {"type": "jsonl", "source": {
+                "type": "file_id", "id": secret}}}, "File", secret)
+
+    def test_skills_are_isolated_too(self, worker, upstream):
+        """/v1/skills keeps uploaded objects (openai-endpoints.tsv: create, list,
+        retrieve, content) like /v1/files."""
+        alice, bob = Tenant(worker), Tenant(worker)
+        skill = bob.create("skills")
+        assert skill not in alice.pages("skills", 100)
+        alice.hidden(upstream, "GET", f"/v1/skills/{skill}", "Skill", skill)
+        alice.hidden(upstream, "DELETE", f"/v1/skills/{skill}", "Skill", skill)

@@ -33,6 +33,7 @@ import datetime
 import dbm
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -290,11 +291,12 @@ class ApiError(tornado.web.HTTPError):
                  code: Optional[str] = None, headers: Optional[Dict[str, str]] = None):
         super().__init__(status)
         self.message, self.type, self.code = message, type_, code
+        self.param: Optional[str] = None
         self.headers = headers or {}
 
     def body(self) -> Dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type,
-                          "param": None, "code": self.code}}
+                          "param": self.param, "code": self.code}}
 
 
 class AdminError(tornado.web.HTTPError):
@@ -703,7 +705,8 @@ class Store:
     - ``user:NAME``: the user's record (JSON: key hash, created, limits);
     - ``key:SHA256``: the name, so a key is found in O(1) and never kept in clear;
     - ``usage:NAME:DAY:MODEL``: ``[requests, input, output, total]`` tokens;
-    - ``total:NAME``: ``[requests, tokens]`` over all time, for the quota.
+    - ``total:NAME``: ``[requests, tokens]`` over all time, for the quota;
+    - ``own:ID``: who created an object (user, kind, created, expires).
     """
 
     def __init__(self, kv: DbmKV):
@@ -750,10 +753,11 @@ class Store:
         return user
 
     async def delete_user(self, name: str) -> None:
-        """Delete the user and its key; its past usage stays in the stats."""
+        """Delete the user, its key and its objects' records; its past usage stays in the stats."""
         user = await self.require_user(name)
+        objects = {"own:" + record["id"]: None for record in await self.objects_of(name)}
         await self.kv.write({"key:" + user["key_hash"]: None, "user:" + name: None,
-                             "total:" + name: None})
+                             "total:" + name: None, **objects})
 
     async def list_users(self) -> List[Dict[str, Any]]:
         return [json.loads(value) for value in (await self.kv.scan("user:")).values()]
@@ -796,6 +800,33 @@ class Store:
         rows.sort(key=lambda row: (row["day"], row["user"], row["model"]))
         return rows
 
+    # -- objects: who created what ----------------------------------------------
+
+    async def object_record(self, object_id: str) -> Optional[Dict[str, Any]]:
+        record = await self.kv.get("own:" + object_id)
+        return None if record is None else json.loads(record)
+
+    async def write_objects(self, records: Dict[str, Optional[Dict[str, Any]]]) -> None:
+        await self.kv.write({"own:" + object_id: None if record is None else _dump(record)
+                             for object_id, record in records.items()})
+
+    async def objects_of(self, name: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Object records, the user's (or everyone's), oldest first; expired ones left out."""
+        now = iso(utcnow())
+        found = []
+        for key, value in (await self.kv.scan("own:")).items():
+            record = json.loads(value)
+            if (name is None or record["user"] == name) and not (
+                    record.get("expires") and record["expires"] <= now):
+                found.append({"id": key[len("own:"):], **record})
+        return sorted(found, key=lambda r: (r["created"], r["id"]))
+
+    async def purge_expired_objects(self) -> None:
+        now = iso(utcnow())
+        expired = {key: None for key, value in (await self.kv.scan("own:")).items()
+                   if (json.loads(value).get("expires") or "9999") <= now}
+        await self.kv.write(expired, durable=False)
+
     # -- moving between stores --------------------------------------------------
 
     async def import_users(self, users: Dict[str, Any]) -> int:
@@ -804,7 +835,7 @@ class Store:
         for name, entry in users.items():
             if not isinstance(entry, dict) or not NAME_RE.match(name) or name in ROUTE_WORDS:
                 raise ValueError(f"user {name!r}: needs a valid name and an object")
-            record = {k: v for k, v in entry.items() if k not in ("key", "usage", "total")}
+            record = {k: v for k, v in entry.items() if k not in ("key", "usage", "total", "objects")}
             if isinstance(entry.get("key"), str) and entry["key"]:
                 record["key_hash"] = hash_key(entry["key"])
             if not re.match(r"[0-9a-f]{64}\Z", str(record.get("key_hash", ""))):
@@ -822,6 +853,9 @@ class Store:
                                   row["output_tokens"], row["total_tokens"]])
             if entry.get("total"):
                 ops["total:" + name] = _dump(entry["total"])
+            for obj in entry.get("objects", []):
+                ops["own:" + obj["id"]] = _dump({"user": name, **{
+                    k: obj.get(k) for k in ("kind", "created", "expires")}})
         await self.kv.write(ops)
         return len(users)
 
@@ -831,6 +865,10 @@ class Store:
             user["usage"] = [{k: v for k, v in row.items() if k != "user"}
                              for row in await self.usage_rows(name, "", "9999")]
             user["total"] = await self.total(name)
+        for record in await self.objects_of():
+            if record["user"] in users:
+                users[record["user"]].setdefault("objects", []).append(
+                    {k: record.get(k) for k in ("id", "kind", "created", "expires")})
         return users
 
 
@@ -948,9 +986,9 @@ class UsageReader:
             return b""
 
     def _read(self, data: bytes) -> bytes:
+        if len(self.head) < self.HEAD:
+            self.head += data[: self.HEAD - len(self.head)]
         if not self.sse:
-            if len(self.head) < self.HEAD:
-                self.head += data[: self.HEAD - len(self.head)]
             self.tail = (self.tail + data)[-self.TAIL:]
             return data
         self.pending += data
@@ -1068,6 +1106,123 @@ class RateLimiter:
                      "x-ratelimit-limit-requests": str(rpm),
                      "x-ratelimit-remaining-requests": "0",
                      "x-ratelimit-reset-requests": f"{wait:.3f}s"})
+
+
+# ---------------------------------------------------------------------------
+# Isolation: who created which object, and who may see it
+# ---------------------------------------------------------------------------
+
+# The collections whose objects OpenAI keeps (../shared/openai-endpoints.tsv),
+# with the kind its 404 names. An object created through the proxy belongs to
+# its creator; one that was not belongs to nobody.
+OWNED_COLLECTIONS = {
+    "files": "File", "uploads": "Upload", "batches": "Batch",
+    "fine_tuning/jobs": "FineTuningJob", "assistants": "Assistant", "threads": "Thread",
+    "vector_stores": "VectorStore", "chat/completions": "ChatCompletion", "responses": "Response",
+    "conversations": "Conversation", "containers": "Container", "evals": "Eval", "videos": "Video",
+}
+LISTED_COLLECTIONS = frozenset(
+    "files batches fine_tuning/jobs assistants vector_stores chat/completions containers evals "
+    "videos conversations".split())
+COLLECTION_PATH = re.compile(
+    r"/v\d+/(fine_tuning/jobs|chat/completions|files|uploads|batches|assistants|threads"
+    r"|vector_stores|responses|conversations|containers|evals|videos)(?:/([^/]+))?(/.*)?\Z")
+NOT_AN_ID = {("responses", "input_tokens"), ("responses", "compact"), ("threads", "runs")}
+# What OpenAI deletes by itself after 30 days, and so does the record of it.
+EXPIRING_COLLECTIONS = {"responses": 30, "chat/completions": 30}
+ADMIN_ONLY_PATH = re.compile(r"/v\d+/(organization(/|\Z)|fine_tuning/checkpoints/)")
+# Keys of request bodies whose values are ids of objects (openai-endpoints.tsv).
+REFERENCE_KEYS = frozenset(
+    "file_id file_ids input_file_id training_file validation_file vector_store_ids "
+    "previous_response_id assistant_id conversation".split())
+REFERENCE_MARKERS = tuple(f'"{key}"'.encode() for key in REFERENCE_KEYS)
+ID_PREFIXES = (("file-", "File"), ("vs_", "VectorStore"), ("resp_", "Response"),
+               ("asst_", "Assistant"), ("conv_", "Conversation"), ("thread_", "Thread"),
+               ("batch_", "Batch"), ("ftjob-", "FineTuningJob"), ("chatcmpl-", "ChatCompletion"),
+               ("cntr_", "Container"), ("eval_", "Eval"), ("video_", "Video"), ("upload_", "Upload"))
+# Files an answer about an owned object names as made for it: a batch's
+# results, a fine-tuning job's, a completed upload's file.
+PRODUCED_FILES = re.compile(
+    rb'"(?:output_file_id|error_file_id)"\s*:\s*"([^"\\]{1,200})"'
+    rb'|"file"\s*:\s*\{\s*"id"\s*:\s*"([^"\\]{1,200})"')
+RESULT_FILES = re.compile(rb'"result_files"\s*:\s*\[([^\]]*)\]')
+FIRST_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
+THREAD_ID = re.compile(rb'"thread_id"\s*:\s*"([^"\\]{1,200})"')
+LIST_PAGE_LIMIT = 100  # upstream list pages are asked for this big ...
+LIST_PAGES_MAX = 20  # ... and at most this many read for one client page
+
+
+def no_such_object(object_id: str, kind: Optional[str] = None) -> ApiError:
+    """OpenAI's answer for an id it does not know, which is what another user's is."""
+    if kind is None:
+        kind = next((k for prefix, k in ID_PREFIXES if object_id.startswith(prefix)), "")
+    error = ApiError(404, f"No such {kind} object: {object_id}".replace("  ", " "))
+    error.param = "id"
+    return error
+
+
+def referenced_ids(obj: Any) -> List[str]:
+    """Every id a request body refers to, by the keys that hold ids, at any depth."""
+    found: List[str] = []
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                if key in REFERENCE_KEYS:
+                    if isinstance(value, str):
+                        found.append(value)
+                    elif isinstance(value, list):
+                        found.extend(v for v in value if isinstance(v, str))
+                    elif isinstance(value, dict) and isinstance(value.get("id"), str):
+                        found.append(value["id"])  # "conversation": {"id": …}
+                if isinstance(value, (dict, list)):
+                    stack.append(value)
+    return found
+
+
+def produced_files(data: bytes) -> List[str]:
+    files = [a or b for a, b in ((m.group(1), m.group(2)) for m in PRODUCED_FILES.finditer(data))]
+    for match in RESULT_FILES.finditer(data):
+        files += re.findall(rb'"([^"\\]{1,200})"', match.group(1))
+    return [f.decode("utf-8", "replace") for f in files if f]
+
+
+class Ownership:
+    """Which user created which object: claims are kept in memory and written
+    to the store with the usage, off the request path."""
+
+    def __init__(self, store: "Store"):
+        self.store = store
+        self.pending: Dict[str, Optional[Dict[str, Any]]] = {}  # id -> record, None = released
+
+    async def owner(self, object_id: str) -> Optional[str]:
+        record = (self.pending[object_id] if object_id in self.pending
+                  else await self.store.object_record(object_id))
+        if record is None or (record.get("expires") and record["expires"] <= iso(utcnow())):
+            return None
+        return record["user"]
+
+    def claim(self, name: str, object_id: str, kind: str, days: Optional[int] = None) -> None:
+        now = utcnow()
+        expires = iso(now + datetime.timedelta(days=days)) if days else None
+        self.pending[object_id] = {"user": name, "kind": kind, "created": iso(now),
+                                   "expires": expires}
+
+    def release(self, object_id: str) -> None:
+        self.pending[object_id] = None
+
+    async def flush(self) -> None:
+        batch, self.pending = self.pending, {}
+        if not batch:
+            return
+        try:
+            await self.store.write_objects(batch)
+        except Exception:
+            log.exception("ownership: writing failed; keeping the records for the next try")
+            self.pending = {**batch, **self.pending}
 
 
 # ---------------------------------------------------------------------------
@@ -1305,6 +1460,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
                 stream.close()
             return tornado.httpclient.HTTPResponse(
                 request, answer.code, reason=answer.reason, headers=answer.headers,
+                buffer=io.BytesIO(b"".join(answer.body)),
                 effective_url=request.url, request_time=time.monotonic() - start)
         raise AssertionError("unreachable")
 
@@ -1382,6 +1538,7 @@ class _UpstreamAnswer(tornado.httputil.HTTPMessageDelegate):
         self.headers = tornado.httputil.HTTPHeaders()
         self.started = False
         self.keep_alive = False
+        self.body: List[bytes] = []  # kept only without a streaming_callback
 
     def headers_received(self, start_line: Any, headers: tornado.httputil.HTTPHeaders) -> None:
         self.started = True
@@ -1406,6 +1563,7 @@ class _UpstreamAnswer(tornado.httputil.HTTPMessageDelegate):
     def data_received(self, chunk: bytes) -> Optional[Awaitable[None]]:
         if self.request.streaming_callback is not None:
             return self.request.streaming_callback(chunk)
+        self.body.append(chunk)
         return None
 
 
@@ -1493,16 +1651,18 @@ class ProxyHandler(BaseHandler):
     with a body producer) → data_received (body chunks to the upstream, with
     back-pressure) → the method handler (wait for the upstream) →
     on_upstream_headers → on_upstream_chunk (usage read on the way) → finish
-    → on_log (usage counted). Bodies that name a model, for a user with an
-    allowlist, and chat completions (to ask for streamed usage) are read
-    whole first and sent when complete.
+    → on_log (usage counted, objects made noted). Small bodies, and those to
+    look at (models for an allowlist, referenced objects, chat completions to
+    ask for streamed usage) are read whole first and sent when complete.
+    Isolation between users (check_ownership) refuses another user's objects
+    and answers list endpoints with the caller's own objects only.
     """
 
     BODY_QUEUE_CHUNKS = 4  # body chunks in flight between client and upstream
     # Set again in prepare; here for a connection that closes before it runs.
     user: Optional[Dict[str, Any]] = None
     fetch: Optional["asyncio.Future[Any]"] = None
-    body_complete = client_gone = False
+    body_complete = client_gone = isolated = False
 
     async def prepare(self) -> None:
         self.upstream_headers_sent = self.client_gone = self.accounted = False
@@ -1513,6 +1673,8 @@ class ProxyHandler(BaseHandler):
         self.ask_usage = self.filter_models = False
         self.request_model: Optional[str] = None
         self.body_chunks: Optional[List[bytes]] = None
+        self.creates = self.object_id = self.list_collection = self.stores = None
+        self.deletes_object = self.makes_files = False
         if self.request.method == "OPTIONS":
             return
         # Tornado's own limit answers a bare 400; ours, counted as the body
@@ -1523,10 +1685,12 @@ class ProxyHandler(BaseHandler):
         self.log_user = self.user["name"]
         self._check_body_size()
         await self.check_limits(self.user)
+        self.isolated = self.user.get("scope", "own") != "all"
+        await self.check_ownership()
         self.request.connection.stream.set_nodelay(True)
         if self.must_read_body():
             self.body_chunks = []
-        else:
+        elif not self.answers_own_list():
             self.start_upstream(None)
 
     def _check_body_size(self) -> None:
@@ -1554,6 +1718,112 @@ class ProxyHandler(BaseHandler):
     def has_allowlist(self) -> bool:
         return "*" not in (self.user.get("models") or ["*"])
 
+    # -- isolation --------------------------------------------------------------
+
+    async def check_ownership(self) -> None:
+        """Note what the request does to owned objects; refuse another user's."""
+        path, method = self.upstream_path(), self.request.method
+        if self.isolated and (ADMIN_ONLY_PATH.match(path)
+                              or (method == "DELETE" and MODEL_IN_PATH.match(path))):
+            raise ApiError(403, "This key may not use the account's administration endpoints.",
+                           code="forbidden")
+        match = COLLECTION_PATH.match(path)
+        if match is None:
+            return
+        collection, object_id, rest = match.groups()
+        if object_id is not None and (collection, object_id) not in NOT_AN_ID:
+            object_id = urllib.parse.unquote(object_id)
+            if self.isolated and await self.app.owners.owner(object_id) != self.user["name"]:
+                raise no_such_object(object_id, OWNED_COLLECTIONS[collection])
+            self.object_id = object_id
+            self.deletes_object = method == "DELETE" and rest is None
+            self.makes_files = collection in ("batches", "fine_tuning/jobs", "uploads")
+        elif object_id is None and method == "GET" and collection in LISTED_COLLECTIONS:
+            self.list_collection = collection
+        elif method == "POST" and (object_id is None or (collection, object_id) == ("threads", "runs")):
+            self.creates = collection if object_id is None else "threads/runs"
+
+    def answers_own_list(self) -> bool:
+        return self.isolated and self.list_collection is not None
+
+    async def refuse_others_objects(self, obj: Any) -> None:
+        for object_id in referenced_ids(obj):
+            if await self.app.owners.owner(object_id) != self.user["name"]:
+                raise no_such_object(object_id)
+
+    def note_objects(self, status: int) -> None:
+        """After a 2xx answer: the objects it made are the caller's; a deleted one is no one's."""
+        if not 200 <= status < 300 or self.reader is None:
+            return
+        owners, name = self.app.owners, self.user["name"]
+        if self.creates == "threads/runs":
+            match = THREAD_ID.search(self.reader.head)
+            if match:
+                owners.claim(name, match.group(1).decode(), "Thread")
+        elif self.creates is not None and self.object_is_kept():
+            match = FIRST_ID.search(self.reader.head)
+            if match:
+                owners.claim(name, match.group(1).decode(), OWNED_COLLECTIONS[self.creates],
+                             EXPIRING_COLLECTIONS.get(self.creates))
+        if self.makes_files:
+            for file_id in produced_files(self.reader.head + self.reader.tail):
+                owners.claim(name, file_id, "File")
+        if self.deletes_object:
+            owners.release(self.object_id)
+
+    def object_is_kept(self) -> bool:
+        """Whether OpenAI keeps what this request creates (chat: only with store)."""
+        if self.creates == "chat/completions":
+            return self.stores is True
+        return self.stores is not False
+
+    async def answer_own_list(self) -> None:
+        """A list as the caller sees it: its own objects only, paged through upstream
+        pages one at a time until the client's ``limit`` is filled."""
+        query = {k: v for k, v in self.request.query_arguments.items() if k not in ("limit", "after")}
+        limit_text = self.get_query_argument("limit", "20")
+        limit = min(int(limit_text), 1000) if limit_text.isdigit() and int(limit_text) > 0 else 20
+        after = self.get_query_argument("after", None)
+        mine: List[Dict[str, Any]] = []
+        first_page: Dict[str, Any] = {}
+        has_more = False
+        for _ in range(LIST_PAGES_MAX):
+            page_query = {**query, "limit": [str(LIST_PAGE_LIMIT)], **({"after": [after]} if after else {})}
+            response = await self.app.http_client.fetch(tornado.httpclient.HTTPRequest(
+                self.app.settings.upstream_url + self.upstream_path() + "?"
+                + urllib.parse.urlencode(page_query, doseq=True),
+                headers=self.upstream_request_headers(identity=True),
+                request_timeout=self.app.settings.upstream_timeout), raise_error=False)
+            page = _json_or_none(response.body) if response.code == 200 else None
+            if not (isinstance(page, dict) and isinstance(page.get("data"), list)):
+                self.set_status(response.code, response.reason)
+                self.set_header("Content-Type", response.headers.get("Content-Type", "application/json"))
+                self.finish(response.body or b"")
+                return
+            first_page = first_page or page
+            items = [item for item in page["data"] if isinstance(item, dict)]
+            for index, item in enumerate(items):
+                if await self.app.owners.owner(str(item.get("id"))) == self.user["name"]:
+                    mine.append(item)
+                    if self.makes_files or self.list_collection in ("batches", "fine_tuning/jobs"):
+                        for file_id in produced_files(json.dumps(item).encode()):
+                            self.app.owners.claim(self.user["name"], file_id, "File")
+                    if len(mine) == limit:
+                        has_more = index < len(items) - 1 or bool(page.get("has_more"))
+                        break
+            else:
+                has_more = bool(page.get("has_more"))
+                if has_more and items:
+                    after = str(items[-1].get("id"))
+                    continue
+            break
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({**{k: v for k, v in first_page.items() if k not in ("data",)},
+                                "object": "list", "data": mine,
+                                "first_id": mine[0].get("id") if mine else None,
+                                "last_id": mine[-1].get("id") if mine else None,
+                                "has_more": has_more}))
+
     def must_read_body(self) -> bool:
         """Whether to read the body whole before sending it: small ones (so a
         kept-alive connection that went stale can be retried with it) and
@@ -1568,13 +1838,21 @@ class ProxyHandler(BaseHandler):
             return False
         path = self.upstream_path()
         return bool(USAGE_ON_REQUEST.match(path)
-                    or (self.has_allowlist() and MODEL_IN_BODY.match(path)))
+                    or (self.has_allowlist() and MODEL_IN_BODY.match(path))
+                    or (self.isolated and self.body_is_json()))
 
-    def inspect_body(self, body: bytes) -> bytes:
-        """Check the model a read body names; ask for streamed usage if it is not asked."""
+    def body_is_json(self) -> bool:
+        content_type = self.request.headers.get("Content-Type", "application/json").lower()
+        return content_type.startswith("application/json")
+
+    async def inspect_body(self, body: bytes) -> bytes:
+        """Look at a body read whole: the models it names, the objects it refers
+        to, whether it stores what it makes; ask for streamed usage if not asked."""
         if not self.must_inspect_body():
             return body
-        if not self.has_allowlist() and b'"stream"' not in body:
+        refers = self.body_is_json() and (any(m in body for m in REFERENCE_MARKERS)
+                                          or b'"store"' in body)
+        if not self.has_allowlist() and b'"stream"' not in body and not refers:
             # Not a stream, and no model to check: no need to parse it. The
             # model, for counting a failed request, is usually near the start.
             match = MODEL_NEAR_START.search(body, 0, 4096)
@@ -1590,6 +1868,10 @@ class ProxyHandler(BaseHandler):
         for model in models:
             if self.has_allowlist() and not allows_model(self.user, model):
                 raise model_not_found(model)
+        if isinstance(obj, dict):
+            self.stores = obj.get("store")
+        if self.isolated and refers:
+            await self.refuse_others_objects(obj)
         if (USAGE_ON_REQUEST.match(self.upstream_path()) and isinstance(obj, dict)
                 and obj.get("stream") is True):
             options = obj.get("stream_options")
@@ -1613,7 +1895,7 @@ class ProxyHandler(BaseHandler):
         query = self.request.query
         return self.app.settings.upstream_url + self.upstream_path() + (f"?{query}" if query else "")
 
-    def upstream_request_headers(self) -> tornado.httputil.HTTPHeaders:
+    def upstream_request_headers(self, identity: bool = False) -> tornado.httputil.HTTPHeaders:
         headers = tornado.httputil.HTTPHeaders()
         named_by_connection = connection_tokens(self.request.headers)
         for name, value in self.request.headers.get_all():
@@ -1623,7 +1905,7 @@ class ProxyHandler(BaseHandler):
         headers["Authorization"] = "Bearer " + self.app.settings.openapi_api_key
         if "Accept-Encoding" in headers:  # only what the usage reader can decode
             headers["Accept-Encoding"] = readable_encodings(headers["Accept-Encoding"])
-        if self.ask_usage or self.filter_models:  # answers this proxy rewrites
+        if self.ask_usage or self.filter_models or identity:  # answers this proxy rewrites
             headers["Accept-Encoding"] = "identity"
         return headers
 
@@ -1742,8 +2024,11 @@ class ProxyHandler(BaseHandler):
         self.body_complete = True
         if self._finished:
             return
+        if self.answers_own_list():
+            await self.answer_own_list()
+            return
         if self.body_chunks is not None:
-            self.start_upstream(self.inspect_body(b"".join(self.body_chunks)))
+            self.start_upstream(await self.inspect_body(b"".join(self.body_chunks)))
             self.body_chunks = None
         elif not self.fetch.done():
             await self.body_queue.put(None)  # the client's body is complete
@@ -1802,8 +2087,16 @@ class ProxyHandler(BaseHandler):
         model, counts = found if found else (None, [0, 0, 0])
         model = model or self.request_model or "-"
         self.app.usage.record(self.user["name"], model, counts)
+        self.note_objects(self.get_status())
         self.log_model = model
         self.log_tokens = str(counts[2]) if found else "-"
+
+
+def _json_or_none(data: Optional[bytes]) -> Any:
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return None
 
 
 def allowed_models_only(body: bytes, user: Dict[str, Any]) -> bytes:
@@ -2128,6 +2421,8 @@ class AdminHandler(BaseHandler):
                 await self.show_users()
             elif command == "stats":
                 await self.show_stats(None if name is None else check_name(name))
+            elif command == "objects" and name is not None:
+                await self.show_objects(check_name(name))
             elif name is None:
                 raise AdminError(404, "unknown command; see the README for the admin commands")
             elif command == "register":
@@ -2144,7 +2439,7 @@ class AdminHandler(BaseHandler):
                 self.done(command, name, render_table([row]), row)
             elif command == "delete":
                 check_name(name)
-                await self.app.usage.flush()  # into the stats, where past usage stays
+                await self.app.flush()  # usage into the stats, where it stays; records to drop
                 await store.delete_user(name)
                 self.done(command, name, "ok", {"name": name, "deleted": True})
             else:
@@ -2169,8 +2464,18 @@ class AdminHandler(BaseHandler):
                 "models": ",".join(user.get("models") or ["*"]),
                 "scope": user.get("scope", "own"), "requests": requests + pending_requests}
 
+    async def show_objects(self, name: str) -> None:
+        await self.app.store.require_user(name)
+        await self.app.owners.flush()
+        rows = [{"id": r["id"], "kind": r["kind"], "created": r["created"], "expires": r.get("expires")}
+                for r in await self.app.store.objects_of(name)]
+        self.answer(render_table(rows) if rows else f"{name} owns no objects", {"objects": rows})
+
     async def show_users(self) -> None:
-        rows = [await self.user_row(user) for user in await self.app.store.list_users()]
+        await self.app.owners.flush()
+        counts = collections.Counter(r["user"] for r in await self.app.store.objects_of())
+        rows = [{**await self.user_row(user), "objects": counts[user["name"]]}
+                for user in await self.app.store.list_users()]
         self.answer(render_table(rows) if rows else "no users", {"users": rows})
 
     async def show_stats(self, name: Optional[str]) -> None:
@@ -2252,8 +2557,14 @@ class App:
         self._token_digest = hashlib.sha256(settings.access_token.encode()).digest()
         self._admin_failures: Dict[str, List[float]] = {}
         self.usage = UsageBook(store)
+        self.owners = Ownership(store)
         self.limiter = RateLimiter()
         self.active: "set[BaseHandler]" = set()  # requests in flight, for a graceful stop
+
+    async def flush(self) -> None:
+        """Write what the request path only noted: usage and object ownership."""
+        await self.usage.flush()
+        await self.owners.flush()
 
     def cors_origin(self, origin: Optional[str]) -> Optional[str]:
         allowed = self.settings.cors_origins
@@ -2347,8 +2658,10 @@ async def serve(settings: Settings) -> None:
         max_body_size=settings.max_body_bytes,
         idle_connection_timeout=120,
     )
-    flusher = tornado.ioloop.PeriodicCallback(app.usage.flush, USAGE_FLUSH_SECONDS * 1000)
+    flusher = tornado.ioloop.PeriodicCallback(app.flush, USAGE_FLUSH_SECONDS * 1000)
     flusher.start()
+    purger = tornado.ioloop.PeriodicCallback(app.store.purge_expired_objects, 3600 * 1000)
+    purger.start()
     sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=1024)
     server.add_sockets(sockets)
     log.info("listening on %s://%s:%d", settings.scheme, settings.host, settings.port)
@@ -2367,7 +2680,8 @@ async def serve(settings: Settings) -> None:
     except asyncio.TimeoutError:
         log.warning("stopping: some connections did not close")
     flusher.stop()
-    await app.usage.flush()
+    purger.stop()
+    await app.flush()
     await kv.aclose()
     log.info("stopped")
 
