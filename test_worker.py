@@ -273,6 +273,7 @@ STORE_KINDS = {
     "vector_stores": ("vs_", "vector_store", "VectorStore"),
     "assistants": ("asst_", "assistant", "Assistant"),
     "threads": ("thread_", "thread", "Thread"),
+    "uploads": ("upload_", "upload", "Upload"),
     "containers": ("cntr_", "container", "Container"),
     "evals": ("eval_", "eval", "Eval"),
     "skills": ("skill_", "skill", "Skill"),
@@ -786,6 +787,11 @@ class FakeUpstream:
                 return await self.echo(h, record)
             return await self.store_create(h, record, coll, body)
         obj_id = rest[0]
+        if (coll, obj_id, method) == ("threads", "runs", "POST"):  # a thread and its run
+            thread = self.store_add("threads", {})
+            return await self.send_json(h, record, {"id": "run_" + record["id"],
+                                                    "object": "thread.run",
+                                                    "thread_id": thread["id"]})
         obj = self.objects.get(obj_id)
         if obj is None or obj["_coll"] != coll:
             return await self.store_404(h, record, kind, obj_id)
@@ -808,6 +814,10 @@ class FakeUpstream:
                                    [self.contents.get(obj_id, b"")])
         if rest[1:] == ["cancel"] and method == "POST":
             obj["status"] = "cancelling"
+        elif rest[1:] == ["complete"] and coll == "uploads" and method == "POST":
+            file = self.store_add("files", {"filename": obj.get("filename"),
+                                            "purpose": obj.get("purpose")}, b"uploaded\n")
+            obj.update(status="completed", file=self.public(file))
         elif rest[1:]:
             return await self.echo(h, record)
         await self.send_json(h, record, self.public(obj))
@@ -4229,6 +4239,13 @@ class TestIsolation:
         alice.refused_reference(upstream, "/v1/responses", {
             "model": "gpt-4o-mini", "input": "hi", "conversation": {"id": "conv_guessed"}},
             "Conversation", "conv_guessed")
+        own_store = alice.create("vector_stores")
+        alice.refused_reference(upstream, f"/v1/vector_stores/{own_store}/files",
+                                {"file_id": bobs_file}, "File", bobs_file)
+        alice.refused_reference(upstream, "/v1/responses", {
+            "model": "gpt-4o-mini", "input": "hi",
+            "tools": [{"type": "file_search", "vector_store_ids": [bobs_store]}]},
+            "VectorStore", bobs_store)
         alice.refused_reference(upstream, "/v1/threads/runs", {
             "assistant_id": bobs_assistant, "thread": {"messages": []}},
             "Assistant", bobs_assistant)
@@ -4239,7 +4256,7 @@ class TestIsolation:
         alice.create("responses", previous_response_id=own_response)
         # and nothing she was refused was made
         assert alice.pages("batches", 100) == [own_batch]
-        assert alice.pages("vector_stores", 100) == []
+        assert alice.pages("vector_stores", 100) == [own_store]
 
     def test_object_made_at_the_upstream_is_hidden_from_users(self, worker, upstream):
         alice, bob = Tenant(worker), Tenant(worker)
@@ -4322,8 +4339,8 @@ class TestIsolation:
     @pytest.mark.parametrize("method,path", [
         ("POST", "/v1/responses/input_tokens"), ("POST", "/v1/responses/compact"),
         ("POST", "/v1/threads/runs"), ("POST", "/v1/videos/edits"),
-        ("POST", "/v1/videos/extensions"), ("POST", "/v1/videos/characters"),
-        ("GET", "/v1/videos/characters/char_123")])
+        ("POST", "/v1/videos/extensions"), ("POST", "/v1/videos/characters")])
+    # (GET /v1/videos/characters/{id}: characters are owned objects of their own.)
     def test_paths_that_are_not_ids_pass(self, worker, upstream, method, path):
         """Rows of openai-endpoints.tsv below an owned collection that name no id:
         isolation takes no API away."""
@@ -4334,6 +4351,24 @@ class TestIsolation:
             bearer(alice.key), **{"x-test-id": test_id, "Content-Type": "application/json"}))
         assert answer.status == 200, (path, answer)
         assert upstream.one(test_id)["path"] == path
+
+    def test_files_an_upload_or_a_thread_run_makes_are_the_callers(self, worker, upstream):
+        alice, bob = Tenant(worker), Tenant(worker)
+        upload = alice.create("uploads", filename="a.jsonl", purpose="batch", bytes=9,
+                              mime_type="text/jsonl")
+        bob.hidden(upstream, "POST", f"/v1/uploads/{upload}/complete", "Upload", upload,
+                   {"part_ids": []})
+        answer = alice.call("POST", f"/v1/uploads/{upload}/complete", {"part_ids": []})
+        assert answer.status == 200, answer
+        file = answer.json()["file"]["id"]
+        assert alice.call("GET", f"/v1/files/{file}/content").body == b"uploaded\n"
+        bob.hidden(upstream, "GET", f"/v1/files/{file}/content", "File", file)
+        run = alice.call("POST", "/v1/threads/runs", {"assistant_id": alice.create(
+            "assistants"), "thread": {"messages": []}})
+        assert run.status == 200, run
+        thread = run.json()["thread_id"]
+        assert alice.get(f"/v1/threads/{thread}")["id"] == thread
+        bob.hidden(upstream, "GET", f"/v1/threads/{thread}", "Thread", thread)
 
     def test_batch_output_file_is_its_owners_only(self, worker, upstream):
         alice, bob = Tenant(worker), Tenant(worker)
@@ -4537,16 +4572,21 @@ class TestIsolationBypasses:
             for obj_id in others:
                 upstream.objects.pop(obj_id, None)
 
-    def test_other_references_by_id(self, worker, upstream):
-        """Ids in bodies under keys the spec's list lacks: a Responses code
-        interpreter's ``container``, an eval run's data source ``{"type": "file_id",
-        "id": …}``."""
+    def test_code_interpreter_container_is_a_reference(self, worker, upstream):
+        """A key the spec's list lacks: a Responses code interpreter's ``container``
+        runs code in that container, next to its files."""
         alice, bob = Tenant(worker), Tenant(worker)
-        container, secret = bob.create("containers"), bob.create("files")
+        container = bob.create("containers")
         alice.refused_reference(upstream, "/v1/responses", {
             "model": "gpt-4o-mini", "input": "ls /mnt/data",
             "tools": [{"type": "code_interpreter", "container": container}]},
             "Container", container)
+
+    def test_eval_run_file_source_is_a_reference(self, worker, upstream):
+        """A key the spec's list lacks: an eval run's data source
+        ``{"type": "file_id", "id": …}`` reads that file."""
+        alice, bob = Tenant(worker), Tenant(worker)
+        secret = bob.create("files")
         evaluation = alice.create("evals")
         alice.refused_reference(upstream, f"/v1/evals/{evaluation}/runs", {
             "name": "r", "data_source": {"type": "jsonl", "source": {
@@ -4560,3 +4600,54 @@ class TestIsolationBypasses:
         assert skill not in alice.pages("skills", 100)
         alice.hidden(upstream, "GET", f"/v1/skills/{skill}", "Skill", skill)
         alice.hidden(upstream, "DELETE", f"/v1/skills/{skill}", "Skill", skill)
+
+
+# ---------------------------------------------------------------------------
+# 21. What GUI apps call besides the API: the retired billing views
+# ---------------------------------------------------------------------------
+
+class TestBillingViews:
+    """``/dashboard/billing/*``, with and without ``/v1``: the caller's own numbers,
+    in thousands of tokens written as dollars."""
+
+    @pytest.mark.parametrize("prefix", ["", "/v1"])
+    def test_subscription_shows_the_quota(self, worker, prefix):
+        key = worker.register(unique("bill"), "?quota=50000&expires=2030-01-31")
+        answer = request("GET", worker.url + prefix + "/dashboard/billing/subscription",
+                         headers=bearer(key))
+        assert answer.status == 200, answer
+        body = answer.json()
+        assert body["object"] == "billing_subscription"
+        assert body["hard_limit_usd"] == body["soft_limit_usd"] == 50.0
+        assert body["access_until"] == 1896134399  # 2030-01-31T23:59:59Z
+
+    def test_no_quota_is_a_large_limit(self, worker):
+        key = worker.register(unique("bill"))
+        body = request("GET", worker.url + "/dashboard/billing/subscription",
+                       headers=bearer(key)).json()
+        assert body["hard_limit_usd"] == 1_000_000 and body["access_until"] == 0
+
+    @pytest.mark.parametrize("prefix", ["", "/v1"])
+    def test_usage_is_the_callers_own(self, worker, prefix):
+        name, other = unique("bill"), unique("bill")
+        key, other_key = worker.register(name), worker.register(other)
+        for _ in range(2):
+            assert post_json(worker, "/v1/chat/completions", key, chat_json()).status == 200
+        assert post_json(worker, "/v1/chat/completions", other_key, chat_json()).status == 200
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        answer = request("GET", worker.url + prefix + "/dashboard/billing/usage"
+                         f"?start_date={day}&end_date=2099-01-01", headers=bearer(key))
+        assert answer.status == 200, answer
+        body = answer.json()
+        tokens = 2 * CHAT_USAGE["total_tokens"]
+        assert body["total_usage"] == tokens / 10  # cents of "dollars" of 1,000 tokens
+        assert [item["name"] for day_costs in body["daily_costs"]
+                for item in day_costs["line_items"]] == ["gpt-4o-mini"]
+
+    def test_bad_dates_and_no_key(self, worker):
+        key = worker.register(unique("bill"))
+        answer = request("GET", worker.url + "/dashboard/billing/usage?start_date=yesterday",
+                         headers=bearer(key))
+        assert answer.status == 400 and "start_date" in answer.json()["error"]["message"]
+        answer = request("GET", worker.url + "/dashboard/billing/usage")
+        assert answer.status == 401 and answer.json()["error"]["code"] == "invalid_api_key"

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
 import secrets
 import select
@@ -967,6 +968,7 @@ class UsageReader:
         self.compressed = bool(content_encoding) and content_encoding.lower() != "identity"
         self.strip = strip and self.sse and not self.compressed
         self.head = self.tail = self.pending = b""
+        self.size = 0
         self.usage_event: Optional[bytes] = None
 
     def feed(self, chunk: bytes) -> bytes:
@@ -985,7 +987,12 @@ class UsageReader:
             self.decoder = None
             return b""
 
+    def whole_in_head(self) -> bool:
+        """Whether the answer was short enough to be all in ``head``."""
+        return self.size <= self.HEAD
+
     def _read(self, data: bytes) -> bytes:
+        self.size += len(data)
         if len(self.head) < self.HEAD:
             self.head += data[: self.HEAD - len(self.head)]
         if not self.sse:
@@ -1120,36 +1127,41 @@ OWNED_COLLECTIONS = {
     "fine_tuning/jobs": "FineTuningJob", "assistants": "Assistant", "threads": "Thread",
     "vector_stores": "VectorStore", "chat/completions": "ChatCompletion", "responses": "Response",
     "conversations": "Conversation", "containers": "Container", "evals": "Eval", "videos": "Video",
+    "videos/characters": "Character", "skills": "Skill", "audio/voice_consents": "VoiceConsent",
 }
 LISTED_COLLECTIONS = frozenset(
     "files batches fine_tuning/jobs assistants vector_stores chat/completions containers evals "
-    "videos conversations".split())
+    "videos conversations skills audio/voice_consents".split())
 COLLECTION_PATH = re.compile(
-    r"/v\d+/(fine_tuning/jobs|chat/completions|files|uploads|batches|assistants|threads"
-    r"|vector_stores|responses|conversations|containers|evals|videos)(?:/([^/]+))?(/.*)?\Z")
-NOT_AN_ID = {("responses", "input_tokens"), ("responses", "compact"), ("threads", "runs")}
+    r"/v\d+/(fine_tuning/jobs|chat/completions|videos/characters|audio/voice_consents|files"
+    r"|uploads|batches|assistants|threads|vector_stores|responses|conversations|containers|evals"
+    r"|videos|skills)(?:/([^/]+))?(/.*)?\Z")
+NOT_AN_ID = {("responses", "input_tokens"), ("responses", "compact"), ("threads", "runs"),
+             ("videos", "edits"), ("videos", "extensions")}
+# POSTs that make an object of a collection other than the path's: the run's
+# thread, an edited, extended or remixed video.
+MAKES_OTHER = {("threads", "runs"): "threads", ("videos", "edits"): "videos",
+               ("videos", "extensions"): "videos", ("videos", "/remix"): "videos"}
 # What OpenAI deletes by itself after 30 days, and so does the record of it.
 EXPIRING_COLLECTIONS = {"responses": 30, "chat/completions": 30}
-ADMIN_ONLY_PATH = re.compile(r"/v\d+/(organization(/|\Z)|fine_tuning/checkpoints/)")
+# The account's administration, and ChatKit threads, which ChatKit's widgets
+# create for their end users, so no user of this proxy can be named owner.
+ADMIN_ONLY_PATH = re.compile(r"/v\d+/(organization|fine_tuning/checkpoints|chatkit/threads)(/|\Z)")
 # Keys of request bodies whose values are ids of objects (openai-endpoints.tsv).
 REFERENCE_KEYS = frozenset(
     "file_id file_ids input_file_id training_file validation_file vector_store_ids "
-    "previous_response_id assistant_id conversation".split())
-REFERENCE_MARKERS = tuple(f'"{key}"'.encode() for key in REFERENCE_KEYS)
+    "previous_response_id assistant_id conversation container".split())
+# A body is parsed for references only if one of these is in it; a \u escape
+# could spell a key otherwise unseen.
+REFERENCE_MARKERS = tuple(f'"{key}"'.encode() for key in REFERENCE_KEYS) + (b"\\u",)
 ID_PREFIXES = (("file-", "File"), ("vs_", "VectorStore"), ("resp_", "Response"),
                ("asst_", "Assistant"), ("conv_", "Conversation"), ("thread_", "Thread"),
                ("batch_", "Batch"), ("ftjob-", "FineTuningJob"), ("chatcmpl-", "ChatCompletion"),
                ("cntr_", "Container"), ("eval_", "Eval"), ("video_", "Video"), ("upload_", "Upload"))
-# Files an answer about an owned object names as made for it: a batch's
-# results, a fine-tuning job's, a completed upload's file.
-PRODUCED_FILES = re.compile(
-    rb'"(?:output_file_id|error_file_id)"\s*:\s*"([^"\\]{1,200})"'
-    rb'|"file"\s*:\s*\{\s*"id"\s*:\s*"([^"\\]{1,200})"')
-RESULT_FILES = re.compile(rb'"result_files"\s*:\s*\[([^\]]*)\]')
 FIRST_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
 THREAD_ID = re.compile(rb'"thread_id"\s*:\s*"([^"\\]{1,200})"')
 LIST_PAGE_LIMIT = 100  # upstream list pages are asked for this big ...
-LIST_PAGES_MAX = 20  # ... and at most this many read for one client page
+LIST_PAGES_MAX = 1000  # ... and at most this many read for one client page (a safety valve)
 
 
 def no_such_object(object_id: str, kind: Optional[str] = None) -> ApiError:
@@ -1180,14 +1192,33 @@ def referenced_ids(obj: Any) -> List[str]:
                         found.append(value["id"])  # "conversation": {"id": …}
                 if isinstance(value, (dict, list)):
                     stack.append(value)
+            if item.get("type") == "file_id" and isinstance(item.get("id"), str):
+                found.append(item["id"])  # an eval run's data source
     return found
 
 
-def produced_files(data: bytes) -> List[str]:
-    files = [a or b for a, b in ((m.group(1), m.group(2)) for m in PRODUCED_FILES.finditer(data))]
-    for match in RESULT_FILES.finditer(data):
-        files += re.findall(rb'"([^"\\]{1,200})"', match.group(1))
-    return [f.decode("utf-8", "replace") for f in files if f]
+def produced_files(obj: Any) -> List[str]:
+    """The files an owned object says were made for it: a batch's results, a
+    fine-tuning job's, a completed upload's file. Top-level fields only: ids
+    in metadata are the caller's words, not OpenAI's."""
+    if not isinstance(obj, dict):
+        return []
+    files = [obj.get("output_file_id"), obj.get("error_file_id")]
+    if isinstance(obj.get("result_files"), list):
+        files += obj["result_files"]
+    if obj.get("object") == "upload" and isinstance(obj.get("file"), dict):
+        files.append(obj["file"].get("id"))
+    return [f for f in files if isinstance(f, str) and f]
+
+
+def route_path(path: str) -> str:
+    """The path as an upstream that decodes and normalises it would read it, so
+    ``/v1/%66iles/…``, ``/v1//files/…`` and ``/v1/x/../files/…`` are checked as
+    ``/v1/files/…``; a doubled ``/v1/v1`` counts once."""
+    path = posixpath.normpath("/" + urllib.parse.unquote(path).lstrip("/"))
+    while re.match(r"/v\d+/v\d+(/|\Z)", path):
+        path = path[path.index("/", 1):]
+    return path
 
 
 class Ownership:
@@ -1675,6 +1706,7 @@ class ProxyHandler(BaseHandler):
         self.body_chunks: Optional[List[bytes]] = None
         self.creates = self.object_id = self.list_collection = self.stores = None
         self.deletes_object = self.makes_files = False
+        self.route = route_path(self.request.path)  # what the checks look at
         if self.request.method == "OPTIONS":
             return
         # Tornado's own limit answers a bare 400; ours, counted as the body
@@ -1706,9 +1738,9 @@ class ProxyHandler(BaseHandler):
     # -- limits ---------------------------------------------------------------
 
     async def check_limits(self, user: Dict[str, Any]) -> None:
-        path = self.upstream_path()
+        path = self.route
         match = MODEL_IN_PATH.match(path)
-        models = [urllib.parse.unquote(match.group(1))] if match else []
+        models = [match.group(1)] if match else []
         models += self.get_query_arguments("model")  # every one: see models_in_body
         await check_limits(self.app, user, models)
         self.request_model = models[0] if models else None
@@ -1722,7 +1754,7 @@ class ProxyHandler(BaseHandler):
 
     async def check_ownership(self) -> None:
         """Note what the request does to owned objects; refuse another user's."""
-        path, method = self.upstream_path(), self.request.method
+        path, method = self.route, self.request.method
         if self.isolated and (ADMIN_ONLY_PATH.match(path)
                               or (method == "DELETE" and MODEL_IN_PATH.match(path))):
             raise ApiError(403, "This key may not use the account's administration endpoints.",
@@ -1732,16 +1764,17 @@ class ProxyHandler(BaseHandler):
             return
         collection, object_id, rest = match.groups()
         if object_id is not None and (collection, object_id) not in NOT_AN_ID:
-            object_id = urllib.parse.unquote(object_id)
             if self.isolated and await self.app.owners.owner(object_id) != self.user["name"]:
                 raise no_such_object(object_id, OWNED_COLLECTIONS[collection])
             self.object_id = object_id
             self.deletes_object = method == "DELETE" and rest is None
             self.makes_files = collection in ("batches", "fine_tuning/jobs", "uploads")
+            if method == "POST":
+                self.creates = MAKES_OTHER.get((collection, rest or ""))
         elif object_id is None and method == "GET" and collection in LISTED_COLLECTIONS:
             self.list_collection = collection
-        elif method == "POST" and (object_id is None or (collection, object_id) == ("threads", "runs")):
-            self.creates = collection if object_id is None else "threads/runs"
+        elif method == "POST":
+            self.creates = collection if object_id is None else MAKES_OTHER.get((collection, object_id))
 
     def answers_own_list(self) -> bool:
         return self.isolated and self.list_collection is not None
@@ -1756,17 +1789,14 @@ class ProxyHandler(BaseHandler):
         if not 200 <= status < 300 or self.reader is None:
             return
         owners, name = self.app.owners, self.user["name"]
-        if self.creates == "threads/runs":
-            match = THREAD_ID.search(self.reader.head)
-            if match:
-                owners.claim(name, match.group(1).decode(), "Thread")
-        elif self.creates is not None and self.object_is_kept():
-            match = FIRST_ID.search(self.reader.head)
+        if self.creates is not None and self.object_is_kept():
+            pattern = THREAD_ID if self.route.endswith("/threads/runs") else FIRST_ID
+            match = pattern.search(self.reader.head)
             if match:
                 owners.claim(name, match.group(1).decode(), OWNED_COLLECTIONS[self.creates],
                              EXPIRING_COLLECTIONS.get(self.creates))
-        if self.makes_files:
-            for file_id in produced_files(self.reader.head + self.reader.tail):
+        if self.makes_files and self.reader.whole_in_head():
+            for file_id in produced_files(_json_or_none(self.reader.head)):
                 owners.claim(name, file_id, "File")
         if self.deletes_object:
             owners.release(self.object_id)
@@ -1790,7 +1820,7 @@ class ProxyHandler(BaseHandler):
         for _ in range(LIST_PAGES_MAX):
             page_query = {**query, "limit": [str(LIST_PAGE_LIMIT)], **({"after": [after]} if after else {})}
             response = await self.app.http_client.fetch(tornado.httpclient.HTTPRequest(
-                self.app.settings.upstream_url + self.upstream_path() + "?"
+                self.app.settings.upstream_url + self.route + "?"
                 + urllib.parse.urlencode(page_query, doseq=True),
                 headers=self.upstream_request_headers(identity=True),
                 request_timeout=self.app.settings.upstream_timeout), raise_error=False)
@@ -1805,9 +1835,8 @@ class ProxyHandler(BaseHandler):
             for index, item in enumerate(items):
                 if await self.app.owners.owner(str(item.get("id"))) == self.user["name"]:
                     mine.append(item)
-                    if self.makes_files or self.list_collection in ("batches", "fine_tuning/jobs"):
-                        for file_id in produced_files(json.dumps(item).encode()):
-                            self.app.owners.claim(self.user["name"], file_id, "File")
+                    for file_id in produced_files(item):
+                        self.app.owners.claim(self.user["name"], file_id, "File")
                     if len(mine) == limit:
                         has_more = index < len(items) - 1 or bool(page.get("has_more"))
                         break
@@ -1836,7 +1865,7 @@ class ProxyHandler(BaseHandler):
     def must_inspect_body(self) -> bool:
         if self.request.method != "POST":
             return False
-        path = self.upstream_path()
+        path = self.route
         return bool(USAGE_ON_REQUEST.match(path)
                     or (self.has_allowlist() and MODEL_IN_BODY.match(path))
                     or (self.isolated and self.body_is_json()))
@@ -1845,11 +1874,13 @@ class ProxyHandler(BaseHandler):
         content_type = self.request.headers.get("Content-Type", "application/json").lower()
         return content_type.startswith("application/json")
 
-    async def inspect_body(self, body: bytes) -> bytes:
+    async def inspect_body(self, sent: bytes) -> bytes:
         """Look at a body read whole: the models it names, the objects it refers
-        to, whether it stores what it makes; ask for streamed usage if not asked."""
+        to, whether it stores what it makes; ask for streamed usage if not asked.
+        Returns what to send: ``sent`` itself unless the usage request was added."""
         if not self.must_inspect_body():
-            return body
+            return sent
+        body = self.decoded(sent)
         refers = self.body_is_json() and (any(m in body for m in REFERENCE_MARKERS)
                                           or b'"store"' in body)
         if not self.has_allowlist() and b'"stream"' not in body and not refers:
@@ -1857,11 +1888,7 @@ class ProxyHandler(BaseHandler):
             # model, for counting a failed request, is usually near the start.
             match = MODEL_NEAR_START.search(body, 0, 4096)
             self.request_model = match.group(1).decode("utf-8", "replace") if match else None
-            return body
-        encoding = self.request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding != "identity" and self.has_allowlist():
-            raise ApiError(415, "A compressed request body cannot be checked against this key's "
-                                "model list: send it uncompressed.", code="unsupported_encoding")
+            return sent
         content_type = self.request.headers.get("Content-Type", "application/json").lower()
         models, obj = models_in_body(content_type, body)
         self.request_model = models[0] if models else None
@@ -1872,7 +1899,7 @@ class ProxyHandler(BaseHandler):
             self.stores = obj.get("store")
         if self.isolated and refers:
             await self.refuse_others_objects(obj)
-        if (USAGE_ON_REQUEST.match(self.upstream_path()) and isinstance(obj, dict)
+        if (USAGE_ON_REQUEST.match(self.route) and isinstance(obj, dict) and body is sent
                 and obj.get("stream") is True):
             options = obj.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage")):
@@ -1881,7 +1908,25 @@ class ProxyHandler(BaseHandler):
                 obj["stream_options"] = {**(options or {}), "include_usage": True}
                 self.ask_usage = True
                 return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-        return body
+        return sent
+
+    def decoded(self, body: bytes) -> bytes:
+        """A compressed request body as the upstream will read it (sent on unchanged)."""
+        encoding = self.request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding == "identity":
+            return body
+        decoder = decoder_for(encoding) if encoding in ("gzip", "x-gzip", "deflate") else None
+        if decoder is None:
+            raise ApiError(415, f"Content-Encoding {encoding} cannot be read by this proxy, which "
+                                "must check what a body names: send it uncompressed or gzip.",
+                           code="unsupported_encoding")
+        try:
+            plain = decoder.decompress(body, self.app.settings.max_body_bytes + 1)
+        except Exception:
+            raise ApiError(400, f"The request body is not valid {encoding}.")
+        if len(plain) > self.app.settings.max_body_bytes:
+            raise self.body_too_large()
+        return plain
 
     # -- request: client → upstream -------------------------------------------
 
