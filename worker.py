@@ -1304,6 +1304,13 @@ class BaseHandler(tornado.web.RequestHandler):
         # Tornado's own logs (uncaught exceptions) print this; keep secrets out.
         return f"{self.request.method} {self.log_path} ({self.request.remote_ip})"
 
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """Tornado's version also prints ``repr(request)``, whose URI can hold the
+        admin token or a key in a query string: this one prints the summary only."""
+        if isinstance(value, tornado.web.HTTPError):
+            return  # answered with its own status; nothing went wrong here
+        log.error("uncaught exception in %s", self._request_summary(), exc_info=(typ, value, tb))
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
         if not isinstance(error, ApiError):
