@@ -3616,8 +3616,14 @@ class TestUpstreamKeepAlive:
         assert self.call(lone_worker, key, kind, test_id, **control).status == 200
         time.sleep(0.3)
         answer = self.call(lone_worker, key, kind, test_id)
-        assert answer.status == 200, answer
         records = upstream.find(test_id)
+        if how == "closed-as-the-next-request-arrives" and kind == "POST":
+            # The upstream took the POST and closed without answering: it may
+            # have run it, so it is not sent again (no double generation).
+            assert answer.status == 502, answer
+            assert [r.get("dropped", False) for r in records] == [False, True], records
+            return
+        assert answer.status == 200, answer
         if how == "closed-as-the-next-request-arrives":
             assert [r.get("dropped", False) for r in records] == [False, True, False], records
             assert records[1]["peer_port"] == records[0]["peer_port"], "it was not reused"

@@ -128,6 +128,8 @@ UPSTREAM_CONNECT_TIMEOUT = 30.0
 JOURNAL_CHECKPOINT_BYTES = 4 << 20
 SNAPSHOT_CACHE_ENTRIES = 20000  # reads of the immutable dbm snapshot kept in memory
 WS_MAX_MESSAGE_BYTES = 64 << 20  # a realtime message with a long audio chunk
+STREAMED_BODY_METHODS = ("POST", "PUT", "PATCH")
+IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")  # the ones Tornado's client frames chunked
 SMALL_BODY_BYTES = 256 << 10  # request bodies up to this are read whole, then sent
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
 
@@ -150,8 +152,8 @@ def _access_token(value: str, name: str) -> str:
     _required(value, name)
     if len(value) < 8:
         raise ConfigError(f"{name} must be at least 8 characters")
-    if value in ROUTE_WORDS or "/" in value:
-        raise ConfigError(f"{name} must not be a route word or contain '/'")
+    if value in ROUTE_WORDS or value in OPENAI_ROOTS or "/" in value:
+        raise ConfigError(f"{name} must not be a route word or an OpenAI path, nor contain '/'")
     return value
 
 
@@ -371,7 +373,7 @@ class DbmKV:
         if not self.readonly:
             self._remove_stale_files()
             self._journal_gen = max(journals + [self._gen])
-            self._journal = open(self._file(f"wal-{self._journal_gen}"), "ab")
+            self._journal = open(self._file(f"wal-{self._journal_gen}"), "ab", buffering=0)
             _fsync_dir(self.path)
         return self
 
@@ -477,10 +479,18 @@ class DbmKV:
         """
         if not ops:
             return
-        self._journal.write(_encode_journal_line(ops))
-        self._journal.flush()
-        if durable:
-            os.fsync(self._journal.fileno())
+        line, start = _encode_journal_line(ops), self._journal.tell()
+        try:
+            written = 0
+            while written < len(line):  # an unbuffered file may take part of it
+                written += self._journal.write(line[written:])
+            if durable:
+                os.fsync(self._journal.fileno())
+        except BaseException:
+            # Take a part-written line back out, or every later line would sit
+            # behind it and be cut off with it at the next start.
+            os.ftruncate(self._journal.fileno(), start)
+            raise
         self._overlay.update(ops)
         if self._journal.tell() > JOURNAL_CHECKPOINT_BYTES and self._checkpointing is None:
             self._checkpointing = asyncio.ensure_future(self.checkpoint())
@@ -513,7 +523,7 @@ class DbmKV:
     def _rotate_journal(self, new_gen: int) -> None:
         self._journal.close()
         self._journal_gen = new_gen
-        self._journal = open(self._file(f"wal-{new_gen}"), "ab")
+        self._journal = open(self._file(f"wal-{new_gen}"), "ab", buffering=0)
         _fsync_dir(self.path)
 
     def _write_snapshot(self, old_gen: int, new_gen: int, changes: Dict[str, Optional[str]]) -> None:
@@ -1325,6 +1335,9 @@ class BaseHandler(tornado.web.RequestHandler):
 class ForbiddenHandler(BaseHandler):
     """Anything that is not a route: 403, as in the seed."""
 
+    @property
+    def log_path(self) -> str:
+        return "/***"  # it may be the admin token, near-missed or not
     def prepare(self) -> None:
         self.set_status(403)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -1480,19 +1493,35 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
             if id(original) in self.cancelled:
                 stream.close()
             answer = _UpstreamAnswer(request)
+            sent = False
             connection = tornado.http1connection.HTTP1Connection(
                 stream, True, tornado.http1connection.HTTP1ConnectionParameters(
                     max_body_size=1 << 62, decompress=False))
             try:
                 await self._send(connection, request, url, host)
-                await connection.read_response(answer)
+                sent = True
+                if not await connection.read_response(answer):
+                    # Tornado answers False for a malformed answer: never pass
+                    # a broken body on as a whole one.
+                    stream.close()
+                    raise tornado.iostream.StreamClosedError()
             except (tornado.iostream.StreamClosedError, OSError):
-                if reused and not answer.started and attempt == 0 and id(original) not in self.cancelled:
-                    continue  # the upstream had closed the idle connection: once more, anew
+                # The upstream had closed the idle connection: once more, on a
+                # new one, if that cannot run the request twice.
+                if (reused and not answer.started and attempt == 0
+                        and id(original) not in self.cancelled
+                        and (not sent or request.method in IDEMPOTENT_METHODS)):
+                    continue
+                stream.close()
+                raise
+            except BaseException:
+                stream.close()
                 raise
             if answer.code is None:
                 raise tornado.iostream.StreamClosedError()
-            if answer.keep_alive and not stream.closed():
+            # Reused only when nothing more than this answer came (a byte more
+            # would be taken as the start of the next request's answer).
+            if answer.keep_alive and not stream.closed() and not getattr(stream, "_read_buffer_size", 0):
                 self._release(key, connection.detach())
             else:
                 stream.close()
@@ -1510,7 +1539,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
             stream = await self.tcp.connect(
                 host, port, ssl_options=self.tls if scheme == "https" else None,
                 timeout=timeout, max_buffer_size=1 << 27)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct types before Python 3.11
             raise tornado.simple_httpclient.HTTPTimeoutError("Timeout while connecting")
         stream.set_nodelay(True)
         return stream
@@ -1520,8 +1549,11 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         headers = request.headers  # the caller's to give: no copy
         headers.setdefault("Host", url.netloc.rpartition("@")[2])
         body = request.body if request.body is not None else None
-        if body is not None or (request.body_producer is None and request.method in ("POST", "PUT", "PATCH")):
+        if body is not None or (request.body_producer is None and request.method in STREAMED_BODY_METHODS):
             headers["Content-Length"] = str(len(body or b""))
+        elif (request.body_producer is not None and "Content-Length" not in headers
+              and request.method not in STREAMED_BODY_METHODS):
+            raise ValueError(f"a streamed {request.method} body needs a Content-Length")
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         start_line = tornado.httputil.RequestStartLine(request.method, target, "HTTP/1.1")
         await connection.write_headers(start_line, headers, body or None)
@@ -1653,13 +1685,15 @@ def models_in_body(content_type: str, body: bytes) -> Tuple[List[str], Any]:
     Every one, not the first: a body that names two (a repeated form field, a
     repeated JSON key) would otherwise pass the allowlist with one and reach
     an upstream that reads the other."""
-    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+    if content_type.lower().startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         fields: Dict[str, List[bytes]] = {}
         try:
             tornado.httputil.parse_body_arguments(content_type, body, fields, {})
         except Exception:
             return [], None
-        return [v.decode("utf-8", "replace") for v in fields.get("model", [])], None
+        if not fields.get("model") and b'name="model"' in body:
+            return [], None  # a model field Tornado could not read (it only logs why)
+        return [v.decode("utf-8", "replace") for v in fields.get("model", [])], {}
     per_object: List[List[Any]] = []  # the "model" values of each JSON object, inner first
 
     def collect(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
@@ -1826,11 +1860,16 @@ class ProxyHandler(BaseHandler):
         has_more = False
         for _ in range(LIST_PAGES_MAX):
             page_query = {**query, "limit": [str(LIST_PAGE_LIMIT)], **({"after": [after]} if after else {})}
-            response = await self.app.http_client.fetch(tornado.httpclient.HTTPRequest(
-                self.app.settings.upstream_url + self.route + "?"
-                + urllib.parse.urlencode(page_query, doseq=True),
-                headers=self.upstream_request_headers(identity=True),
-                request_timeout=self.app.settings.upstream_timeout), raise_error=False)
+            try:
+                response = await self.app.http_client.fetch(tornado.httpclient.HTTPRequest(
+                    self.app.settings.upstream_url + self.route + "?"
+                    + urllib.parse.urlencode(page_query, doseq=True),
+                    headers=self.upstream_request_headers(identity=True),
+                    request_timeout=self.app.settings.upstream_timeout), raise_error=False)
+            except Exception as error:
+                raise self.upstream_error(error)
+            if response.code == 599:
+                raise self.upstream_error(response.error)
             page = _json_or_none(response.body) if response.code == 200 else None
             if not (isinstance(page, dict) and isinstance(page.get("data"), list)):
                 self.set_status(response.code, response.reason)
@@ -1862,12 +1901,16 @@ class ProxyHandler(BaseHandler):
 
     def must_read_body(self) -> bool:
         """Whether to read the body whole before sending it: small ones (so a
-        kept-alive connection that went stale can be retried with it) and
-        those that must be looked at."""
+        kept-alive connection that went stale can be retried with it), those
+        that must be looked at, and a chunked one on a method other than POST,
+        PUT or PATCH (which the upstream would not see framed: sent on as it
+        came, its bytes would be read as a request of their own)."""
         if not self.has_body():
             return False
         length = self.request.headers.get("Content-Length", "")
-        return (length.isdigit() and int(length) <= SMALL_BODY_BYTES) or self.must_inspect_body()
+        return ((length.isdigit() and int(length) <= SMALL_BODY_BYTES)
+                or (not length.isdigit() and self.request.method not in STREAMED_BODY_METHODS)
+                or self.must_inspect_body())
 
     def must_inspect_body(self) -> bool:
         if self.request.method != "POST":
@@ -1896,8 +1939,12 @@ class ProxyHandler(BaseHandler):
             match = MODEL_NEAR_START.search(body, 0, 4096)
             self.request_model = match.group(1).decode("utf-8", "replace") if match else None
             return sent
-        content_type = self.request.headers.get("Content-Type", "application/json").lower()
+        # Lower-cased for the media type only: a multipart boundary is case-sensitive.
+        content_type = self.request.headers.get("Content-Type", "application/json")
         models, obj = models_in_body(content_type, body)
+        if self.has_allowlist() and obj is None and MODEL_IN_BODY.match(self.route):
+            raise ApiError(400, "This key may use only some models, and the model named in this "
+                                "request body could not be read.", code="invalid_body")
         self.request_model = models[0] if models else None
         for model in models:
             if self.has_allowlist() and not allows_model(self.user, model):
@@ -1914,7 +1961,7 @@ class ProxyHandler(BaseHandler):
                 # the answer out again so the client gets what it asked for.
                 obj["stream_options"] = {**(options or {}), "include_usage": True}
                 self.ask_usage = True
-                return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+                return json.dumps(obj, separators=(",", ":")).encode()
         return sent
 
     def decoded(self, body: bytes) -> bytes:
@@ -1949,7 +1996,9 @@ class ProxyHandler(BaseHandler):
 
     def upstream_request_headers(self, identity: bool = False) -> tornado.httputil.HTTPHeaders:
         headers = tornado.httputil.HTTPHeaders()
-        named_by_connection = connection_tokens(self.request.headers)
+        # Headers the client's Connection names are hop-by-hop, but never the
+        # body's length: dropping it would leave the body unframed upstream.
+        named_by_connection = connection_tokens(self.request.headers) - {"content-length"}
         for name, value in self.request.headers.get_all():
             lower = name.lower()
             if lower not in NOT_FORWARDED_UP and lower not in named_by_connection:
@@ -2102,7 +2151,9 @@ class ProxyHandler(BaseHandler):
         if self.filter_models and self.get_status() == 200:
             self.write(allowed_models_only(b"".join(self.models_list), self.user))
         elif self.reader is not None:
-            self.write(self.reader.flush())
+            rest = self.reader.flush()
+            if rest:  # (nothing at all may be written for a 204 or 304)
+                self.write(rest)
         self.finish()
 
     def upstream_error(self, error: Optional[BaseException]) -> ApiError:
@@ -2707,7 +2758,9 @@ async def serve(settings: Settings) -> None:
     server = tornado.httpserver.HTTPServer(
         make_app(app),
         ssl_options=tls_context(settings),
-        max_body_size=settings.max_body_bytes,
+        # Routes answered here take small bodies; the proxy raises its own
+        # limit per request (prepare), so no one else can make us hold 512 MB.
+        max_body_size=SMALL_BODY_BYTES,
         idle_connection_timeout=120,
     )
     flusher = tornado.ioloop.PeriodicCallback(app.flush, USAGE_FLUSH_SECONDS * 1000)
