@@ -1153,6 +1153,7 @@ BAD_SETTINGS = [
     ("LOG_LEVEL", "loud"),
     ("UPSTREAM_URL", "ftp://x"),
     ("CORS_ORIGINS", "not an origin"),
+    ("ACCESS_TOKEN", "embeddings"),  # an OpenAI path: /embeddings/… would never reach admin
 ]
 
 
@@ -4657,3 +4658,170 @@ class TestBillingViews:
         assert answer.status == 400 and "start_date" in answer.json()["error"]["message"]
         answer = request("GET", worker.url + "/dashboard/billing/usage")
         assert answer.status == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+
+
+# ---------------------------------------------------------------------------
+# 22. What the code review found: each finding with the test that keeps it fixed
+# ---------------------------------------------------------------------------
+
+class TestReviewFindings:
+    def test_a_chunked_body_on_delete_cannot_smuggle_a_request(self, worker, upstream):
+        """A body the upstream would not see framed must not reach it as a request of its own."""
+        key, test_id, smuggled = worker.register(unique("smug"), "?scope=all"), new_test_id(), new_test_id()
+        hidden = (f"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-test-id: {smuggled}\r\nX-Junk: ").encode()
+        host, port = urllib.parse.urlsplit(worker.url).netloc.split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"DELETE /v1/files/file-x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                         + key.encode() + f"\r\nx-test-id: {test_id}\r\n".encode()
+                         + b"Transfer-Encoding: chunked\r\n\r\n"
+                         + b"%x\r\n" % len(hidden) + hidden + b"\r\n0\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        for _ in range(3):  # and what follows on the kept-alive upstream connections
+            assert worker.models(key).status == 200
+        record = upstream.one(test_id)
+        assert record["body_len"] == len(hidden)  # it arrived as the DELETE's body, framed
+        assert upstream.find(smuggled) == []
+
+    def test_a_mixed_case_multipart_boundary_is_still_read_for_the_model(self, worker, upstream):
+        key, test_id = worker.register(unique("case"), "?models=whisper-1"), new_test_id()
+        body, _ = multipart({"model": "gpt-4o-transcribe"}, {"file": ("a.wav", b"RIFF", "audio/wav")})
+        boundary = body[2:body.index(b"\r\n")].decode()
+        mixed = "XyZ" + boundary
+        body = body.replace(boundary.encode(), mixed.encode())
+        answer = request("POST", worker.url + "/v1/audio/transcriptions", body, dict(
+            bearer(key), **{"Content-Type": f"multipart/form-data; boundary={mixed}",
+                            "x-test-id": test_id}))
+        assert answer.status == 404 and answer.json()["error"]["code"] == "model_not_found"
+        assert upstream.find(test_id) == []
+
+    @pytest.mark.parametrize("status", [204, 304])
+    def test_bodiless_answers_pass(self, tmp_root, status):
+        class Bodiless(tornado.web.RequestHandler):
+            def get(self) -> None:
+                self.set_status(status)
+
+        loop_ready, holder = threading.Event(), {}
+
+        def serve() -> None:
+            asyncio.set_event_loop(asyncio.new_event_loop())
+            server = tornado.httpserver.HTTPServer(tornado.web.Application([(r".*", Bodiless)]))
+            sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+            server.add_sockets(sockets)
+            holder["port"] = sockets[0].getsockname()[1]
+            holder["loop"] = tornado.ioloop.IOLoop.current()
+            loop_ready.set()
+            holder["loop"].start()
+
+        threading.Thread(target=serve, daemon=True).start()
+        assert loop_ready.wait(10)
+        try:
+            with running_worker(tmp_root, f"http://127.0.0.1:{holder['port']}") as lone:
+                key = lone.register("bodiless")
+                answer = request("GET", lone.url + "/v1/files/x", headers=bearer(key))
+                assert answer.status == 404  # isolated: the made-up id is nobody's
+                key = lone.register("trusted", "?scope=all")
+                answer = request("GET", lone.url + "/v1/files/x", headers=bearer(key))
+                assert answer.status == status and answer.body == b""
+                assert "Traceback" not in lone.log()
+        finally:
+            holder["loop"].add_callback(holder["loop"].stop)
+
+    def test_routes_outside_the_proxy_refuse_big_bodies_before_reading_them(self, worker):
+        host, port = urllib.parse.urlsplit(worker.url).netloc.split(":")
+        for path in ("/me/reset", "/anything", f"/{ACCESS_TOKEN}/register/x"):
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 500000000\r\n\r\n"
+                             .encode())
+                sock.settimeout(5)
+                assert sock.recv(4096).startswith(b"HTTP/1.1 4"), path  # at once, not after 500 MB
+
+    def test_the_token_alone_in_a_path_is_not_logged(self, worker):
+        for path in (f"/{ACCESS_TOKEN}", f"/{ACCESS_TOKEN}/", f"//{ACCESS_TOKEN}/users"):
+            assert request("GET", worker.url + path).status in (403, 404)
+        time.sleep(0.2)
+        assert ACCESS_TOKEN not in worker.log()
+
+    def test_ephemeral_upstream_keys_are_refused_to_limited_keys(self, worker, upstream):
+        key, test_id = worker.register(unique("eph"), "?quota=1000"), new_test_id()
+        answer = post_json(worker, "/v1/realtime/client_secrets", key,
+                           compact({"session": {"type": "realtime", "model": "gpt-realtime"}}),
+                           **{"x-test-id": test_id})
+        assert answer.status == 403 and answer.json()["error"]["code"] == "forbidden"
+        assert upstream.find(test_id) == []
+
+    def test_websocket_paths_follow_the_http_rules(self, worker, upstream):
+        key = worker.register(unique("wsadmin"))
+
+        async def attempt(path: str) -> int:
+            url = "ws" + worker.url[len("http"):] + path
+            try:
+                conn = await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
+                    url, headers=bearer(key), connect_timeout=10, request_timeout=10))
+            except tornado.httpclient.HTTPClientError as error:
+                return error.code
+            conn.close()
+            return 101
+
+        assert run_async(attempt("/v1/organization/users")) == 403
+        assert run_async(attempt("/v1/responses/resp_someone_elses")) == 404
+
+    def test_websocket_events_naming_another_model_are_refused(self, worker, upstream):
+        key, test_id = worker.register(unique("wsmodel"), "?models=gpt-realtime"), new_test_id()
+
+        async def session() -> Any:
+            conn = await ws_connect(worker, key, **{"x-test-id": test_id})
+            assert json.loads(await ws_read(conn))["type"] == "session.created"
+            await conn.write_message(json.dumps({"type": "session.update",
+                                                 "session": {"model": "gpt-4o-realtime"}}))
+            answer = json.loads(await ws_read(conn))
+            await conn.write_message("echo me")
+            echoed = await ws_read(conn)
+            conn.close()
+            return answer, echoed
+
+        answer, echoed = run_async(session())
+        assert answer["type"] == "error" and answer["error"]["code"] == "model_not_found"
+        assert echoed == "echo me"
+        assert all("gpt-4o-realtime" not in str(m) for m in upstream.one_ws(test_id).get("messages", []))
+
+
+STORE_FAILING_WRITE = r'''
+import asyncio, errno, sys
+sys.path.insert(0, sys.argv[1])
+import worker
+
+async def main():
+    kv = worker.DbmKV(sys.argv[2]).open()
+    real = kv._journal
+
+    class HalfWrite:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def write(self, data):
+            real.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    kv._journal = HalfWrite()
+    try:
+        await kv.write({"user:a": "1"})
+    except OSError:
+        pass
+    kv._journal = real
+    await kv.write({"user:b": "2"})
+    await kv.write({"user:c": "3"})
+    kv._journal.close()
+
+asyncio.run(main())
+'''
+
+
+def test_a_part_written_journal_line_does_not_cut_off_later_writes(tmp_path):
+    path = str(tmp_path / "db")
+    script = tmp_path / "half.py"
+    script.write_text(STORE_FAILING_WRITE)
+    done = subprocess.run([sys.executable, str(script), HERE, path], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    found = _read_store(sys.executable, path)
+    assert found == {"user:b": "2", "user:c": "3"}

@@ -1647,7 +1647,12 @@ MODEL_IN_BODY = re.compile(
     r"/v\d+/(chat/completions|completions|responses(/input_tokens|/compact)?|embeddings"
     r"|moderations|audio/(speech|transcriptions|translations)|images/(edits|generations|variations)"
     r"|fine_tuning/jobs|assistants(/[^/]+)?|threads(/[^/]+)?/runs|videos"
-    r"|realtime/(calls(/[^/]+/accept)?|client_secrets|translations/client_secrets))\Z")
+    r"|realtime/(calls(/[^/]+/accept)?|client_secrets|translations/client_secrets|sessions"
+    r"|transcription_sessions))\Z")
+# Endpoints that hand out a short-lived upstream key: what it is used for never
+# passes this proxy, so a key with limits may not have one.
+EPHEMERAL_KEYS = re.compile(
+    r"/v\d+/realtime/(client_secrets|sessions|transcription_sessions|translations/client_secrets)\Z")
 # Streams whose usage OpenAI sends only when asked (stream_options.include_usage).
 USAGE_ON_REQUEST = re.compile(r"/v\d+/(chat/completions|completions)\Z")
 MODELS_LIST = re.compile(r"/v\d+/models\Z")
@@ -1667,6 +1672,14 @@ async def check_limits(app: "App", user: Dict[str, Any], models: List[str]) -> N
     for model in models:
         if not allows_model(user, model):
             raise model_not_found(model)
+
+
+def refuse_ephemeral_keys(user: Dict[str, Any], path: str) -> None:
+    limited = user.get("quota") or user.get("rpm") or "*" not in (user.get("models") or ["*"])
+    if limited and EPHEMERAL_KEYS.match(path):
+        raise ApiError(403, "This key has limits, so it may not get a short-lived upstream key "
+                            "(its use would bypass them): connect through this proxy instead.",
+                       code="forbidden")
 
 
 def connection_tokens(headers: tornado.httputil.HTTPHeaders) -> set:
@@ -1784,6 +1797,7 @@ class ProxyHandler(BaseHandler):
         models = [match.group(1)] if match else []
         models += self.get_query_arguments("model")  # every one: see models_in_body
         await check_limits(self.app, user, models)
+        refuse_ephemeral_keys(user, path)
         self.request_model = models[0] if models else None
         self.filter_models = (self.has_allowlist() and self.request.method == "GET"
                               and bool(MODELS_LIST.match(path)))
@@ -1917,7 +1931,7 @@ class ProxyHandler(BaseHandler):
             return False
         path = self.route
         return bool(USAGE_ON_REQUEST.match(path)
-                    or (self.has_allowlist() and MODEL_IN_BODY.match(path))
+                    or (self.has_allowlist() and (MODEL_IN_BODY.match(path) or self.body_is_json()))
                     or (self.isolated and self.body_is_json()))
 
     def body_is_json(self) -> bool:
@@ -2273,11 +2287,54 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                                            self.subprotocol_key())
             self.log_user = self.user["name"]
             await check_limits(self.app, self.user, self.get_query_arguments("model"))
+            await self.check_path()
             self.upstream = await self.connect_upstream()
         except ApiError as error:
             self.send_error(error.status_code, exc_info=(ApiError, error, None))
             return
         await super().get(*args, **kwargs)
+
+    def isolated(self) -> bool:
+        return self.user is not None and self.user.get("scope", "own") != "all"
+
+    async def check_path(self) -> None:
+        """The same path rules as the HTTP proxy: administration closed, objects the caller's."""
+        route = route_path(self.request.path)
+        if self.isolated() and ADMIN_ONLY_PATH.match(route):
+            raise ApiError(403, "This key may not use the account's administration endpoints.",
+                           code="forbidden")
+        match = COLLECTION_PATH.match(route)
+        if match and match.group(2) and (match.group(1), match.group(2)) not in NOT_AN_ID:
+            if self.isolated() and await self.app.owners.owner(match.group(2)) != self.user["name"]:
+                raise no_such_object(match.group(2), OWNED_COLLECTIONS[match.group(1)])
+
+    async def refusal(self, message: str) -> Optional[ApiError]:
+        """What a client event may not do: name a model outside the key's list, another
+        user's object, or start a response once the quota is used up."""
+        user = self.user
+        limited = "*" not in (user.get("models") or ["*"])
+        if not (limited or self.isolated() or user.get("quota")):
+            return None
+        if not any(marker in message for marker in ('"model"', '"response.create"', "\\u")
+                   + tuple(m.decode() for m in REFERENCE_MARKERS)):
+            return None
+        event = _json_or_none(message.encode())
+        if not isinstance(event, dict):
+            return None
+        if user.get("quota") and event.get("type") == "response.create":
+            if await self.app.usage.used_tokens(user["name"]) >= user["quota"]:
+                return ApiError(429, f"You exceeded your quota of {user['quota']} tokens for this "
+                                     "key.", "insufficient_quota", "insufficient_quota")
+        if limited:
+            for part in (event, event.get("response"), event.get("session")):
+                model = part.get("model") if isinstance(part, dict) else None
+                if isinstance(model, str) and not allows_model(user, model):
+                    return model_not_found(model)
+        if self.isolated():
+            for object_id in referenced_ids(event):
+                if await self.app.owners.owner(object_id) != user["name"]:
+                    return no_such_object(object_id)
+        return None
 
     def subprotocols(self) -> List[str]:
         value = self.request.headers.get("Sec-WebSocket-Protocol", "")
@@ -2328,6 +2385,11 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         self.set_nodelay(True)
 
     async def on_message(self, message: Union[str, bytes]) -> None:
+        if isinstance(message, str):
+            refused = await self.refusal(message)
+            if refused is not None:  # answered as OpenAI answers a bad event; not sent on
+                self.write_message(json.dumps({"type": "error", **refused.body()}))
+                return
         if self.upstream is not None:
             try:
                 await self.upstream.write_message(message, binary=isinstance(message, bytes))
@@ -2344,6 +2406,12 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             return
         if isinstance(message, str) and '"response.done"' in message[:200]:
             self.count_usage(message)
+        elif isinstance(message, str) and '"response.created"' in message[:200] and self.user:
+            # Responses in WebSocket mode are stored like POSTed ones: the caller's.
+            match = FIRST_ID.search(message.encode()[:4096])
+            if match and route_path(self.request.path).endswith("/responses"):
+                self.app.owners.claim(self.user["name"], match.group(1).decode(), "Response",
+                                      EXPIRING_COLLECTIONS["responses"])
         try:
             self.write_message(message, binary=isinstance(message, bytes))
         except tornado.websocket.WebSocketClosedError:
