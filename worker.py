@@ -1225,7 +1225,11 @@ def route_path(path: str) -> str:
     """The path as an upstream that decodes and normalises it would read it, so
     ``/v1/%66iles/…``, ``/v1//files/…`` and ``/v1/x/../files/…`` are checked as
     ``/v1/files/…``; a doubled ``/v1/v1`` counts once."""
-    path = posixpath.normpath("/" + urllib.parse.unquote(path).lstrip("/"))
+    return without_doubled_version(posixpath.normpath("/" + urllib.parse.unquote(path).lstrip("/")))
+
+
+def without_doubled_version(path: str) -> str:
+    """``/v1/v1/…`` (a base URL that had /v1 and got it again) as ``/v1/…``."""
     while re.match(r"/v\d+/v\d+(/|\Z)", path):
         path = path[path.index("/", 1):]
     return path
@@ -1998,15 +2002,11 @@ class ProxyHandler(BaseHandler):
 
     # -- request: client → upstream -------------------------------------------
 
-    def upstream_path(self) -> str:
-        path = self.request.path
-        while re.match(r"/v\d+/v\d+(/|$)", path):  # /v1/v1/…: a doubled base URL
-            path = path[path.index("/", 1):]
-        return path
-
     def upstream_url(self) -> str:
+        """Where the request goes: its own path (not the checked, decoded one) and query."""
         query = self.request.query
-        return self.app.settings.upstream_url + self.upstream_path() + (f"?{query}" if query else "")
+        path = without_doubled_version(self.request.path)
+        return self.app.settings.upstream_url + path + (f"?{query}" if query else "")
 
     def upstream_request_headers(self, identity: bool = False) -> tornado.httputil.HTTPHeaders:
         headers = tornado.httputil.HTTPHeaders()
@@ -2348,7 +2348,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     async def connect_upstream(self) -> tornado.websocket.WebSocketClientConnection:
         base = self.app.settings.upstream_url
-        url = "ws" + base[len("http"):] + self.request.path
+        url = "ws" + base[len("http"):] + without_doubled_version(self.request.path)
         if self.request.query:
             url += "?" + self.request.query
         headers = tornado.httputil.HTTPHeaders()
