@@ -132,6 +132,9 @@ STREAMED_BODY_METHODS = ("POST", "PUT", "PATCH")
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")  # the ones Tornado's client frames chunked
 SMALL_BODY_BYTES = 256 << 10  # request bodies up to this are read whole, then sent
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
+SHARED_FLUSH_SECONDS = 1.0  # ... and a shared store (Redis), so instances agree soon
+SHARED_CACHE_SECONDS = 1.0  # the longest a key read from Redis is trusted unasked
+RATE_WINDOW_SECONDS = 60.0
 
 
 # ---------------------------------------------------------------------------
@@ -208,6 +211,12 @@ def _optional(value: str, name: str) -> str:
     return value
 
 
+def _kv_url(value: str, name: str) -> str:
+    if value and urllib.parse.urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{name} must be a redis://, rediss:// or unix:// URL")
+    return value
+
+
 # (variable, default, parser, help): the one table behind Settings and --help.
 SETTINGS_TABLE = (
     ("OPENAPI_API_KEY", "", _required, "the owner's upstream key (alias: OPENAI_API_KEY); required"),
@@ -216,7 +225,7 @@ SETTINGS_TABLE = (
     ("HOST", "0.0.0.0", _optional, "address to listen on"),
     ("PORT", "8787", _port, "port to listen on"),
     ("DB_PATH", "worker.db", _required, "folder of the embedded store (stdlib dbm + journal)"),
-    ("KV_URL", "", _optional, "redis://… to share the store between instances (not in this version)"),
+    ("KV_URL", "", _kv_url, "redis://[:PASSWORD@]HOST[:PORT][/DB] (or rediss://): share the store"),
     ("WORKERS", "1", _positive_int, "processes sharing the port (needs KV_URL)"),
     ("TLS_CERT", "", _optional, "PEM certificate (chain) file: serve HTTPS directly"),
     ("TLS_KEY", "", _optional, "PEM private key file for TLS_CERT"),
@@ -265,9 +274,7 @@ def load_settings(environ: Dict[str, str]) -> Settings:
     settings = Settings(**values)
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("TLS_CERT and TLS_KEY must be set together")
-    if settings.kv_url:
-        raise ConfigError("KV_URL: the Redis backend is not in this version of worker.py")
-    if settings.workers > 1:
+    if settings.workers > 1 and not settings.kv_url:
         raise ConfigError("WORKERS above 1 needs KV_URL (the dbm store is single-process)")
     return settings
 
@@ -322,6 +329,15 @@ class StoreError(Exception):
         self.status = status
 
 
+class StoreUnavailable(ApiError):
+    """The shared store (Redis) does not answer: 503 until it does."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "This proxy's store is unavailable for the moment; "
+                              "try again shortly.", "server_error", "store_unavailable",
+                         headers={"Retry-After": "1"})
+
+
 # ---------------------------------------------------------------------------
 # The store: a key-value store over dbm, made crash-safe by a journal
 # ---------------------------------------------------------------------------
@@ -341,7 +357,18 @@ class DbmKV:
 
     Files in the folder: ``CURRENT``, ``snap-N*`` (dbm), ``wal-N`` (journal),
     ``LOCK`` (held while a process writes).
+
+    The interface it shares with ``RedisKV``: ``get``, ``get_many``, ``scan``
+    (strings); ``counts``, ``scan_counts``, ``add`` (counters: lists of
+    integers); ``write`` (puts, deletes and counters together, optionally only
+    if some keys still hold what the caller read); ``follow`` (a key whose
+    value names another); ``take_slot`` (a sliding-window rate limit);
+    ``ping``; ``aclose``. One process owns a dbm store, so its rate windows
+    live in memory and nothing read from it needs a cache.
     """
+
+    flush_seconds = USAGE_FLUSH_SECONDS
+    cache_seconds = 0.0
 
     def __init__(self, path: str, readonly: bool = False):
         self.path = path
@@ -355,6 +382,7 @@ class DbmKV:
         self._journal_gen = 0
         self._lock_file = None
         self._checkpointing: Optional[asyncio.Future] = None
+        self._windows: Dict[str, "collections.deque[float]"] = {}  # take_slot's
 
     # -- opening and recovery -------------------------------------------------
 
@@ -469,16 +497,62 @@ class DbmKV:
                 result[key] = value
         return result
 
+    async def follow(self, key: str, prefix: str) -> Tuple[Optional[str], Optional[str]]:
+        """The value of ``key``, and the value of ``prefix`` + that value."""
+        value = self._get(key)
+        return value, None if value is None else self._get(prefix + value)
+
+    async def counts(self, keys: Iterable[str]) -> List[Optional[List[int]]]:
+        return [None if value is None else json.loads(value)
+                for value in (self._get(key) for key in keys)]
+
+    async def scan_counts(self, prefix: str) -> Dict[str, List[int]]:
+        return {key: json.loads(value) for key, value in (await self.scan(prefix)).items()}
+
+    async def ping(self) -> bool:
+        return True
+
+    async def check(self) -> None:
+        """At start: nothing to say (opening checked it all)."""
+
     # -- writes ---------------------------------------------------------------
 
-    async def write(self, ops: Dict[str, Optional[str]], durable: bool = True) -> None:
-        """Apply puts (str) and deletes (None) together: all or none survive a crash.
+    async def add(self, counts: Dict[str, List[int]], batch_id: str) -> None:
+        """Add to counters, all in one durable write (one process: no one else adds)."""
+        ops: Dict[str, Any] = {}
+        for key, values in counts.items():
+            stored = json.loads(self._get(key) or "[]")
+            stored += [0] * (len(values) - len(stored))
+            ops[key] = [a + b for a, b in zip(stored, values)] + stored[len(values):]
+        await self.write(ops)
+
+    async def take_slot(self, key: str, limit: int, window: float) -> Optional[float]:
+        """Count a request against ``limit`` per ``window`` seconds: None if it
+        may go, else the seconds until a slot frees up."""
+        now = time.monotonic()
+        times = self._windows.setdefault(key, collections.deque())
+        while times and now - times[0] >= window:
+            times.popleft()
+        if len(times) < limit:
+            times.append(now)
+            return None
+        return window - (now - times[0])
+
+    async def write(self, ops: Dict[str, Any], durable: bool = True,
+                    expect: Optional[Dict[str, Optional[str]]] = None) -> bool:
+        """Apply puts (str), counters (lists of int) and deletes (None) together:
+        all or none survive a crash. With ``expect``, only if each of those
+        keys still holds the value given (None: absent); False if one does not.
 
         With ``durable`` the journal is fsync'd before this returns, so a write
         the caller acknowledges survives kill -9 and a power cut.
         """
+        if expect and any(self._get(key) != value for key, value in expect.items()):
+            return False
         if not ops:
-            return
+            return True
+        ops = {key: _dump(value) if isinstance(value, list) else value
+               for key, value in ops.items()}
         line, start = _encode_journal_line(ops), self._journal.tell()
         try:
             written = 0
@@ -494,6 +568,7 @@ class DbmKV:
         self._overlay.update(ops)
         if self._journal.tell() > JOURNAL_CHECKPOINT_BYTES and self._checkpointing is None:
             self._checkpointing = asyncio.ensure_future(self.checkpoint())
+        return True
 
     async def checkpoint(self) -> None:
         """Fold the overlay into a new snapshot generation, off the event loop."""
@@ -611,6 +686,277 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------
+# The shared store: the same interface over Redis, for several instances
+# ---------------------------------------------------------------------------
+
+ABSENT = "\x00"  # in a script's arguments: no value (JSON and names never hold NUL)
+
+# Every script reads and writes only what its arguments name, atomically.
+REDIS_SCRIPTS = {
+    # follow: KEYS[1]'s value, and the value of ARGV[1] .. that value.
+    "follow": """
+        local value = redis.call('GET', KEYS[1])
+        if not value then return {} end
+        local target = redis.call('GET', ARGV[1] .. value)
+        if not target then return {value} end
+        return {value, target}""",
+    # write_if: when KEYS[1..n] hold ARGV[2..n+1] (n = ARGV[1]), set the other
+    # keys to the other values (ABSENT deletes) and answer 1; else answer 0.
+    "write_if": """
+        local n = tonumber(ARGV[1])
+        for i = 1, n do
+            local value = redis.call('GET', KEYS[i])
+            if ARGV[i + 1] == '\\0' then
+                if value then return 0 end
+            elseif value ~= ARGV[i + 1] then
+                return 0
+            end
+        end
+        for i = n + 1, #KEYS do
+            if ARGV[i + 1] == '\\0' then
+                redis.call('DEL', KEYS[i])
+            else
+                redis.call('SET', KEYS[i], ARGV[i + 1])
+            end
+        end
+        return 1""",
+    # add: once per batch KEYS[1] (a retried batch is not counted twice), add
+    # ARGV[1] numbers each (ARGV[2..]) to the hash fields 0.. of KEYS[2..].
+    "add": """
+        if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then return 0 end
+        local width = tonumber(ARGV[1])
+        for i = 2, #KEYS do
+            for j = 1, width do
+                local n = tonumber(ARGV[1 + (i - 2) * width + j])
+                if n ~= 0 then redis.call('HINCRBY', KEYS[i], j - 1, n) end
+            end
+        end
+        return 1""",
+    # take_slot: a sliding window of ARGV[2] ms holding at most ARGV[1]
+    # requests, timed by Redis's clock so every instance agrees; -1 if this
+    # one fits, else the milliseconds until one does.
+    "take_slot": """
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        local limit, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+        redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+        if redis.call('ZCARD', KEYS[1]) < limit then
+            redis.call('ZADD', KEYS[1], now, ARGV[3])
+            redis.call('PEXPIRE', KEYS[1], window)
+            return -1
+        end
+        local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+        return tonumber(oldest[2]) + window - now""",
+}
+
+
+def import_redis() -> Any:
+    """redis-py's asyncio client, which only ``KV_URL`` needs."""
+    try:
+        import redis.asyncio
+        import redis.exceptions
+    except ImportError:
+        raise ConfigError("KV_URL needs the redis package: pip install redis") from None
+    return redis
+
+
+class RedisKV:
+    """The store's interface over Redis (``KV_URL``), shared by every instance.
+
+    Strings are Redis strings and counters Redis hashes (field ``i`` holds
+    element ``i``), under the prefix ``cfw:``. Whatever must be atomic across
+    instances is: counters grow with HINCRBY inside a script that also marks
+    the batch as counted, rate windows are sorted sets trimmed and grown by a
+    script on Redis's own clock, and read-modify-writes of a user record are
+    compare-and-set. A Redis that does not answer makes every call raise
+    ``StoreUnavailable`` (503) until it does again.
+    """
+
+    flush_seconds = SHARED_FLUSH_SECONDS
+    cache_seconds = SHARED_CACHE_SECONDS
+    PREFIX = "cfw:"
+
+    def __init__(self, url: str):
+        self.url = url
+        self.client: Any = None
+        self.down = False
+        self._scripts: Dict[str, Any] = {}
+
+    def open(self) -> "RedisKV":
+        redis = import_redis()
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        self._errors = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+        self.client = redis.asyncio.Redis.from_url(
+            self.url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
+            # One retry on a fresh connection: after Redis restarts, the pooled
+            # ones are dead, and the first use of each would fail otherwise.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
+        self._scripts = {name: self.client.register_script(source)
+                         for name, source in REDIS_SCRIPTS.items()}
+        return self
+
+    @property
+    def where(self) -> str:
+        """Host and port (or socket) for logs: never the password."""
+        kwargs = self.client.connection_pool.connection_kwargs
+        if "path" in kwargs:
+            return kwargs["path"]
+        return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
+
+    async def _do(self, awaitable: Awaitable[Any]) -> Any:
+        try:
+            result = await awaitable
+        except self._errors as e:
+            if not self.down:
+                log.warning("store: Redis at %s failed: %s: %s", self.where, type(e).__name__, e)
+                self.down = True
+            raise StoreUnavailable() from None
+        if self.down:
+            log.info("store: Redis at %s answers again", self.where)
+            self.down = False
+        return result
+
+    def _key(self, key: str) -> str:
+        return self.PREFIX + key
+
+    async def _keys(self, prefix: str) -> List[str]:
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._key(prefix)) + "*"
+
+        async def collect() -> List[str]:
+            return [key async for key in self.client.scan_iter(match=pattern, count=1000)]
+        return sorted(await self._do(collect()))
+
+    # -- reads ----------------------------------------------------------------
+
+    async def get(self, key: str) -> Optional[str]:
+        return await self._do(self.client.get(self._key(key)))
+
+    async def get_many(self, keys: Iterable[str]) -> List[Optional[str]]:
+        keys = [self._key(key) for key in keys]
+        return await self._do(self.client.mget(keys)) if keys else []
+
+    async def scan(self, prefix: str) -> Dict[str, str]:
+        keys = await self._keys(prefix)
+        values = await self._do(self.client.mget(keys)) if keys else []
+        start = len(self.PREFIX)
+        return {key[start:]: value for key, value in zip(keys, values) if value is not None}
+
+    async def follow(self, key: str, prefix: str) -> Tuple[Optional[str], Optional[str]]:
+        found = await self._do(self._scripts["follow"](keys=[self._key(key)],
+                                                       args=[self._key(prefix)]))
+        found = list(found) + [None, None]
+        return found[0], found[1]
+
+    async def _hashes(self, keys: List[str]) -> List[Optional[List[int]]]:
+        if not keys:
+            return []
+
+        async def fetch() -> List[Dict[str, str]]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                return await pipe.execute()
+        return [_counter(fields) for fields in await self._do(fetch())]
+
+    async def counts(self, keys: Iterable[str]) -> List[Optional[List[int]]]:
+        return await self._hashes([self._key(key) for key in keys])
+
+    async def scan_counts(self, prefix: str) -> Dict[str, List[int]]:
+        keys = await self._keys(prefix)
+        start = len(self.PREFIX)
+        return {key[start:]: counter for key, counter in zip(keys, await self._hashes(keys))
+                if counter is not None}
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._do(self.client.ping()))
+        except StoreUnavailable:
+            return False
+
+    async def check(self) -> None:
+        """At start: say if Redis is not there yet, or keeps admin writes only
+        until its next snapshot (they survive a crash only with appendonly)."""
+        if not await self.ping():
+            log.warning("store: requests get 503 until Redis at %s answers", self.where)
+            return
+        try:
+            config = await self.client.config_get("appendonly")
+        except Exception:  # CONFIG may be renamed away (managed Redis): say nothing
+            return
+        if config.get("appendonly") == "no":
+            log.warning("store: Redis at %s has appendonly off, so a crash of Redis can lose "
+                        "users and keys written since its last snapshot (see the README)",
+                        self.where)
+
+    # -- writes ---------------------------------------------------------------
+
+    async def write(self, ops: Dict[str, Any], durable: bool = True,
+                    expect: Optional[Dict[str, Optional[str]]] = None) -> bool:
+        """As ``DbmKV.write``; durability is Redis's own (its append-only file)."""
+        if expect:
+            if any(isinstance(value, list) for value in ops.values()):
+                raise ValueError("a conditional write takes strings and deletes only")
+            keys = [self._key(key) for key in [*expect, *ops]]
+            args = [len(expect)] + [ABSENT if value is None else value
+                                    for value in [*expect.values(), *ops.values()]]
+            return bool(await self._do(self._scripts["write_if"](keys=keys, args=args)))
+        if not ops:
+            return True
+
+        async def apply() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                for key, value in ops.items():
+                    key = self._key(key)
+                    if value is None or isinstance(value, list):
+                        pipe.delete(key)
+                    if isinstance(value, list) and value:
+                        pipe.hset(key, mapping={str(i): n for i, n in enumerate(value)})
+                    elif isinstance(value, str):
+                        pipe.set(key, value)
+                await pipe.execute()
+        await self._do(apply())
+        return True
+
+    async def add(self, counts: Dict[str, List[int]], batch_id: str) -> None:
+        """Add to counters atomically; a batch retried after a lost answer counts once."""
+        if not counts:
+            return
+        width = max(len(values) for values in counts.values())
+        keys = [self._key("batch:" + batch_id)] + [self._key(key) for key in counts]
+        args = [width] + [n for values in counts.values()
+                          for n in values + [0] * (width - len(values))]
+        await self._do(self._scripts["add"](keys=keys, args=args))
+
+    async def take_slot(self, key: str, limit: int, window: float) -> Optional[float]:
+        wait = await self._do(self._scripts["take_slot"](
+            keys=[self._key(key)], args=[limit, int(window * 1000), secrets.token_hex(8)]))
+        return None if int(wait) < 0 else int(wait) / 1000
+
+    async def aclose(self) -> None:
+        close = getattr(self.client, "aclose", None) or self.client.close
+        await close()
+
+
+def _counter(fields: Dict[str, str]) -> Optional[List[int]]:
+    """A Redis hash ``{"0": "3", "1": "5"}`` as the counter ``[3, 5]``."""
+    if not fields:
+        return None
+    values = [0] * (max(int(i) for i in fields) + 1)
+    for i, n in fields.items():
+        values[int(i)] = int(n)
+    return values
+
+
+def open_kv(settings: "Settings", readonly: bool = False) -> Union[DbmKV, RedisKV]:
+    """The store ``KV_URL`` names, else the embedded one at ``DB_PATH``."""
+    if settings.kv_url:
+        return RedisKV(settings.kv_url).open()
+    return DbmKV(settings.db_path, readonly=readonly).open()
+
+
+# ---------------------------------------------------------------------------
 # Keys and users
 # ---------------------------------------------------------------------------
 
@@ -711,23 +1057,53 @@ def allows_model(user: Dict[str, Any], model: str) -> bool:
 
 
 class Store:
-    """Users, keys and usage over a KV, one small record each:
+    """Users, keys and usage over a KV (``DbmKV`` or ``RedisKV``), one small record each:
 
     - ``user:NAME``: the user's record (JSON: key hash, created, limits);
     - ``key:SHA256``: the name, so a key is found in O(1) and never kept in clear;
-    - ``usage:NAME:DAY:MODEL``: ``[requests, input, output, total]`` tokens;
-    - ``total:NAME``: ``[requests, tokens]`` over all time, for the quota;
-    - ``own:ID``: who created an object (user, kind, created, expires).
+    - ``usage:NAME:DAY:MODEL``: counter ``[requests, input, output, total]`` tokens;
+    - ``total:NAME``: counter ``[requests, tokens]`` over all time, for the quota;
+    - ``own:ID``: who created an object (user, kind, created, expires);
+    - ``rate:NAME``: the user's requests of the last minute (``take_slot``).
+
+    A shared store is read at most every ``kv.cache_seconds`` per key for
+    the request path; this process's own writes drop what it remembered.
     """
 
-    def __init__(self, kv: DbmKV):
+    def __init__(self, kv: Union[DbmKV, RedisKV]):
         self.kv = kv
+        self._remembered: Dict[str, Tuple[float, Any]] = {}
+
+    def _recall(self, key: str) -> Any:
+        if self.kv.cache_seconds:
+            hit = self._remembered.get(key)
+            if hit is not None and time.monotonic() - hit[0] < self.kv.cache_seconds:
+                return hit[1]
+        return None
+
+    def _remember(self, key: str, value: Any) -> Any:
+        if self.kv.cache_seconds:
+            if len(self._remembered) >= SNAPSHOT_CACHE_ENTRIES:
+                self._remembered.clear()
+            self._remembered[key] = (time.monotonic(), value)
+        return value
+
+    def _forget(self) -> None:
+        self._remembered.clear()
+
+    # -- users and keys -----------------------------------------------------------
 
     async def user_for_key(self, key: str) -> Optional[Dict[str, Any]]:
-        name = await self.kv.get("key:" + hash_key(key))
-        if name is None:
-            return None
-        return await self.get_user(name)
+        digest = hash_key(key)
+        user = self._recall("key:" + digest)
+        if user is None:
+            _, record = await self.kv.follow("key:" + digest, "user:")
+            user = None if record is None else json.loads(record)
+            # A key left behind by a reset that raced another is no key.
+            if user is None or not hmac.compare_digest(user["key_hash"], digest):
+                return None  # (not remembered: a key registered elsewhere works at once)
+            self._remember("key:" + digest, user)
+        return dict(user)
 
     async def get_user(self, name: str) -> Optional[Dict[str, Any]]:
         record = await self.kv.get("user:" + name)
@@ -739,72 +1115,88 @@ class Store:
             raise StoreError(404, f"no user {name}")
         return user
 
+    async def _change_user(self, name: str,
+                           change: Callable[[Dict[str, Any]], Dict[str, Optional[str]]]) -> Dict[str, Any]:
+        """Read the user, let ``change`` edit it and name other writes, and write
+        both only if no one (another instance) changed the user meanwhile."""
+        for _ in range(10):
+            record = await self.kv.get("user:" + name)
+            if record is None:
+                raise StoreError(404, f"no user {name}")
+            user = json.loads(record)
+            ops = change(user)
+            ops.setdefault("user:" + name, _dump(user))
+            if await self.kv.write(ops, expect={"user:" + name: record}):
+                self._forget()
+                return user
+        raise StoreError(409, f"user {name} is being changed elsewhere; try again")
+
     async def create_user(self, name: str, limits: Dict[str, Any]) -> str:
-        if await self.get_user(name) is not None:
-            raise StoreError(409, f"user {name} exists")
         key = new_key()
         user = {"name": name, "key_hash": hash_key(key), "created": now_iso(),
                 **LIMIT_DEFAULTS, **limits}
-        await self.kv.write({"user:" + name: _dump(user), "key:" + user["key_hash"]: name,
-                             "total:" + name: None})
+        created = await self.kv.write(
+            {"user:" + name: _dump(user), "key:" + user["key_hash"]: name, "total:" + name: None},
+            expect={"user:" + name: None})
+        if not created:
+            raise StoreError(409, f"user {name} exists")
+        self._forget()
         return key
 
     async def reset_key(self, name: str) -> str:
-        user = await self.require_user(name)
         key = new_key()
-        old_hash, user["key_hash"] = user["key_hash"], hash_key(key)
-        await self.kv.write({"key:" + old_hash: None, "key:" + user["key_hash"]: name,
-                             "user:" + name: _dump(user)})
+
+        def change(user: Dict[str, Any]) -> Dict[str, Optional[str]]:
+            old_hash, user["key_hash"] = user["key_hash"], hash_key(key)
+            return {"key:" + old_hash: None, "key:" + user["key_hash"]: name}
+        await self._change_user(name, change)
         return key
 
     async def set_limits(self, name: str, limits: Dict[str, Any]) -> Dict[str, Any]:
-        user = await self.require_user(name)
-        user.update(limits)
-        await self.kv.write({"user:" + name: _dump(user)})
-        return user
+        return await self._change_user(name, lambda user: user.update(limits) or {})
 
     async def delete_user(self, name: str) -> None:
         """Delete the user, its key and its objects' records; its past usage stays in the stats."""
-        user = await self.require_user(name)
         objects = {"own:" + record["id"]: None for record in await self.objects_of(name)}
-        await self.kv.write({"key:" + user["key_hash"]: None, "user:" + name: None,
-                             "total:" + name: None, **objects})
+        await self._change_user(name, lambda user: {
+            "key:" + user["key_hash"]: None, "user:" + name: None, "total:" + name: None,
+            **objects})
 
     async def list_users(self) -> List[Dict[str, Any]]:
         return [json.loads(value) for value in (await self.kv.scan("user:")).values()]
 
     # -- usage ----------------------------------------------------------------
 
-    async def total(self, name: str) -> List[int]:
-        """``[requests, tokens]`` counted for the user so far, over all time."""
-        record = await self.kv.get("total:" + name)
-        return json.loads(record) if record else [0, 0]
+    async def total(self, name: str, fresh: bool = True) -> List[int]:
+        """``[requests, tokens]`` counted for the user so far, over all time;
+        with ``fresh=False`` as read up to ``kv.cache_seconds`` ago."""
+        total = None if fresh else self._recall("total:" + name)
+        if total is None:
+            total = (await self.kv.counts(["total:" + name]))[0] or [0, 0]
+            self._remember("total:" + name, total)
+        return total
 
-    async def add_usage(self, batch: Dict[Tuple[str, str, str], List[int]]) -> None:
-        """Add counts per (name, day, model) to the stored ones, as one durable write."""
-        ops: Dict[str, Optional[str]] = {}
-        totals: Dict[str, List[int]] = {}
-        for (name, day, model), counts in batch.items():
-            key = f"usage:{name}:{day}:{model}"
-            stored = json.loads(ops.get(key) or await self.kv.get(key) or "[0, 0, 0, 0]")
-            ops[key] = _dump([a + b for a, b in zip(stored, counts)])
-            total = totals.setdefault(name, [0, 0])
-            total[0] += counts[0]
-            total[1] += counts[3]
-        for name, (requests, tokens) in totals.items():
-            stored = await self.total(name)
-            ops["total:" + name] = _dump([stored[0] + requests, stored[1] + tokens])
-        await self.kv.write(ops)
+    async def add_usage(self, batch: Dict[Tuple[str, str, str], List[int]], batch_id: str) -> None:
+        """Add counts per (name, day, model) to the stored ones, as one write;
+        the same ``batch_id`` again (a retry after a lost answer) adds nothing."""
+        counts: Dict[str, List[int]] = {}
+        for (name, day, model), row in batch.items():
+            counts[f"usage:{name}:{day}:{model}"] = list(row)
+            total = counts.setdefault("total:" + name, [0, 0])
+            total[0] += row[0]
+            total[1] += row[3]
+        await self.kv.add(counts, batch_id)
+        self._forget()
 
     async def usage_rows(self, name: Optional[str], first_day: str,
                          last_day: str) -> List[Dict[str, Any]]:
         """Stored usage per day, user and model, oldest first."""
         rows = []
         prefix = "usage:" + (f"{name}:" if name else "")
-        for key, value in (await self.kv.scan(prefix)).items():
+        for key, counts in (await self.kv.scan_counts(prefix)).items():
             _, user, day, model = key.split(":", 3)
             if first_day <= day <= last_day:
-                requests, input_tokens, output_tokens, total = json.loads(value)
+                requests, input_tokens, output_tokens, total = (counts + [0] * 4)[:4]
                 rows.append({"day": day, "user": user, "model": model, "requests": requests,
                              "input_tokens": input_tokens, "output_tokens": output_tokens,
                              "total_tokens": total})
@@ -817,9 +1209,10 @@ class Store:
         record = await self.kv.get("own:" + object_id)
         return None if record is None else json.loads(record)
 
-    async def write_objects(self, records: Dict[str, Optional[Dict[str, Any]]]) -> None:
+    async def write_objects(self, records: Dict[str, Optional[Dict[str, Any]]],
+                            durable: bool = True) -> None:
         await self.kv.write({"own:" + object_id: None if record is None else _dump(record)
-                             for object_id, record in records.items()})
+                             for object_id, record in records.items()}, durable=durable)
 
     async def objects_of(self, name: Optional[str] = None) -> List[Dict[str, Any]]:
         """Object records, the user's (or everyone's), oldest first; expired ones left out."""
@@ -834,15 +1227,18 @@ class Store:
 
     async def purge_expired_objects(self) -> None:
         now = iso(utcnow())
-        expired = {key: None for key, value in (await self.kv.scan("own:")).items()
-                   if (json.loads(value).get("expires") or "9999") <= now}
-        await self.kv.write(expired, durable=False)
+        try:
+            expired = {key: None for key, value in (await self.kv.scan("own:")).items()
+                       if (json.loads(value).get("expires") or "9999") <= now}
+            await self.kv.write(expired, durable=False)
+        except StoreUnavailable:
+            pass  # the next hour's try
 
     # -- moving between stores --------------------------------------------------
 
     async def import_users(self, users: Dict[str, Any]) -> int:
         """Take ``{name: {"key": "sk-…"}}`` (Cloudflare) or this program's export."""
-        ops: Dict[str, Optional[str]] = {}
+        ops: Dict[str, Any] = {}
         for name, entry in users.items():
             if not isinstance(entry, dict) or not NAME_RE.match(name) or name in ROUTE_WORDS:
                 raise ValueError(f"user {name!r}: needs a valid name and an object")
@@ -860,14 +1256,15 @@ class Store:
             ops["key:" + record["key_hash"]] = name
             for row in entry.get("usage", []):
                 key = f"usage:{name}:{row['day']}:{row['model']}"
-                ops[key] = _dump([row["requests"], row["input_tokens"],
-                                  row["output_tokens"], row["total_tokens"]])
+                ops[key] = [int(row["requests"]), int(row["input_tokens"]),
+                            int(row["output_tokens"]), int(row["total_tokens"])]
             if entry.get("total"):
-                ops["total:" + name] = _dump(entry["total"])
+                ops["total:" + name] = [int(n) for n in entry["total"]]
             for obj in entry.get("objects", []):
                 ops["own:" + obj["id"]] = _dump({"user": name, **{
                     k: obj.get(k) for k in ("kind", "created", "expires")}})
         await self.kv.write(ops)
+        self._forget()
         return len(users)
 
     async def export_users(self) -> Dict[str, Any]:
@@ -1061,14 +1458,17 @@ def strip_usage_nulls(data: bytes) -> bytes:
 class UsageBook:
     """Counts in memory, written to the store in one batch every few seconds.
 
-    The request path only adds to a dict; the disk is written by ``flush``,
-    which a timer calls every ``USAGE_FLUSH_SECONDS`` and ``serve`` calls once
-    more on SIGTERM/SIGINT.
+    The request path only adds to a dict; the store is written by ``flush``,
+    which a timer calls every ``kv.flush_seconds`` and ``serve`` calls once
+    more on SIGTERM/SIGINT. A batch whose write fails is kept, under its id,
+    and sent again as it was, so the store counts it exactly once.
     """
 
     def __init__(self, store: Store):
         self.store = store
         self.pending: Dict[Tuple[str, str, str], List[int]] = {}
+        self.unsent: Optional[Tuple[str, Dict[Tuple[str, str, str], List[int]]]] = None
+        self._flushing: Optional[asyncio.Lock] = None
 
     def record(self, name: str, model: str, counts: List[int]) -> None:
         day = utcnow().strftime("%Y-%m-%d")
@@ -1079,43 +1479,46 @@ class UsageBook:
 
     def pending_for(self, name: str) -> Tuple[int, int]:
         """(requests, tokens) counted for the user but not yet written."""
-        rows = [row for (user, _, _), row in self.pending.items() if user == name]
+        batches = [self.pending] + ([self.unsent[1]] if self.unsent else [])
+        rows = [row for batch in batches for (user, _, _), row in batch.items() if user == name]
         return sum(row[0] for row in rows), sum(row[3] for row in rows)
 
     async def used_tokens(self, name: str) -> int:
-        return (await self.store.total(name))[1] + self.pending_for(name)[1]
+        """Tokens used so far, as the request path checks a quota: the stored
+        total as recently read, and what this process has not written yet."""
+        return (await self.store.total(name, fresh=False))[1] + self.pending_for(name)[1]
 
     async def flush(self) -> None:
-        batch, self.pending = self.pending, {}
-        if not batch:
-            return
-        try:
-            await self.store.add_usage(batch)
-        except Exception:
-            log.exception("usage: writing failed; keeping the counts for the next try")
-            for key, row in batch.items():
-                merged = self.pending.setdefault(key, [0, 0, 0, 0])
-                self.pending[key] = [a + b for a, b in zip(merged, row)]
+        if self._flushing is None:
+            self._flushing = asyncio.Lock()
+        async with self._flushing:  # one batch in the air at a time
+            if self.unsent is None:
+                if not self.pending:
+                    return
+                self.unsent, self.pending = (secrets.token_hex(12), self.pending), {}
+            batch_id, batch = self.unsent
+            try:
+                await self.store.add_usage(batch, batch_id)
+            except StoreUnavailable:
+                return  # (said once by the store) kept for the next try
+            except Exception:
+                log.exception("usage: writing failed; keeping the counts for the next try")
+                return
+            self.unsent = None
 
 
 class RateLimiter:
-    """Requests per minute per user, over a sliding 60-second window."""
+    """Requests per minute per user, over a sliding 60-second window kept by
+    the store, so that instances sharing one count together."""
 
-    WINDOW = 60.0
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
-    def __init__(self) -> None:
-        self.windows: Dict[str, "collections.deque[float]"] = {}
-
-    def admit(self, name: str, rpm: int) -> Optional[ApiError]:
+    async def admit(self, name: str, rpm: int) -> Optional[ApiError]:
         """None if the request may go; else the 429 to answer."""
-        now = time.monotonic()
-        window = self.windows.setdefault(name, collections.deque())
-        while window and now - window[0] >= self.WINDOW:
-            window.popleft()
-        if len(window) < rpm:
-            window.append(now)
+        wait = await self.store.kv.take_slot("rate:" + name, rpm, RATE_WINDOW_SECONDS)
+        if wait is None:
             return None
-        wait = self.WINDOW - (now - window[0])
         return ApiError(
             429, f"Rate limit reached for requests: {rpm} per minute for this key. "
                  f"Please try again in {wait:.1f}s.", "requests", "rate_limit_exceeded",
@@ -1236,8 +1639,9 @@ def without_doubled_version(path: str) -> str:
 
 
 class Ownership:
-    """Which user created which object: claims are kept in memory and written
-    to the store with the usage, off the request path."""
+    """Which user created which object. A proxied request writes its claims
+    before its answer ends (so another instance knows the object as soon as
+    the client does); the others' are written with the usage."""
 
     def __init__(self, store: "Store"):
         self.store = store
@@ -1259,14 +1663,15 @@ class Ownership:
     def release(self, object_id: str) -> None:
         self.pending[object_id] = None
 
-    async def flush(self) -> None:
+    async def flush(self, durable: bool = True) -> None:
         batch, self.pending = self.pending, {}
         if not batch:
             return
         try:
-            await self.store.write_objects(batch)
-        except Exception:
-            log.exception("ownership: writing failed; keeping the records for the next try")
+            await self.store.write_objects(batch, durable)
+        except Exception as e:
+            if not isinstance(e, StoreUnavailable):  # (that one the store has said)
+                log.exception("ownership: writing failed; keeping the records for the next try")
             self.pending = {**batch, **self.pending}
 
 
@@ -1349,9 +1754,15 @@ class ForbiddenHandler(BaseHandler):
 
 
 class HealthHandler(BaseHandler):
-    def get(self) -> None:
+    """``ok``; ``degraded`` with 503 while the shared store does not answer."""
+
+    async def get(self) -> None:
         self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish("ok")
+        if await self.app.store.kv.ping():
+            self.finish("ok")
+        else:
+            self.set_status(503)
+            self.finish("degraded")
 
     head = get
 
@@ -1670,7 +2081,7 @@ async def check_limits(app: "App", user: Dict[str, Any], models: List[str]) -> N
                             "Ask the owner of this proxy to raise it.",
                        "insufficient_quota", "insufficient_quota")
     if user.get("rpm"):
-        refusal = app.limiter.admit(user["name"], user["rpm"])
+        refusal = await app.limiter.admit(user["name"], user["rpm"])
         if refusal is not None:
             raise refusal
     for model in models:
@@ -1843,10 +2254,11 @@ class ProxyHandler(BaseHandler):
             if await self.app.owners.owner(object_id) != self.user["name"]:
                 raise no_such_object(object_id)
 
-    def note_objects(self, status: int) -> None:
-        """After a 2xx answer: the objects it made are the caller's; a deleted one is no one's."""
+    def note_objects(self, status: int) -> bool:
+        """After a 2xx answer: the objects it made are the caller's; a deleted
+        one is no one's. Whether claims now wait to be written."""
         if not 200 <= status < 300 or self.reader is None:
-            return
+            return False
         owners, name = self.app.owners, self.user["name"]
         if self.creates is not None and self.object_is_kept():
             pattern = THREAD_ID if self.route.endswith("/threads/runs") else FIRST_ID
@@ -1859,6 +2271,7 @@ class ProxyHandler(BaseHandler):
                 owners.claim(name, file_id, "File")
         if self.deletes_object:
             owners.release(self.object_id)
+        return bool(owners.pending)
 
     def object_is_kept(self) -> bool:
         """Whether OpenAI keeps what this request creates (chat: only with store)."""
@@ -2157,6 +2570,8 @@ class ProxyHandler(BaseHandler):
             return
         if not self.upstream_headers_sent:
             raise self.upstream_error(failure)
+        if self.note_objects(self.get_status()):
+            await self.app.owners.flush(durable=False)  # fsync'd with the next usage flush
         if failure is not None:
             # The upstream broke off mid-answer: end the client's answer the
             # same way, so it never mistakes a cut stream for a whole one.
@@ -2204,7 +2619,6 @@ class ProxyHandler(BaseHandler):
         model, counts = found if found else (None, [0, 0, 0])
         model = model or self.request_model or "-"
         self.app.usage.record(self.user["name"], model, counts)
-        self.note_objects(self.get_status())
         self.log_model = model
         self.log_tokens = str(counts[2]) if found else "-"
 
@@ -2566,7 +2980,10 @@ class AdminHandler(BaseHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
-        message = error.message if isinstance(error, AdminError) else self._reason
+        message = error.message if isinstance(error, (AdminError, ApiError)) else self._reason
+        if isinstance(error, ApiError):
+            for name, value in error.headers.items():
+                self.set_header(name, value)
         if status_code == 403:
             self.set_header("Content-Type", "text/plain; charset=utf-8")
             self.finish("Access forbidden")
@@ -2729,7 +3146,7 @@ class App:
         self._admin_failures: Dict[str, List[float]] = {}
         self.usage = UsageBook(store)
         self.owners = Ownership(store)
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(store)
         self.active: "set[BaseHandler]" = set()  # requests in flight, for a graceful stop
 
     async def flush(self) -> None:
@@ -2799,10 +3216,11 @@ def make_app(app: App) -> tornado.web.Application:
 # main: serve, import, export
 # ---------------------------------------------------------------------------
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, workers: int = 1) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(message)s",
+        format="%(asctime)s %(levelname)s " + ("[%(process)d] " if workers > 1 else "")
+               + "%(message)s",
         stream=sys.stderr,
     )
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
@@ -2819,8 +3237,9 @@ def tls_context(settings: Settings) -> Optional[ssl.SSLContext]:
     return context
 
 
-async def serve(settings: Settings) -> None:
-    kv = DbmKV(settings.db_path).open()
+async def serve(settings: Settings, sockets: List[Any]) -> None:
+    kv = open_kv(settings)
+    await kv.check()
     tornado.httpclient.AsyncHTTPClient.configure(UpstreamClient)
     app = App(settings, Store(kv))
     server = tornado.httpserver.HTTPServer(
@@ -2831,11 +3250,10 @@ async def serve(settings: Settings) -> None:
         max_body_size=SMALL_BODY_BYTES,
         idle_connection_timeout=120,
     )
-    flusher = tornado.ioloop.PeriodicCallback(app.flush, USAGE_FLUSH_SECONDS * 1000)
+    flusher = tornado.ioloop.PeriodicCallback(app.flush, kv.flush_seconds * 1000)
     flusher.start()
     purger = tornado.ioloop.PeriodicCallback(app.store.purge_expired_objects, 3600 * 1000)
     purger.start()
-    sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=1024)
     server.add_sockets(sockets)
     log.info("listening on %s://%s:%d", settings.scheme, settings.host, settings.port)
 
@@ -2859,6 +3277,71 @@ async def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
+def run_server(settings: Settings) -> None:
+    """Listen, then serve in this process or in ``WORKERS`` forked ones."""
+    if settings.kv_url:
+        import_redis()  # a missing package is said once, before any fork
+    tls_context(settings)  # (so is a bad certificate)
+    sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=1024)
+    if settings.workers > 1 and not fork_workers(settings.workers):
+        return  # the parent, once every worker has stopped
+    asyncio.run(serve(settings, sockets))
+
+
+def fork_workers(count: int) -> bool:
+    """Fork ``count`` processes that share the listening sockets (as Tornado's
+    ``fork_processes``, which does not pass signals on). True in a child. The
+    parent passes SIGTERM and SIGINT on, starts a new child for one that dies
+    of anything else (at most 5 a minute), and returns False when all are gone.
+    """
+    children: Dict[int, int] = {}  # pid -> worker number
+    stopping: List[int] = []
+    restarts: "collections.deque[float]" = collections.deque(maxlen=5)
+
+    def start(number: int) -> bool:
+        pid = os.fork()
+        if pid == 0:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_DFL)
+            return True
+        children[pid] = number
+        return False
+
+    def pass_on(signum: int, frame: Any) -> None:
+        stopping.append(signum)
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, pass_on)
+    signal.signal(signal.SIGINT, pass_on)
+    for number in range(count):
+        if start(number):
+            return True
+    log.info("started %d workers", count)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        number = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if number is None or stopping or code == 0:
+            continue
+        log.warning("worker %d (pid %d) stopped with status %d; starting another",
+                    number, pid, code)
+        if len(restarts) == restarts.maxlen and time.monotonic() - restarts[0] < 60:
+            log.error("workers keep dying: stopping")
+            pass_on(signal.SIGTERM, None)
+            raise SystemExit(1)
+        restarts.append(time.monotonic())
+        if start(number):
+            return True
+    return False
+
+
 async def wait_for_in_flight(app: App) -> None:
     """Let open requests finish, for a bounded grace period."""
     deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
@@ -2876,7 +3359,7 @@ async def run_import(settings: Settings, path: str) -> None:
         raise ConfigError(f"import: cannot read {path}: {e}")
     if not isinstance(users, dict):
         raise ConfigError(f"import: {path} must hold a JSON object of users")
-    kv = DbmKV(settings.db_path).open()
+    kv = open_kv(settings)
     try:
         count = await Store(kv).import_users(users)
     except ValueError as e:
@@ -2887,9 +3370,11 @@ async def run_import(settings: Settings, path: str) -> None:
 
 
 async def run_export(settings: Settings) -> None:
-    kv = DbmKV(settings.db_path, readonly=True).open()
-    users = await Store(kv).export_users()
-    await kv.aclose()
+    kv = open_kv(settings, readonly=True)
+    try:
+        users = await Store(kv).export_users()
+    finally:
+        await kv.aclose()
     json.dump(users, sys.stdout, indent=2, sort_keys=True)
     print()
 
@@ -2900,9 +3385,9 @@ def main(argv: List[str]) -> int:
         return 0
     try:
         settings = load_settings(dict(os.environ))
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.workers)
         if argv[1:] == []:
-            asyncio.run(serve(settings))
+            run_server(settings)
         elif argv[1] == "import" and len(argv) == 3:
             asyncio.run(run_import(settings, argv[2]))
         elif argv[1:] == ["export"]:
@@ -2912,6 +3397,9 @@ def main(argv: List[str]) -> int:
     except ConfigError as e:
         print(f"worker.py: {e}", file=sys.stderr)
         return 2
+    except StoreUnavailable:
+        print("worker.py: KV_URL: Redis does not answer", file=sys.stderr)
+        return 1
     except OSError as e:
         if e.errno in (98, 13):  # address in use, permission denied
             print(f"worker.py: HOST/PORT: cannot listen: {e.strerror}", file=sys.stderr)
