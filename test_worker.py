@@ -4661,6 +4661,286 @@ class TestBillingViews:
 
 
 # ---------------------------------------------------------------------------
+# Scaling out: several instances sharing one Redis (KV_URL), WORKERS
+# ---------------------------------------------------------------------------
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, its files in a temp dir,
+    with the append-only file on (as the README asks), so a restart keeps data."""
+
+    def __init__(self, root: str, *args: str):
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is needed for the KV_URL tests "
+                        "(Debian: apt install redis-server; .ci/run installs it)")
+        self.dir = tempfile.mkdtemp(prefix="redis-", dir=root)
+        self.port = free_port()
+        self.args = args
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always", *self.args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                assert self.proc.poll() is None, "redis-server exited at start"
+                time.sleep(0.05)
+        raise AssertionError("redis-server did not listen in 10 s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def url(self, db: int = 0, password: str = "") -> str:
+        auth = f":{password}@" if password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int = 0, password: Optional[str] = None) -> Any:
+        import redis
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, password=password,
+                           decode_responses=True, socket_timeout=5)
+
+
+_redis_dbs = iter(range(1, 16))
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_root: str) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_root).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="class")
+def pair(redis_server: RedisServer, upstream: FakeUpstream,
+         tmp_root: str) -> Iterator[Tuple[Worker, Worker]]:
+    """Two instances, A and B, on different ports, sharing one Redis database."""
+    url = redis_server.url(next(_redis_dbs))
+    with running_worker(tmp_root, upstream.url, KV_URL=url) as a:
+        with running_worker(tmp_root, upstream.url, KV_URL=url) as b:
+            yield a, b
+
+
+def chat_through(worker: Worker, key: str) -> Answer:
+    """One non-streamed chat completion (17 tokens at the fake) through ``worker``."""
+    return request("POST", worker.url + "/v1/chat/completions",
+                   compact({"model": "gpt-4o-mini", "messages": CHAT_MESSAGES}),
+                   dict(bearer(key), **{"Content-Type": "application/json"}))
+
+
+def wait_until(predicate: Any, seconds: float, what: str) -> Any:
+    deadline = time.monotonic() + seconds
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {seconds:g} s")
+        time.sleep(0.05)
+
+
+class TestSharedStore:
+    """Two worker.py processes, A and B, one Redis: what one writes, the other
+    honours; limits and isolation hold across both."""
+
+    def test_a_user_registered_on_a_works_on_b_at_once(self, pair):
+        a, b = pair
+        key = a.register(unique("shared"))
+        assert b.models(key).status == 200
+        assert chat_through(b, key).status == 200
+
+    def test_a_reset_on_a_stops_the_old_key_on_b_within_a_second(self, pair):
+        a, b = pair
+        name = unique("shared")
+        old = a.register(name)
+        assert b.models(old).status == 200  # B now remembers the key
+        new = a.reset(name)
+        assert b.models(new).status == 200  # the new key works on B at once
+        started = time.monotonic()
+        wait_until(lambda: b.models(old).status == 401, 3, "the old key still works on B")
+        assert time.monotonic() - started < 1.5
+        is_openai_error(b.models(old), 401, "invalid_api_key")
+
+    def test_a_delete_on_a_stops_the_key_on_b_within_a_second(self, pair):
+        a, b = pair
+        name = unique("shared")
+        key = a.register(name)
+        assert b.models(key).status == 200
+        a.delete(name)
+        started = time.monotonic()
+        wait_until(lambda: b.models(key).status == 401, 3, "a deleted key still works on B")
+        assert time.monotonic() - started < 1.5
+
+    def test_limits_set_on_a_hold_on_b(self, pair):
+        a, b = pair
+        name = unique("shared")
+        key = a.register(name)
+        assert chat_through(b, key).status == 200
+        answer = request("GET", f"{a.admin}/set/{name}?models=gpt-4o")
+        assert answer.status == 200, answer
+        wait_until(lambda: chat_through(b, key).status == 404, 3, "B ignores the new allowlist")
+
+    def test_rpm_is_shared_three_on_each_and_the_sixth_is_429(self, pair):
+        a, b = pair
+        key = a.register(unique("shared"), "?rpm=5")
+        statuses = [b.models(key).status if i % 2 else a.models(key).status for i in range(5)]
+        assert statuses == [200] * 5
+        sixth = b.models(key)
+        error = is_openai_error(sixth, 429, "rate_limit_exceeded")
+        assert error["type"] == "requests"
+        assert sixth.headers["x-ratelimit-limit-requests"] == "5"
+        assert 1 <= int(sixth.headers["Retry-After"]) <= 60
+        assert a.models(key).status == 429
+
+    def test_a_quota_is_shared(self, pair):
+        a, b = pair
+        key = a.register(unique("shared"), "?quota=30")
+        assert chat_through(a, key).status == 200  # 17 tokens
+        assert chat_through(a, key).status == 200  # 34: the request that crosses completes
+        wait_until(lambda: chat_through(b, key).status == 429, 5, "B never saw A's usage")
+        error = is_openai_error(chat_through(b, key), 429, "insufficient_quota")
+        assert error["type"] == "insufficient_quota"
+
+    def test_usage_counted_on_both_adds_up_exactly_on_either(self, pair):
+        a, b = pair
+        name = unique("shared")
+        key = a.register(name)
+        for worker in (a, b, b, a, b):
+            assert chat_through(worker, key).status == 200
+        expected = {"requests": 5, "input_tokens": 55, "output_tokens": 30, "total_tokens": 85}
+
+        def agreed() -> bool:
+            views = [admin_json(w, f"stats/{name}")["usage"] for w in (a, b)]
+            return all(len(rows) == 1 and {k: rows[0][k] for k in expected} == expected
+                       for rows in views)
+        wait_until(agreed, 5, "A and B do not show the same exact usage")
+        me = request("GET", b.url + "/me", headers=bearer(key)).json()
+        assert me["used"] == 85 and me["requests"] == 5
+
+    def test_an_object_made_on_a_is_the_creators_on_b_at_once(self, pair):
+        a, b = pair
+        alice, bob = Tenant(a), Tenant(a)
+        file_id = store_create(a.url, alice.key, "files", data=b"alice's\n")
+        assert store_call(b.url, alice.key, "GET", f"/v1/files/{file_id}").status == 200
+        is_openai_error(store_call(b.url, bob.key, "GET", f"/v1/files/{file_id}"), 404)
+        listed = store_call(b.url, alice.key, "GET", "/v1/files").json()
+        assert [f["id"] for f in listed["data"]] == [file_id]
+
+    def test_users_and_objects_views_agree(self, pair):
+        a, b = pair
+        name = unique("shared")
+        a.register(name, "?quota=1000&rpm=7&models=gpt-4o-mini")
+        rows = {w: [u for u in admin_json(w, "users")["users"] if u["name"] == name]
+                for w in (a, b)}
+        assert rows[a] == rows[b] and len(rows[a]) == 1
+        assert (rows[a][0]["quota"], rows[a][0]["rpm"]) == (1000, 7)
+
+    def test_register_of_the_same_name_on_both_at_once_makes_one_user(self, pair):
+        a, b = pair
+        for _ in range(5):
+            name = unique("race")
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                answers = list(pool.map(lambda w: request("GET", f"{w.admin}/register/{name}"),
+                                        (a, b, a, b)))
+            assert sorted(x.status for x in answers) == [200, 409, 409, 409], answers
+            key = next(x.text.strip() for x in answers if x.status == 200)
+            assert a.models(key).status == 200 and b.models(key).status == 200
+
+    def test_no_key_in_clear_in_redis(self, pair, redis_server):
+        a, b = pair
+        key = a.register(unique("shared"))
+        assert chat_through(b, key).status == 200
+        db = int(a.env["KV_URL"].rsplit("/", 1)[1])
+        client = redis_server.client(db)
+        dumped = []
+        for name in client.scan_iter("*"):
+            kind = client.type(name)
+            value = (client.get(name) if kind == "string" else client.hgetall(name)
+                     if kind == "hash" else client.zrange(name, 0, -1))
+            dumped.append(f"{name} {value}")
+        text = "\n".join(dumped)
+        assert "cfw:user:" in text and "cfw:key:" in text
+        assert key not in text and key[6:] not in text
+        assert UPSTREAM_KEY not in text and ACCESS_TOKEN not in text
+        assert all(name.startswith("cfw:") for name in client.scan_iter("*"))
+
+
+class TestRedisSettings:
+    """KV_URL and WORKERS as the contract says: bad values stop it at once."""
+
+    @pytest.mark.parametrize("env, names", [
+        ({"KV_URL": "http://127.0.0.1:6379"}, "KV_URL"),
+        ({"KV_URL": "mysql://x"}, "KV_URL"),
+        ({"WORKERS": "2"}, "WORKERS"),
+        ({"WORKERS": "0"}, "WORKERS"),
+        ({"KV_URL": "redis://127.0.0.1:1/0?db=x"}, "KV_URL"),
+    ])
+    def test_bad_values_exit_2_with_one_line(self, tmp_root, upstream, env, names):
+        w = Worker(tmp_root, upstream.url, **env)
+        done = w.command(timeout=30)
+        assert done.returncode == 2, done
+        lines = done.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and names in lines[0], lines
+
+    def test_kv_url_without_the_redis_package_exits_2(self, tmp_root, upstream, redis_server):
+        fake = tempfile.mkdtemp(prefix="no-redis-", dir=tmp_root)
+        os.makedirs(os.path.join(fake, "redis"))
+        with open(os.path.join(fake, "redis", "__init__.py"), "w") as f:
+            f.write("raise ImportError('No module named redis')\n")
+        w = Worker(tmp_root, upstream.url, KV_URL=redis_server.url(), PYTHONPATH=fake)
+        for args in ((), ("export",)):
+            done = w.command(*args, timeout=30)
+            assert done.returncode == 2, done
+            assert done.stderr.decode().strip() == (
+                "worker.py: KV_URL needs the redis package: pip install redis"), done
+
+    def test_a_password_and_a_database_number_in_the_url(self, tmp_root, upstream):
+        password = "pw-" + secrets.token_hex(8)
+        server = RedisServer(tmp_root, "--requirepass", password).start()
+        try:
+            with running_worker(tmp_root, upstream.url, KV_URL=server.url(7, password)) as w:
+                name = unique("pw")
+                key = w.register(name)
+                assert chat_through(w, key).status == 200
+                client = server.client(7, password)
+                assert client.get(f"cfw:user:{name}") is not None
+                assert server.client(0, password).dbsize() == 0
+            assert password not in w.log()
+            wrong = Worker(tmp_root, upstream.url, KV_URL=server.url(7, "wrong"))
+            done = wrong.command("export", timeout=30)
+            assert done.returncode == 1 and password not in done.stderr.decode(), done
+            assert b"Redis does not answer" in done.stderr, done
+        finally:
+            server.kill()
+
+    def test_rediss_tls(self, tmp_root, upstream):
+        directory = tempfile.mkdtemp(prefix="redis-tls-", dir=tmp_root)
+        cert, key = make_certificate(directory)
+        tls_port = free_port()
+        server = RedisServer(tmp_root, "--port", "0", "--tls-port", str(tls_port),
+                             "--tls-cert-file", cert, "--tls-key-file", key,
+                             "--tls-auth-clients", "no")
+        server.port = tls_port  # (the plain port is off: only TLS answers)
+        server.start()
+        try:
+            url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+            with running_worker(tmp_root, upstream.url, KV_URL=url) as w:
+                key_ = w.register(unique("tls"))
+                assert chat_through(w, key_).status == 200
+            plain = Worker(tmp_root, upstream.url, KV_URL=f"rediss://127.0.0.1:{tls_port}/0")
+            done = plain.command("export", timeout=30)  # an unknown certificate: refused
+            assert done.returncode == 1, done
+        finally:
+            server.kill()
+
+
+# ---------------------------------------------------------------------------
 # 22. What the code review found: each finding with the test that keeps it fixed
 # ---------------------------------------------------------------------------
 

@@ -721,15 +721,15 @@ REDIS_SCRIPTS = {
         end
         return 1""",
     # add: once per batch KEYS[1] (a retried batch is not counted twice), add
-    # ARGV[1] numbers each (ARGV[2..]) to the hash fields 0.. of KEYS[2..].
+    # to the hash fields 0.. of each of KEYS[2..] the numbers ARGV holds for
+    # it: how many, then each.
     "add": """
         if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then return 0 end
-        local width = tonumber(ARGV[1])
+        local at = 1
         for i = 2, #KEYS do
-            for j = 1, width do
-                local n = tonumber(ARGV[1 + (i - 2) * width + j])
-                if n ~= 0 then redis.call('HINCRBY', KEYS[i], j - 1, n) end
-            end
+            local n = tonumber(ARGV[at])
+            for j = 1, n do redis.call('HINCRBY', KEYS[i], j - 1, ARGV[at + j]) end
+            at = at + n + 1
         end
         return 1""",
     # take_slot: a sliding window of ARGV[2] ms holding at most ARGV[1]
@@ -787,12 +787,15 @@ class RedisKV:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
         self._errors = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
-        self.client = redis.asyncio.Redis.from_url(
-            self.url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
-            # One retry on a fresh connection: after Redis restarts, the pooled
-            # ones are dead, and the first use of each would fail otherwise.
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
+        try:
+            self.client = redis.asyncio.Redis.from_url(
+                self.url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
+                # One retry on a fresh connection: after Redis restarts, the pooled
+                # ones are dead, and the first use of each would fail otherwise.
+                retry=Retry(NoBackoff(), 1),
+                retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"KV_URL: {e}") from None
         self._scripts = {name: self.client.register_script(source)
                          for name, source in REDIS_SCRIPTS.items()}
         return self
@@ -923,10 +926,8 @@ class RedisKV:
         """Add to counters atomically; a batch retried after a lost answer counts once."""
         if not counts:
             return
-        width = max(len(values) for values in counts.values())
         keys = [self._key("batch:" + batch_id)] + [self._key(key) for key in counts]
-        args = [width] + [n for values in counts.values()
-                          for n in values + [0] * (width - len(values))]
+        args = [n for values in counts.values() for n in [len(values), *values]]
         await self._do(self._scripts["add"](keys=keys, args=args))
 
     async def take_slot(self, key: str, limit: int, window: float) -> Optional[float]:
@@ -2603,7 +2604,7 @@ class ProxyHandler(BaseHandler):
         super().on_connection_close()
         self.client_gone = True
         self.abort_upstream()
-        if self.user is not None and not self.body_complete:
+        if self.user is not None and not self.body_complete and not self._finished:
             # Gone mid-upload: Tornado will not finish this request, so log it here.
             self.set_status(499, "Client Closed Request")
             self.app.log_request(self)
@@ -3280,7 +3281,7 @@ async def serve(settings: Settings, sockets: List[Any]) -> None:
 def run_server(settings: Settings) -> None:
     """Listen, then serve in this process or in ``WORKERS`` forked ones."""
     if settings.kv_url:
-        import_redis()  # a missing package is said once, before any fork
+        RedisKV(settings.kv_url).open()  # a missing package or bad URL is said before any fork
     tls_context(settings)  # (so is a bad certificate)
     sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=1024)
     if settings.workers > 1 and not fork_workers(settings.workers):
