@@ -4871,6 +4871,163 @@ class TestSharedStore:
         assert all(name.startswith("cfw:") for name in client.scan_iter("*"))
 
 
+class TestRedisFaults:
+    """Redis stops and comes back: 503s in OpenAI's shape meanwhile, nothing
+    crashes, no restart needed, and no usage lost or counted twice."""
+
+    def test_redis_down_then_back(self, tmp_root, upstream):
+        server = RedisServer(tmp_root).start()
+        try:
+            with running_worker(tmp_root, upstream.url, KV_URL=server.url()) as w:
+                name = unique("fault")
+                key = w.register(name)
+                other = w.register(unique("fault"))
+                assert chat_through(w, key).status == 200  # A counted one; the key is remembered
+                server.kill()
+                # Within the second the key is trusted unasked, requests may
+                # still pass; their usage waits in memory for Redis.
+                served, deadline = 1, time.monotonic() + 5
+                while True:
+                    down = chat_through(w, key)
+                    if down.status != 200 or time.monotonic() > deadline:
+                        break
+                    served += 1
+                error = is_openai_error(down, 503, "store_unavailable")
+                assert error["type"] == "server_error" and down.headers["Retry-After"] == "1"
+                is_openai_error(w.models(other), 503, "store_unavailable")
+                health = request("GET", w.url + "/healthz")
+                assert (health.status, health.text) == (503, "degraded"), health
+                users = request("GET", f"{w.admin}/users")
+                assert users.status == 503 and users.text.startswith("error: "), users
+                assert request("GET", f"{w.admin}/register/{unique('x')}").status == 503
+                time.sleep(1.5)  # a flush or two fail meanwhile
+                assert w.proc.poll() is None
+                server.start()  # the same port and append-only file
+                wait_until(lambda: request("GET", w.url + "/healthz").status == 200, 10,
+                           "/healthz never came back")
+                assert chat_through(w, key).status == 200
+                served += 1
+                wait_until(lambda: admin_json(w, f"stats/{name}")["total"]["requests"] == served,
+                           5, f"the stats never showed the {served} requests served")
+                time.sleep(1.5)  # another flush: still exactly that many
+                total = admin_json(w, f"stats/{name}")["total"]
+                assert (total["requests"], total["total_tokens"]) == (served, 17 * served)
+            log = w.log()
+            assert "Traceback" not in log, log[-3000:]
+            assert log.count("store: Redis at") >= 2 and "answers again" in log
+        finally:
+            server.kill()
+
+    def test_started_while_redis_is_down_it_waits_for_it(self, tmp_root, upstream):
+        server = RedisServer(tmp_root)
+        w = Worker(tmp_root, upstream.url, KV_URL=server.url())
+        with open(w.log_path, "ab") as log:
+            w.proc = subprocess.Popen([sys.executable, WORKER_PY], cwd=HERE, env=w.env,
+                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            wait_until(lambda: "503 until Redis" in w.log(), 10, "no word about Redis")
+            assert request("GET", w.url + "/healthz").status == 503
+            server.start()
+            wait_until(lambda: request("GET", w.url + "/healthz").status == 200, 10,
+                       "/healthz never came back")
+            assert chat_through(w, w.register(unique("late"))).status == 200
+        finally:
+            assert w.stop() == 0
+            server.kill()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class TestWorkers:
+    """WORKERS=N: N processes share the port and the store; SIGTERM stops all."""
+
+    def test_two_processes_serve_share_count_and_stop_together(self, tmp_root, upstream,
+                                                               redis_server):
+        url = redis_server.url(next(_redis_dbs))
+        w = Worker(tmp_root, upstream.url, KV_URL=url, WORKERS="2").start()
+        try:
+            name = unique("workers")
+            key = w.register(name, "?rpm=1000")
+
+            def served_by() -> set:
+                return set(re.findall(r"\[(\d+)\] POST /v1/chat/completions 200", w.log()))
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                statuses = list(pool.map(lambda _: chat_through(w, key).status, range(120)))
+            assert statuses == [200] * 120
+            pids = wait_until(lambda: served_by() if len(served_by()) == 2 else None, 5,
+                              "not both processes served")
+            wait_until(lambda: admin_json(w, f"stats/{name}")["total"]["requests"] == 120, 5,
+                       "the two processes' usage does not add up")
+            victim = int(sorted(pids)[0])
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda: "starting another" in w.log(), 5, "the dead worker was not replaced")
+            assert [chat_through(w, key).status for _ in range(10)] == [200] * 10
+            workers = {int(p) for p in re.findall(r"\[(\d+)\] listening", w.log())}
+            assert len(workers) == 3 and victim in workers
+            assert w.stop() == 0
+            assert not any(alive(pid) for pid in workers)
+            assert "stopped" in w.log()
+        finally:
+            w.kill()
+
+
+class TestMovingBetweenBackends:
+    """export on one backend, import on the other: same users, keys, limits,
+    usage and objects, so an owner moves without handing out new keys."""
+
+    def test_dbm_to_redis_and_back(self, tmp_root, upstream, redis_server):
+        with running_worker(tmp_root, upstream.url) as pi:
+            alice = Tenant(pi, "?quota=5000&rpm=50&models=gpt-4o-mini&days=30")
+            bob = Tenant(pi, "?scope=all")
+            file_id = store_create(pi.url, alice.key, "files", data=b"alice's\n")
+            for key in (alice.key, alice.key, bob.key):
+                assert chat_through(pi, key).status == 200
+            users_before = admin_json(pi, "users")["users"]
+        done = pi.command("export")
+        assert done.returncode == 0, done
+        exported = json.loads(done.stdout)
+        assert {alice.name, bob.name} <= set(exported)
+        dump = os.path.join(pi.dir, "users.json")
+        with open(dump, "wb") as f:
+            f.write(done.stdout)
+
+        shared = Worker(tmp_root, upstream.url, KV_URL=redis_server.url(next(_redis_dbs)))
+        for _ in range(2):  # importing the same file twice changes nothing
+            done = shared.command("import", dump)
+            assert done.returncode == 0 and done.stdout.startswith(b"imported "), done
+        again = shared.command("export")
+        assert again.returncode == 0 and json.loads(again.stdout) == exported, again
+        with running_worker(tmp_root, upstream.url, KV_URL=shared.env["KV_URL"]) as big:
+            assert admin_json(big, "users")["users"] == users_before
+            for who in (alice, bob):
+                assert chat_through(big, who.key).status == 200
+            assert store_call(big.url, alice.key, "GET", f"/v1/files/{file_id}").status == 200
+            is_openai_error(store_call(big.url, Tenant(big).key, "GET", f"/v1/files/{file_id}"),
+                            404)
+            is_openai_error(request("POST", big.url + "/v1/chat/completions", compact(
+                {"model": "gpt-4o", "messages": CHAT_MESSAGES}),
+                dict(bearer(alice.key), **{"Content-Type": "application/json"})), 404,
+                "model_not_found")
+            total = admin_json(big, f"stats/{alice.name}")["total"]
+            # there: an upload and 2 chats; here: a chat and a retrieve (the 404 is not sent)
+            assert (total["requests"], total["total_tokens"]) == (5, 51)
+        done = shared.command("export")
+        assert done.returncode == 0, done
+        with open(dump, "wb") as f:
+            f.write(done.stdout)
+        back = Worker(tmp_root, upstream.url)
+        assert back.command("import", dump).returncode == 0
+        assert json.loads(back.command("export").stdout) == json.loads(done.stdout)
+        for key in (alice.key, bob.key):
+            assert key.encode() not in done.stdout
+
+
 class TestRedisSettings:
     """KV_URL and WORKERS as the contract says: bad values stop it at once."""
 
