@@ -1247,6 +1247,42 @@ class Bench:
                 name, [sys.executable, self.worker], env=env, cwd=os.path.dirname(self.worker),
                 log_path=os.path.join(self.tmp, name + ".log"))
             self.targets.append(target)
+        if args.redis:
+            self.add_redis_workers(upstream_url, cert)
+
+    def add_redis_workers(self, upstream_url: str, cert: str) -> None:
+        """worker.py with KV_URL (one process, then WORKERS=2) on a redis-server of its own."""
+        try:
+            import redis  # noqa: F401  (worker.py needs it for KV_URL)
+        except ImportError:
+            redis = None
+        if not shutil.which("redis-server") or redis is None:
+            self.notes.append("redis-server or redis-py is missing: no KV_URL columns "
+                              "(apt install redis-server; pip install redis).")
+            log("bench: " + self.notes[-1])
+            return
+        port = free_port()
+        Proc("redis", ["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
+                       "--appendonly", "yes", "--appendfsync", "everysec", "--dir", self.tmp],
+             log_path=os.path.join(self.tmp, "redis.log")).start()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((HOST, port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("redis-server did not start")
+                time.sleep(0.05)
+        for db, (name, processes) in enumerate((("worker-redis", 1), ("worker-redis-2p", 2)), 1):
+            env = worker_env(os.path.join(self.tmp, name + ".db"), free_port(), upstream_url, cert)
+            env.update({"KV_URL": f"redis://{HOST}:{port}/{db}", "WORKERS": str(processes)})
+            import_users(self.worker, env, {"bench": {"key": CLIENT_KEY}}, self.tmp, name)
+            target = Target(name, int(env["PORT"]))
+            target.start_fn = lambda name=name, env=env: Proc(
+                name, [sys.executable, self.worker], env=env, cwd=os.path.dirname(self.worker),
+                log_path=os.path.join(self.tmp, name + ".log"))
+            self.targets.append(target)
 
     async def start_all(self) -> None:
         """(d): start-up time and idle RSS, each rep on a fresh process; the last one stays."""
@@ -1557,6 +1593,10 @@ class Bench:
         if args.many_users:
             lines.append(f"- worker-{args.many_users // 1000}k-users: the same worker.py with "
                          f"{args.many_users:,} imported users; the client's key is one of them.")
+        if any(t.name.startswith("worker-redis") for t in self.targets):
+            lines.append("- worker-redis: worker.py with KV_URL on a local redis-server (appendonly, "
+                         "fsync every second); worker-redis-2p: the same with WORKERS=2. Redis's own "
+                         "CPU is not in their CPU per request.")
         lines += [f"- Note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -1571,6 +1611,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
                    help="non-stream load generator: wrk when installed (auto), or the built-in asyncio one")
     p.add_argument("--no-nginx", dest="nginx", action="store_false", help="leave nginx out")
+    p.add_argument("--no-redis", dest="redis", action="store_false",
+                   help="leave out worker.py with KV_URL (on when redis-server and redis-py are there)")
     p.add_argument("--many-users", type=int, default=10000, help="users of the second worker (0: none)")
     p.add_argument("--reps", type=int, help="non-stream reps (default 3; quick 1)")
     p.add_argument("--levels", default="1,16,64", help="non-stream concurrency levels")
