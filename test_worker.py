@@ -4852,6 +4852,41 @@ class TestSharedStore:
             key = next(x.text.strip() for x in answers if x.status == 200)
             assert a.models(key).status == 200 and b.models(key).status == 200
 
+    def test_a_proxied_request_costs_at_most_one_redis_round_trip(self, pair, redis_server):
+        a, _ = pair
+        key = a.register(unique("trips"), "?rpm=1000&quota=100000000")
+        assert chat_through(a, key).status == 200  # the key and total are now remembered
+        monitor = socket.create_connection(("127.0.0.1", redis_server.port), timeout=5)
+        monitor.sendall(b"MONITOR\r\n")
+        seen = b""
+        while b"+OK\r\n" not in seen:
+            seen += monitor.recv(4096)
+        requests = 20
+        started = time.monotonic()
+        for _ in range(requests):
+            assert chat_through(a, key).status == 200
+        took = time.monotonic() - started
+        time.sleep(0.3)
+        monitor.settimeout(0.5)
+        try:
+            while True:
+                part = monitor.recv(65536)
+                if not part:
+                    break
+                seen += part
+        except socket.timeout:
+            pass
+        monitor.close()
+        lines = [line for line in seen.decode().splitlines() if line.startswith("+1")]
+        from_clients = [line for line in lines if " lua] " not in line]
+        db = a.env["KV_URL"].rsplit("/", 1)[1]
+        ours = [line for line in from_clients if f"[{db} " in line]
+        # Per request: the rate window (one script). Besides: a re-read of the
+        # key and the total each second, and a usage write each second.
+        allowed = requests + 4 * (int(took) + 2)
+        assert len(ours) <= allowed, "\n".join(ours)
+        assert sum('"evalsha"' in line.lower() for line in ours) >= requests
+
     def test_no_key_in_clear_in_redis(self, pair, redis_server):
         a, b = pair
         key = a.register(unique("shared"))
