@@ -4953,6 +4953,31 @@ class TestRedisFaults:
         finally:
             server.kill()
 
+    def test_usage_pending_at_a_stop_waits_a_little_for_redis(self, tmp_root, upstream):
+        server = RedisServer(tmp_root).start()
+        w = Worker(tmp_root, upstream.url, KV_URL=server.url())
+        try:
+            w.start()
+            name = unique("stop")
+            key = w.register(name)
+            assert chat_through(w, key).status == 200
+            server.kill()
+            served = 1
+            for _ in range(50):  # (served while the key is remembered)
+                if chat_through(w, key).status != 200:
+                    break
+                served += 1
+            w.proc.send_signal(signal.SIGTERM)
+            time.sleep(1.5)
+            assert w.proc.poll() is None, "it gave up on the unwritten usage at once"
+            server.start()
+            assert w.proc.wait(15) == 0
+            total = server.client().hgetall(f"cfw:total:{name}")
+            assert total == {"0": str(served), "1": str(17 * served)}, (served, total)
+        finally:
+            w.kill()
+            server.kill()
+
     def test_started_while_redis_is_down_it_waits_for_it(self, tmp_root, upstream):
         server = RedisServer(tmp_root)
         w = Worker(tmp_root, upstream.url, KV_URL=server.url())

@@ -134,6 +134,7 @@ SMALL_BODY_BYTES = 256 << 10  # request bodies up to this are read whole, then s
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
 SHARED_FLUSH_SECONDS = 1.0  # ... and a shared store (Redis), so instances agree soon
 SHARED_CACHE_SECONDS = 1.0  # the longest a key read from Redis is trusted unasked
+EXIT_FLUSH_SECONDS = 5.0  # at exit, how long to keep trying to write the last usage
 RATE_WINDOW_SECONDS = 60.0
 
 
@@ -1477,6 +1478,11 @@ class UsageBook:
         row[0] += 1
         for i, value in enumerate(counts, 1):
             row[i] += value
+
+    def all_pending(self) -> List[List[int]]:
+        """The rows counted but not yet written."""
+        batches = [self.pending] + ([self.unsent[1]] if self.unsent else [])
+        return [row for batch in batches for row in batch.values()]
 
     def pending_for(self, name: str) -> Tuple[int, int]:
         """(requests, tokens) counted for the user but not yet written."""
@@ -3155,6 +3161,9 @@ class App:
         await self.usage.flush()
         await self.owners.flush()
 
+    def unwritten(self) -> bool:
+        return bool(self.usage.all_pending() or self.owners.pending)
+
     def cors_origin(self, origin: Optional[str]) -> Optional[str]:
         allowed = self.settings.cors_origins
         if "*" in allowed:
@@ -3273,7 +3282,7 @@ async def serve(settings: Settings, sockets: List[Any]) -> None:
         log.warning("stopping: some connections did not close")
     flusher.stop()
     purger.stop()
-    await app.flush()
+    await flush_before_exit(app)
     await kv.aclose()
     log.info("stopped")
 
@@ -3341,6 +3350,20 @@ def fork_workers(count: int) -> bool:
         if start(number):
             return True
     return False
+
+
+async def flush_before_exit(app: App) -> None:
+    """The last usage and ownership, retried for a few seconds if the store is away."""
+    deadline = time.monotonic() + EXIT_FLUSH_SECONDS
+    while True:
+        await app.flush()
+        if not app.unwritten():
+            return
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    log.error("stopping: the store is unavailable; usage of %d requests is not written",
+              sum(row[0] for row in app.usage.all_pending()))
 
 
 async def wait_for_in_flight(app: App) -> None:
