@@ -559,6 +559,8 @@ class FakeUpstream:
                 return
         if control.get("x-fake-unframed"):
             return await self.unframed(h, record)
+        if control.get("x-fake-chunked"):
+            return await self.hand_chunked(h, record, control["x-fake-chunked"])
         if control.get("x-fake-status"):
             return await self.fake_error(h, record, int(control["x-fake-status"]))
         if control.get("x-fake-download-mb"):
@@ -899,6 +901,37 @@ class FakeUpstream:
                            b"x-test: up-" + record["id"].encode() + b"\r\n\r\n")
         await asyncio.sleep(0.05)  # the body in a second packet: not all at once
         await stream.write(data)
+        stream.close()
+
+    async def hand_chunked(self, h: UpstreamHandler, record: Dict[str, Any], how: str) -> None:
+        """A streamed chat completion (usage included) framed by hand, as HTTP
+        allows and servers do: chunk extensions (``ext``), trailer fields
+        (``trailers``), the bytes cut anywhere across packets (``split``, one
+        byte a packet: ``bytewise``), bytes after the end (``extra``), or a
+        size line that is not hex (``bad-size``)."""
+        events = chat_stream_chunks(record["id"], "gpt-4o-mini", include_usage=True)
+        body = b"".join(events)
+        record["usage_total"] = CHAT_USAGE["total_tokens"]
+        record["response"] = {"status": 200, "sha256": sha256(body), "length": len(body),
+                              "body": body}
+        extension = b" ; name=value;x" if how == "ext" else b""
+        frames = [b"%x%s\r\n%s\r\n" % (len(event), extension, event) for event in events]
+        if how == "bad-size":
+            frames.insert(2, b"zz\r\nxx\r\n")
+        raw = b"".join(frames) + (b"0\r\nx-trailer: 1\r\nx-other: 2\r\n\r\n"
+                                  if how == "trailers" else b"0\r\n\r\n")
+        if how == "extra":
+            raw += b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        stream = h.detach()
+        stream.set_nodelay(True)
+        await stream.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n")
+        step = {"split": 7, "bytewise": 1}.get(how, len(raw))
+        for at in range(0, len(raw), step):
+            await stream.write(raw[at:at + step])
+            if step < len(raw):
+                await asyncio.sleep(0.0005 if step == 1 else 0.002)
+        await asyncio.sleep(0.2)
         stream.close()
 
     async def echo(self, h: UpstreamHandler, record: Dict[str, Any]) -> None:
@@ -3574,6 +3607,43 @@ class TestHangUp:
                       if f"user={name}" in line]
         assert len(logged) == 1 and " 499 " in logged[0], \
             f"log lines for a client that left ({how}): {logged}"
+
+
+class TestChunkedAnswers:
+    """Chunked upstream answers however they are cut or dressed: the client gets
+    the events byte for byte and the usage is counted; a broken one is cut."""
+
+    STREAM = {"model": "gpt-4o-mini", "messages": CHAT_MESSAGES, "stream": True,
+              "stream_options": {"include_usage": True}}
+
+    @pytest.mark.parametrize("how", ["plain", "ext", "trailers", "split", "bytewise", "extra"])
+    def test_events_arrive_whole_and_are_counted(self, worker, upstream, how):
+        name = unique("chunked")
+        key = worker.register(name)
+        test_id = new_test_id()
+        answer = request("POST", worker.url + "/v1/chat/completions", compact(self.STREAM),
+                         dict(bearer(key), **{"Content-Type": "application/json",
+                                              "x-test-id": test_id, "x-fake-chunked": how}))
+        assert answer.status == 200, answer
+        assert answer.body == upstream.one(test_id)["response"]["body"]
+        assert usage_by_model(worker, name)["gpt-4o-mini"]["total_tokens"] == 17
+        assert worker.models(key).status == 200  # and the next request is fine
+
+    def test_a_bad_size_line_cuts_the_answer(self, worker, upstream):
+        key = worker.register(unique("chunked"))
+        raw = raw_request("POST", "/v1/chat/completions", key, compact(self.STREAM),
+                          **{"Content-Type": "application/json", "x-fake-chunked": "bad-size"})
+        with socket.create_connection(("127.0.0.1", int(worker.env["PORT"])), timeout=10) as s:
+            s.sendall(raw)
+            got = b""
+            while True:
+                part = s.recv(65536)
+                if not part:
+                    break
+                got += part
+        assert got.startswith(b"HTTP/1.1 200"), got[:200]
+        assert not got.endswith(b"0\r\n\r\n"), "a cut answer ended as a whole one"
+        assert worker.models(key).status == 200
 
 
 class TestUpstreamKeepAlive:

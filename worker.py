@@ -1916,7 +1916,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
                 stream.close()
             answer = _UpstreamAnswer(request)
             sent = False
-            connection = tornado.http1connection.HTTP1Connection(
+            connection = _UpstreamConnection(
                 stream, True, tornado.http1connection.HTTP1ConnectionParameters(
                     max_body_size=1 << 62, decompress=False))
             try:
@@ -1943,7 +1943,8 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
                 raise tornado.iostream.StreamClosedError()
             # Reused only when nothing more than this answer came (a byte more
             # would be taken as the start of the next request's answer).
-            if answer.keep_alive and not stream.closed() and not getattr(stream, "_read_buffer_size", 0):
+            if (answer.keep_alive and not stream.closed() and not connection.overread
+                    and not getattr(stream, "_read_buffer_size", 0)):
                 self._release(key, connection.detach())
             else:
                 stream.close()
@@ -2018,6 +2019,75 @@ def _peer_has_closed(stream: tornado.iostream.IOStream) -> bool:
     except (OSError, ValueError):
         return True
     return bool(readable)
+
+
+CHUNK_SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,15})(?:[ \t]*;[^\r\n]*)?\r\n")
+
+
+class _UpstreamConnection(tornado.http1connection.HTTP1Connection):
+    """Tornado's HTTP/1.1 connection, with a chunked body read one socket read
+    at a time: Tornado awaits three reads per chunk (size line, data, CRLF),
+    which an event stream of small chunks pays for every event. Whatever has
+    arrived is parsed at once and passed on in one piece; nothing past the
+    body's end is taken (``overread`` says if the peer sent any)."""
+
+    overread = False
+
+    async def _read_chunked_body(self, delegate: tornado.httputil.HTTPMessageDelegate) -> None:
+        buffer = b""
+        left = 0  # bytes of the current chunk's data still to come
+        crlf = False  # the current chunk's data is done: its CRLF comes next
+        while True:
+            buffer += await self.stream.read_bytes(65536, partial=True)
+            pieces, at, error, last = [], 0, None, False
+            while True:
+                if left:
+                    piece = buffer[at:at + left]
+                    pieces.append(piece)
+                    at += len(piece)
+                    left -= len(piece)
+                    if left:
+                        break
+                    crlf = True
+                if crlf:
+                    if len(buffer) - at < 2:
+                        break
+                    if not buffer.startswith(b"\r\n", at):
+                        error = "improperly terminated chunk"
+                        break
+                    at, crlf = at + 2, False
+                line = CHUNK_SIZE_LINE.match(buffer, at)
+                if line is None:
+                    if b"\r\n" in buffer[at:at + 256] or len(buffer) - at > 256:
+                        error = "invalid chunk size"
+                    break
+                at, left = line.end(), int(line.group(1), 16)
+                last = left == 0
+                if last:
+                    break
+            if pieces:  # (what came whole before an error too)
+                await _deliver(delegate, b"".join(pieces) if len(pieces) > 1 else pieces[0])
+            if error:
+                raise tornado.httputil.HTTPInputError(error)
+            buffer = buffer[at:]
+            if last:
+                await self._read_trailers(buffer)
+                return
+
+    async def _read_trailers(self, buffer: bytes) -> None:
+        """After the last chunk: trailer fields (skipped), then an empty line."""
+        while not (buffer.startswith(b"\r\n") or b"\r\n\r\n" in buffer):
+            if len(buffer) > 65536:
+                raise tornado.httputil.HTTPInputError("chunked trailers too long")
+            buffer += await self.stream.read_bytes(65536, partial=True)
+        end = 2 if buffer.startswith(b"\r\n") else buffer.index(b"\r\n\r\n") + 4
+        self.overread = end < len(buffer)
+
+
+async def _deliver(delegate: tornado.httputil.HTTPMessageDelegate, data: bytes) -> None:
+    waited = delegate.data_received(data)
+    if waited is not None:
+        await waited
 
 
 class _UpstreamAnswer(tornado.httputil.HTTPMessageDelegate):
@@ -2575,8 +2645,8 @@ class ProxyHandler(BaseHandler):
         if self.client_gone:
             self.set_status(499, "Client Closed Request")  # as nginx logs it
             return
-        if not self.upstream_headers_sent:
-            raise self.upstream_error(failure)
+        if not self.upstream_headers_sent or (failure is not None and not self._headers_written):
+            raise self.upstream_error(failure)  # (nothing has reached the client yet)
         if self.note_objects(self.get_status()):
             await self.app.owners.flush(durable=False)  # fsync'd with the next usage flush
         if failure is not None:
