@@ -5098,8 +5098,10 @@ class TestWorkers:
             os.kill(victim, signal.SIGKILL)
             wait_until(lambda: "starting another" in w.log(), 5, "the dead worker was not replaced")
             assert [chat_through(w, key).status for _ in range(10)] == [200] * 10
-            workers = {int(p) for p in re.findall(r"\[(\d+)\] listening", w.log())}
-            assert len(workers) == 3 and victim in workers
+            workers = wait_until(lambda: (lambda found: found if len(found) == 3 else None)(
+                {int(p) for p in re.findall(r"\[(\d+)\] listening", w.log())}), 5,
+                "the new worker does not listen")
+            assert victim in workers
             assert w.stop() == 0
             assert not any(alive(pid) for pid in workers)
             assert "stopped" in w.log()
