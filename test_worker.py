@@ -1214,6 +1214,21 @@ class TestStart:
         assert done.returncode == 2, done
         assert len(lines) == 1 and "TLS_KEY" in lines[0], lines
 
+    def test_runs_as_a_module_in_the_same_process_with_the_same_flags(self, tmp_root, upstream):
+        w = Worker(tmp_root, upstream.url)
+        with open(w.log_path, "ab") as log:
+            w.proc = subprocess.Popen([sys.executable, "-X", "utf8", WORKER_PY], cwd=tmp_root,
+                                      env=w.env, stdout=log, stderr=log)
+        try:
+            w.wait_ready()
+            with open(f"/proc/{w.proc.pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            assert b"-c" in argv and WORKER_PY.encode() in argv, argv  # (pkill -f worker.py)
+            assert b"utf8" in argv, argv
+            assert w.models(w.register(unique("mod"))).status == 200
+        finally:
+            assert w.stop() == 0
+
     def test_help_prints_every_variable_and_exits_0(self):
         done = subprocess.run([sys.executable, WORKER_PY, "--help"], cwd=HERE, env=clean_environ(),
                               capture_output=True, timeout=15)
