@@ -28,6 +28,17 @@ Other commands::
 import os
 import sys
 
+# Imports this file (its path is argv[1]) as the module "worker", then runs main.
+_AS_MODULE = """if 1:
+    import importlib.util, os, sys
+    path = sys.argv.pop(1)
+    sys.path[0] = os.path.dirname(path)  # as for a script
+    spec = importlib.util.spec_from_file_location("worker", path)
+    worker = sys.modules["worker"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    sys.exit(worker.main(sys.argv))
+"""
+
 if __name__ == "__main__" and hasattr(os, "execv") and sys.executable:
     # CPython keeps a script's whole syntax tree in memory until the script
     # ends: for this file, 6 MB, a fifth of an idle worker.py. Imported as a
@@ -39,11 +50,8 @@ if __name__ == "__main__" and hasattr(os, "execv") and sys.executable:
         _flags = subprocess._args_from_interpreter_flags()  # -u, -X …, -W …
     except Exception:
         _flags = []
-    os.execv(sys.executable, [
-        sys.executable, *_flags, "-c",
-        "import os, sys; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); "
-        "import worker; sys.exit(worker.main(sys.argv))",
-        os.path.abspath(__file__), *sys.argv[1:]])
+    os.execv(sys.executable, [sys.executable, *_flags, "-c", _AS_MODULE,
+                              os.path.abspath(__file__), *sys.argv[1:]])
 
 import asyncio
 import binascii
@@ -149,6 +157,7 @@ WS_MAX_MESSAGE_BYTES = 64 << 20  # a realtime message with a long audio chunk
 STREAMED_BODY_METHODS = ("POST", "PUT", "PATCH")
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")  # the ones Tornado's client frames chunked
 SMALL_BODY_BYTES = 256 << 10  # request bodies up to this are read whole, then sent
+IO_CHUNK_BYTES = 256 << 10  # bodies move in pieces of up to this (Tornado's default: 64 KB)
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
 SHARED_FLUSH_SECONDS = 1.0  # ... and a shared store (Redis), so instances agree soon
 SHARED_CACHE_SECONDS = 1.0  # the longest a key read from Redis is trusted unasked
@@ -1936,7 +1945,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
             sent = False
             connection = _UpstreamConnection(
                 stream, True, tornado.http1connection.HTTP1ConnectionParameters(
-                    max_body_size=1 << 62, decompress=False))
+                    max_body_size=1 << 62, decompress=False, chunk_size=IO_CHUNK_BYTES))
             try:
                 await self._send(connection, request, url, host)
                 sent = True
@@ -1980,6 +1989,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
             stream = await self.tcp.connect(
                 host, port, ssl_options=self.tls if scheme == "https" else None,
                 timeout=timeout, max_buffer_size=1 << 27)
+            stream.read_chunk_size = IO_CHUNK_BYTES
         except (TimeoutError, asyncio.TimeoutError):  # distinct types before Python 3.11
             raise tornado.simple_httpclient.HTTPTimeoutError("Timeout while connecting")
         stream.set_nodelay(True)
@@ -2056,7 +2066,7 @@ class _UpstreamConnection(tornado.http1connection.HTTP1Connection):
         left = 0  # bytes of the current chunk's data still to come
         crlf = False  # the current chunk's data is done: its CRLF comes next
         while True:
-            buffer += await self.stream.read_bytes(65536, partial=True)
+            buffer += await self.stream.read_bytes(IO_CHUNK_BYTES, partial=True)
             pieces, at, error, last = [], 0, None, False
             while True:
                 if left:
@@ -3347,6 +3357,7 @@ async def serve(settings: Settings, sockets: List[Any]) -> None:
         # limit per request (prepare), so no one else can make us hold 512 MB.
         max_body_size=SMALL_BODY_BYTES,
         idle_connection_timeout=120,
+        chunk_size=IO_CHUNK_BYTES,
     )
     flusher = tornado.ioloop.PeriodicCallback(app.flush, kv.flush_seconds * 1000)
     flusher.start()
