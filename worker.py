@@ -1864,7 +1864,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
     ``AsyncHTTPClient.configure(UpstreamClient)``.
     """
 
-    MAX_IDLE_PER_HOST = 100
+    MAX_IDLE_PER_HOST = 256
     IDLE_SECONDS = 30.0
 
     def initialize(self, defaults: Optional[Dict[str, Any]] = None) -> None:  # type: ignore[override]
