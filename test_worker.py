@@ -5123,6 +5123,24 @@ class TestWorkers:
         finally:
             w.kill()
 
+    def test_workers_stop_when_their_parent_is_killed(self, tmp_root, upstream, redis_server):
+        w = Worker(tmp_root, upstream.url, KV_URL=redis_server.url(next(_redis_dbs)),
+                   WORKERS="2").start()
+        children: set = set()
+        try:
+            children = wait_until(lambda: (lambda found: found if len(found) == 2 else None)(
+                {int(p) for p in re.findall(r"\[(\d+)\] listening", w.log())}), 5,
+                "two workers do not listen")
+            w.proc.kill()  # SIGKILL: the parent can pass nothing on
+            w.proc.wait(5)
+            wait_until(lambda: not any(alive(pid) for pid in children), 15,
+                       "the workers outlived their parent")
+            assert w.log().count("the parent process is gone: stopping") == 2
+        finally:
+            for pid in children:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
 
 class TestMovingBetweenBackends:
     """export on one backend, import on the other: same users, keys, limits,

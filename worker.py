@@ -3345,7 +3345,9 @@ def tls_context(settings: Settings) -> Optional[ssl.SSLContext]:
     return context
 
 
-async def serve(settings: Settings, sockets: List[Any]) -> None:
+async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = None) -> None:
+    """Serve on ``sockets`` until SIGTERM or SIGINT (or, for a forked worker,
+    until its ``parent`` process is gone), then stop gracefully."""
     kv = open_kv(settings)
     await kv.check()
     tornado.httpclient.AsyncHTTPClient.configure(UpstreamClient)
@@ -3370,6 +3372,13 @@ async def serve(settings: Settings, sockets: List[Any]) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    if parent is not None:
+        def stop_if_orphaned() -> None:
+            if os.getppid() != parent and not stopping.is_set():
+                log.warning("the parent process is gone: stopping")
+                stopping.set()
+        orphan_watch = tornado.ioloop.PeriodicCallback(stop_if_orphaned, 1000)
+        orphan_watch.start()
     await stopping.wait()
 
     log.info("stopping: no new connections, waiting for requests in flight")
@@ -3392,9 +3401,10 @@ def run_server(settings: Settings) -> None:
         RedisKV(settings.kv_url).open()  # a missing package or bad URL is said before any fork
     tls_context(settings)  # (so is a bad certificate)
     sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=1024)
-    if settings.workers > 1 and not fork_workers(settings.workers):
+    parent = os.getpid() if settings.workers > 1 else None
+    if parent is not None and not fork_workers(settings.workers):
         return  # the parent, once every worker has stopped
-    asyncio.run(serve(settings, sockets))
+    asyncio.run(serve(settings, sockets, parent))
 
 
 def fork_workers(count: int) -> bool:
