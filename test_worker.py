@@ -559,6 +559,8 @@ class FakeUpstream:
                 return
         if control.get("x-fake-unframed"):
             return await self.unframed(h, record)
+        if control.get("x-fake-fault"):
+            return await self.fault(h, record, control["x-fake-fault"])
         if control.get("x-fake-status"):
             return await self.fake_error(h, record, int(control["x-fake-status"]))
         if control.get("x-fake-download-mb"):
@@ -900,6 +902,80 @@ class FakeUpstream:
         await asyncio.sleep(0.05)  # the body in a second packet: not all at once
         await stream.write(data)
         stream.close()
+
+    async def fault(self, h: UpstreamHandler, record: Dict[str, Any], kind: str) -> None:
+        """x-fake-fault: KIND -- an upstream that breaks the protocol or the connection,
+        written byte by byte on the bare socket. What it sent is recorded in
+        ``record["sent"]`` (the body bytes a client may see), and no usage is reported.
+
+        - ``reset``: a streamed chat completion, three events, then a TCP reset
+        - ``stall``: the same three events, then silence until the proxy hangs up
+        - ``malformed-sse``: a whole, well-framed stream of events that are not JSON,
+          a broken usage object, an unterminated last event
+        - ``truncated``: Content-Length 1000, 100 bytes, then close
+        - ``close-before-headers``: the request read, the connection closed
+        - ``huge-header``: a 100 KB header line
+        - ``garbage``: bytes that are not HTTP at all
+        - ``bad-chunk``: chunked framing with a chunk size that is not hex
+        """
+        record["usage_total"] = 0
+        record["response"] = {"status": None}
+        stream = h.detach()
+        events = chat_stream_chunks(record["id"], "gpt-4o-mini", False)[:3]
+        sse_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Transfer-Encoding: chunked\r\nx-test: up-" + record["id"].encode()
+                    + b"\r\n\r\n")
+
+        def chunked(data: bytes) -> bytes:
+            return b"%x\r\n%s\r\n" % (len(data), data)
+
+        try:
+            if kind in ("reset", "stall"):
+                record["sent"] = b"".join(events)
+                await stream.write(sse_head)
+                for event in events:
+                    await stream.write(chunked(event))
+                    await asyncio.sleep(0.02)
+                if kind == "stall":
+                    for _ in range(600):  # until the proxy gives up on it (at most a minute)
+                        if stream.closed():
+                            break
+                        await asyncio.sleep(0.1)
+                else:
+                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                             struct.pack("ii", 1, 0))
+            elif kind == "malformed-sse":
+                body = [b"data: {not json}\n\n", b"data: \xff\xfe\x00binary\n\n",
+                        b": a comment\n\nevent: x\ndata: [1, 2\n\n",
+                        b'data: {"choices":[],"usage":{"total_tokens": 5\n\n',
+                        b"data:" + b"x" * 70000 + b"\n\n", b"\r\n\r\n\n\n",
+                        b"data: unterminated"]
+                record["sent"] = b"".join(body)
+                await stream.write(sse_head)
+                for part in body:
+                    await stream.write(chunked(part))
+                await stream.write(b"0\r\n\r\n")
+                record["response"]["status"] = 200
+            elif kind == "truncated":
+                data = compact(chat_completion(record["id"], "gpt-4o-mini"))[:100]
+                record["sent"] = data
+                await stream.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: 1000\r\n\r\n" + data)
+                await asyncio.sleep(0.05)
+            elif kind == "huge-header":
+                await stream.write(b"HTTP/1.1 200 OK\r\nX-Huge: " + b"h" * (100 << 10)
+                                   + b"\r\nContent-Length: 2\r\n\r\n{}")
+            elif kind == "garbage":
+                await stream.write(b"\x16\x03\x01 this is not HTTP \xff\r\n\r\n")
+            elif kind == "bad-chunk":
+                record["sent"] = events[0]
+                await stream.write(sse_head + chunked(events[0]) + b"zz\r\nnope\r\n")
+                await asyncio.sleep(0.05)
+            # close-before-headers: nothing at all
+        except tornado.iostream.StreamClosedError:
+            pass
+        finally:
+            stream.close()
 
     async def echo(self, h: UpstreamHandler, record: Dict[str, Any]) -> None:
         """Any other path: the answer kind the test asks for (x-fake-response)."""
@@ -4825,3 +4901,192 @@ def test_a_part_written_journal_line_does_not_cut_off_later_writes(tmp_path):
     assert done.returncode == 0, done.stderr
     found = _read_store(sys.executable, path)
     assert found == {"user:b": "2", "user:c": "3"}
+
+
+# ---------------------------------------------------------------------------
+# 22. Reliability (issue 8): upstream faults, bad input, slow clients, secrets, load
+# ---------------------------------------------------------------------------
+
+CLIENT_TIMEOUT = 20.0  # every raw client call below ends by then: a hang fails, never blocks
+
+
+class RawAnswer:
+    """What a raw socket read of one HTTP answer got, and how it ended:
+    ``whole`` (framing complete), ``cut`` (the server closed before that)."""
+
+    def __init__(self, status: int, headers: Dict[str, str], body: bytes, ending: str,
+                 head: bytes):
+        self.status, self.headers, self.body, self.ending, self.head = (
+            status, headers, body, ending, head)
+
+    def __repr__(self) -> str:
+        return f"<RawAnswer {self.status} {self.ending} {self.body[:200]!r}>"
+
+
+def _dechunk(data: bytes) -> Tuple[bytes, bool]:
+    """A chunked body's bytes so far, and whether its last chunk has come."""
+    out, pos = [], 0
+    while True:
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            return b"".join(out), False
+        try:
+            size = int(data[pos:end].split(b";")[0], 16)
+        except ValueError:
+            return b"".join(out), False
+        if size == 0:
+            return b"".join(out), data.find(b"\r\n\r\n", end) >= 0 or data[end + 2:end + 4] == b"\r\n"
+        piece = data[end + 2:end + 2 + size]
+        out.append(piece)
+        if len(piece) < size or len(data) < end + 4 + size:
+            return b"".join(out), False
+        pos = end + 4 + size
+
+
+def parse_answer(raw: bytes, eof: bool, head_only: bool = False) -> Optional[RawAnswer]:
+    """An answer from the bytes so far, once it is complete (or ``eof``); else None."""
+    split = raw.find(b"\r\n\r\n")
+    if split < 0:
+        if eof:
+            raise AssertionError(f"the connection closed before a whole header: {raw[:300]!r}")
+        return None
+    head, rest = raw[:split], raw[split + 4:]
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    assert len(parts) >= 2 and parts[0] in (b"HTTP/1.1", b"HTTP/1.0") and parts[1].isdigit() \
+        and len(parts[1]) == 3, f"not an HTTP status line: {lines[0][:200]!r}"
+    headers: Dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        assert colon and name and name.strip() == name, f"a malformed header line: {line[:200]!r}"
+        headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
+    status = int(parts[1])
+    if head_only or status in (204, 304) or 100 <= status < 200:
+        return RawAnswer(status, headers, b"", "whole", head)
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body, done = _dechunk(rest)
+    elif "content-length" in headers:
+        length = int(headers["content-length"])
+        body, done = rest[:length], len(rest) >= length
+    else:
+        body, done = rest, False  # delimited by the close
+        if eof:
+            return RawAnswer(status, headers, body, "whole", head)
+    if done:
+        return RawAnswer(status, headers, body, "whole", head)
+    return RawAnswer(status, headers, body, "cut", head) if eof else None
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = CLIENT_TIMEOUT,
+                 source: str = "127.0.0.1", head_only: bool = False) -> RawAnswer:
+    """Send ``data`` on a new connection; read one answer to its end or to the close.
+    A server that neither finishes nor closes within ``timeout`` fails the test."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0))
+    deadline = time.monotonic() + timeout
+    raw = b""
+    try:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may answer and close before reading it all
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                got = sock.recv(1 << 16)
+            except ConnectionResetError:
+                got = b""
+            except socket.timeout:
+                raise AssertionError(f"no end within {timeout:g} s (a hang): {raw[:300]!r}")
+            answer = parse_answer(raw + got, not got, head_only)
+            raw += got
+            if answer is not None:
+                return answer
+    finally:
+        sock.close()
+
+
+def me_totals(worker: Worker, key: str) -> Tuple[int, int]:
+    """(requests, tokens) as ``GET /me`` shows them."""
+    me = request("GET", worker.url + "/me", headers=bearer(key), timeout=CLIENT_TIMEOUT)
+    assert me.status == 200, me
+    return me.json()["requests"], me.json()["used"]
+
+
+UPSTREAM_FAULTS = {
+    # kind: (status the client gets, how its answer ends, whether the body is what was sent)
+    "reset": (200, "cut", "prefix"),
+    "stall": (200, "cut", "all"),
+    "malformed-sse": (200, "whole", "all"),
+    "truncated": (200, "cut", "all"),
+    # Tornado's client passes on body bytes gathered before broken framing only
+    # when it had to wait for more: either they reached the client, or nothing did.
+    "bad-chunk": (200, "cut", "prefix"),
+    "close-before-headers": (502, "whole", None),
+    "huge-header": (502, "whole", None),
+    "garbage": (502, "whole", None),
+}
+
+
+class TestUpstreamFaults:
+    """An upstream that breaks off, stalls or talks nonsense: the client gets what
+    arrived and an answer that ends, the proxy stays up, and the request counts once."""
+
+    TIMEOUT = 3  # UPSTREAM_TIMEOUT: the stall ends here
+
+    @pytest.fixture(scope="class")
+    def faulty(self, upstream, tmp_root):
+        with running_worker(tmp_root, upstream.url, UPSTREAM_TIMEOUT=str(self.TIMEOUT)) as w:
+            yield w
+            assert w.proc.poll() is None, "worker.py died"
+        assert "Traceback" not in w.log(), w.log()[-3000:]
+
+    @pytest.mark.parametrize("kind", sorted(UPSTREAM_FAULTS))
+    def test_the_client_gets_what_arrived_and_an_end(self, faulty, upstream, kind):
+        status, ending, body_is = UPSTREAM_FAULTS[kind]
+        key, test_id = faulty.register(unique("fault")), new_test_id()
+        body = chat_json(stream=True, stream_options={"include_usage": True})
+        started = time.monotonic()
+        answer = raw_exchange(int(faulty.env["PORT"]), raw_request(
+            "POST", "/v1/chat/completions", key, body, **{
+                "Content-Type": "application/json", "x-test-id": test_id, "x-fake-fault": kind}))
+        if kind == "bad-chunk" and answer.status == 502:
+            status, ending, body_is = UPSTREAM_FAULTS["garbage"]
+        assert (answer.status, answer.ending) == (status, ending), answer
+        sent = upstream.find(test_id)[0].get("sent", b"")
+        if body_is == "all":
+            assert answer.body == sent, (answer.body[:300], sent[:300])
+        elif body_is == "prefix":
+            assert sent.startswith(answer.body) and answer.body.startswith(b"data: "), answer
+        else:
+            assert answer.headers["content-type"].startswith("application/json"), answer
+            assert json.loads(answer.body)["error"]["code"] == "upstream_unreachable", answer
+        assert time.monotonic() - started < self.TIMEOUT + 10
+        # The proxy is up, the next request works, and the broken one counts once.
+        assert request("GET", faulty.url + "/healthz", timeout=CLIENT_TIMEOUT).body == b"ok"
+        good = post_json(faulty, "/v1/chat/completions", key, chat_json(),
+                         **{"x-test-id": test_id})
+        assert good.status == 200, good
+        assert me_totals(faulty, key) == (2, CHAT_USAGE["total_tokens"])
+
+    def test_a_fault_on_a_kept_alive_client_connection_ends_it_not_the_next(self, faulty):
+        """The client reuses its connection: after a cut answer it gets a closed one
+        (never the next answer glued to the broken one), after a 502 a working one."""
+        key = faulty.register(unique("reuse"))
+        for kind in ("truncated", "close-before-headers"):
+            conn = connect(faulty.url, timeout=CLIENT_TIMEOUT)
+            try:
+                conn.request("POST", "/v1/chat/completions", body=chat_json(), headers=dict(
+                    bearer(key), **{"Content-Type": "application/json", "x-fake-fault": kind}))
+                response = conn.getresponse()
+                if kind == "truncated":
+                    with pytest.raises(http.client.IncompleteRead):
+                        response.read()
+                    continue
+                assert response.status == 502
+                response.read()
+                conn.request("GET", "/v1/models", headers=bearer(key))
+                assert conn.getresponse().status == 200
+            finally:
+                conn.close()
+        assert me_totals(faulty, key)[0] == 3

@@ -2155,7 +2155,9 @@ class ProxyHandler(BaseHandler):
         if self.client_gone:
             self.set_status(499, "Client Closed Request")  # as nginx logs it
             return
-        if not self.upstream_headers_sent:
+        if not self.upstream_headers_sent or (failure is not None and not self._headers_written):
+            # Nothing has reached the client yet (Tornado drops body bytes it
+            # had gathered when the framing after them is broken): a clean 502.
             raise self.upstream_error(failure)
         if failure is not None:
             # The upstream broke off mid-answer: end the client's answer the
