@@ -1691,6 +1691,18 @@ def connection_tokens(headers: tornado.httputil.HTTPHeaders) -> set:
     return {token.strip().lower() for token in headers.get("Connection", "").split(",")}
 
 
+def refuse_bad_framing(headers: tornado.httputil.HTTPHeaders) -> None:
+    """400 for a body framing Tornado would refuse only once this handler has
+    started (RFC 9112 §6.1, §6.3): before anything goes upstream, not after."""
+    encoding = headers.get("Transfer-Encoding")
+    lengths = {value.strip() for value in ",".join(headers.get_list("Content-Length")).split(",")}
+    if encoding is not None and (encoding.strip().lower() != "chunked"
+                                 or "Content-Length" in headers):
+        raise ApiError(400, "Transfer-Encoding must be chunked alone (without Content-Length).")
+    if "Content-Length" in headers and (len(lengths) != 1 or not lengths.pop().isdigit()):
+        raise ApiError(400, "Content-Length must be one whole number.")
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
                     code="model_not_found")
@@ -1701,7 +1713,8 @@ def models_in_body(content_type: str, body: bytes) -> Tuple[List[str], Any]:
 
     Every one, not the first: a body that names two (a repeated form field, a
     repeated JSON key) would otherwise pass the allowlist with one and reach
-    an upstream that reads the other."""
+    an upstream that reads the other. A form's body is read as JSON too: an
+    upstream may go by the bytes, not by the Content-Type."""
     if content_type.lower().startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         fields: Dict[str, List[bytes]] = {}
         try:
@@ -1710,7 +1723,13 @@ def models_in_body(content_type: str, body: bytes) -> Tuple[List[str], Any]:
             return [], None
         if not fields.get("model") and b'name="model"' in body:
             return [], None  # a model field Tornado could not read (it only logs why)
-        return [v.decode("utf-8", "replace") for v in fields.get("model", [])], {}
+        as_json, _ = _models_in_json(body) if body.lstrip()[:1] == b"{" else ([], None)
+        return [v.decode("utf-8", "replace") for v in fields.get("model", [])] + as_json, {}
+    return _models_in_json(body)
+
+
+def _models_in_json(body: bytes) -> Tuple[List[str], Any]:
+    """models_in_body for a JSON body: (every model it names, the parsed JSON or None)."""
     per_object: List[List[Any]] = []  # the "model" values of each JSON object, inner first
 
     def collect(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
@@ -1771,6 +1790,7 @@ class ProxyHandler(BaseHandler):
         # streams, answers OpenAI's 413, so Tornado's is set past it.
         self.request.connection.set_max_body_size(2 * self.app.settings.max_body_bytes + (1 << 20))
         self.body_received = 0
+        refuse_bad_framing(self.request.headers)
         self.user = await authenticate(self.app.store, self.request.headers)
         self.log_user = self.user["name"]
         self._check_body_size()
