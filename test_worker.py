@@ -5445,3 +5445,226 @@ def _json_or_none_test(data: bytes) -> Any:
         return json.loads(data)
     except ValueError:
         return None
+
+
+# worker.py with some of its module constants set otherwise: the same code, run by
+# `python -c` instead of `python worker.py`, so that timeouts of minutes can be
+# tested in seconds without a setting that only tests would use.
+TUNED_LAUNCHER = r'''
+import json, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import worker
+for name, value in json.loads(sys.argv[2]).items():
+    assert hasattr(worker, name), name
+    setattr(worker, name, value)
+sys.exit(worker.main([sys.argv[1]]))
+'''
+
+
+class TunedWorker(Worker):
+    def __init__(self, root: str, upstream_url: str, constants: Dict[str, Any],
+                 **env: Optional[str]):
+        super().__init__(root, upstream_url, **env)
+        self.constants = constants
+
+    def start(self, port: Optional[int] = None) -> "Worker":
+        if port is not None:
+            self.env["PORT"] = str(port)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", TUNED_LAUNCHER, WORKER_PY, json.dumps(self.constants)],
+                cwd=HERE, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self.wait_ready()
+        return self
+
+
+def rss_mb(pid: int) -> float:
+    """The process's resident memory now (Linux ``VmRSS``), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc")
+
+
+def closed_by_server(sock: socket.socket, timeout: float = CLIENT_TIMEOUT) -> bool:
+    """Wait for the server to close ``sock`` (True), reading and dropping what comes."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(1 << 16):
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+    return False
+
+
+class TestSlowClients:
+    """Idle connections, slow headers and stalled bodies are closed after bounded
+    timeouts (CLIENT_IDLE_SECONDS, CLIENT_BODY_SECONDS: 120 s and 60 s, set to 2 s
+    here); greedy clients starve no one; a slow reader costs no memory."""
+
+    IDLE = BODY = 2.0
+
+    @pytest.fixture(scope="class")
+    def tuned(self, upstream, tmp_root):
+        if not os.path.exists("/proc/self/status"):
+            pytest.skip("needs /proc to read the server's memory and open files")
+        w = TunedWorker(tmp_root, upstream.url, {"CLIENT_IDLE_SECONDS": self.IDLE,
+                                                 "CLIENT_BODY_SECONDS": self.BODY}).start()
+        try:
+            yield w
+            assert w.proc.poll() is None, "worker.py died"
+        finally:
+            w.stop()
+
+    def open(self, worker: Worker) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", int(worker.env["PORT"])),
+                                        timeout=CLIENT_TIMEOUT)
+
+    def test_an_idle_connection_is_closed(self, tuned):
+        sock = self.open(tuned)
+        try:
+            assert closed_by_server(sock, 5 * self.IDLE), "an idle connection stays open"
+        finally:
+            sock.close()
+
+    def test_a_kept_alive_connection_is_closed_once_idle(self, tuned):
+        key = tuned.register(unique("idle"))
+        sock = self.open(tuned)
+        try:
+            sock.sendall(raw_request("GET", "/v1/models", key))
+            assert sock.recv(1 << 16).startswith(b"HTTP/1.1 200")
+            assert closed_by_server(sock, 5 * self.IDLE), "a kept-alive connection stays open"
+        finally:
+            sock.close()
+
+    def test_headers_sent_a_byte_at_a_time_are_cut_off(self, tuned):
+        sock = self.open(tuned)
+        head = raw_request("GET", "/v1/models", "sk-cfw" + "x" * 45) + b"x" * 1000
+        try:
+            started = time.monotonic()
+            for i, byte in enumerate(head):
+                try:
+                    sock.sendall(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                time.sleep(0.05)
+                if time.monotonic() - started > 5 * self.IDLE:
+                    pytest.fail("a request whose headers never end is still read")
+            assert closed_by_server(sock, 5), "still open"
+        finally:
+            sock.close()
+
+    @pytest.mark.parametrize("route", ["admin", "proxy-small", "proxy-upload"])
+    def test_a_stalled_body_is_cut_off(self, tuned, upstream, route):
+        name, test_id = unique("stall"), new_test_id()
+        key = tuned.register(name)
+        if route == "admin":
+            data = (f"POST /{ACCESS_TOKEN}/register/{name}x HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Content-Type: application/x-www-form-urlencoded\r\n"
+                    f"Content-Length: 100\r\n\r\nquota=5").encode()
+        else:
+            length = 1000 if route == "proxy-small" else 64 << 20
+            data = raw_request("POST", "/v1/files", key, b"x" * 100, **{
+                "Content-Length": str(length), "x-test-id": test_id,
+                "Content-Type": "application/octet-stream"})
+        sock = self.open(tuned)
+        try:
+            sock.sendall(data)
+            assert closed_by_server(sock, 5 * self.BODY), "a stalled body holds its connection"
+        finally:
+            sock.close()
+        if route == "admin":
+            assert f"{name}x" not in users_by_name(tuned), "a cut register happened"
+        if route == "proxy-upload":  # it had gone upstream: that request ends too
+            assert upstream.closed_connections(test_id, timeout=5)
+        deadline = time.monotonic() + 3
+        while route != "admin" and f"user={name}" not in tuned.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if route != "admin":
+            lines = [l for l in tuned.log().splitlines() if f"user={name}" in l]
+            assert len(lines) == 1 and " 499 " in lines[0], lines
+        assert tuned.models(key).status == 200
+
+    def test_a_slow_steady_upload_is_not_cut_off(self, tuned, upstream):
+        """The limit is on silence, not on the whole upload: 4 x CLIENT_BODY_SECONDS here."""
+        key, test_id = tuned.register(unique("steady"), "?scope=all"), new_test_id()
+        pieces = int(4 * self.BODY / 0.5)
+        data = raw_request("POST", "/v1/uploads/upload_slow/parts", key, b"", **{
+            "Content-Length": str(pieces * 1000), "x-test-id": test_id,
+            "Content-Type": "application/octet-stream"})
+        sock = self.open(tuned)
+        try:
+            sock.sendall(data)
+            for _ in range(pieces):
+                time.sleep(0.5)
+                sock.sendall(b"y" * 1000)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                got = sock.recv(1 << 16)
+                assert got, f"cut off: {answer!r}"
+                answer += got
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        finally:
+            sock.close()
+        assert upstream.one(test_id)["body_len"] == pieces * 1000
+
+    def test_hundreds_of_greedy_connections_starve_no_one(self, tuned, upstream):
+        """300 connections that send nothing and 50 downloads nobody reads: a normal
+        request is still answered, and all of it goes away with them."""
+        key = tuned.register(unique("greedy"), "?scope=all")
+        other = tuned.register(unique("normal"))
+        pid = tuned.proc.pid
+        baseline = open_count(pid)
+        held: List[socket.socket] = []
+        try:
+            for _ in range(300):
+                held.append(self.open(tuned))
+            for _ in range(50):
+                sock = self.open(tuned)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.sendall(raw_request("GET", "/v1/files/file-x/content", key,
+                                         **{"x-fake-download-mb": "64"}))
+                held.append(sock)
+            time.sleep(0.5)
+            print(f"greedy clients: {open_count(pid) - baseline} more open files, "
+                  f"{rss_mb(pid):.0f} MB resident")
+            for _ in range(5):
+                answer = post_json(tuned, "/v1/chat/completions", other, chat_json())
+                assert answer.status == 200, answer
+                assert tuned.models(other).status == 200
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while open_count(pid) > baseline + 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert open_count(pid) <= baseline + 5, (baseline, open_count(pid))
+
+    def test_a_slow_reader_of_a_big_download_costs_no_memory(self, tuned):
+        key = tuned.register(unique("slowreader"), "?scope=all")
+        pid = tuned.proc.pid
+        assert tuned.models(key).status == 200
+        before, peak, got = rss_mb(pid), 0.0, 0
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.settimeout(CLIENT_TIMEOUT)
+        sock.connect(("127.0.0.1", int(tuned.env["PORT"])))
+        try:
+            sock.sendall(raw_request("GET", "/v1/files/file-big/content", key,
+                                     **{"x-fake-download-mb": "256"}))
+            started = time.monotonic()
+            while time.monotonic() - started < 4:
+                got += len(sock.recv(16384))
+                time.sleep(0.005)
+                peak = max(peak, rss_mb(pid))
+        finally:
+            sock.close()
+        print(f"slow reader: read {got >> 20} MB of 256 in 4 s; worker.py resident "
+              f"{before:.0f} MB before, {peak:.0f} MB at most")
+        assert got < 128 << 20, "not slow enough to mean anything"
+        assert peak - before < 32, f"{peak - before:.0f} MB more while a slow reader downloads"

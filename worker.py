@@ -132,6 +132,8 @@ STREAMED_BODY_METHODS = ("POST", "PUT", "PATCH")
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")  # the ones Tornado's client frames chunked
 SMALL_BODY_BYTES = 256 << 10  # request bodies up to this are read whole, then sent
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
+CLIENT_IDLE_SECONDS = 120.0  # a client connection idle between requests, or sending its headers
+CLIENT_BODY_SECONDS = 60.0  # a small body read whole; a proxied upload that sends nothing this long
 
 
 # ---------------------------------------------------------------------------
@@ -1798,6 +1800,8 @@ class ProxyHandler(BaseHandler):
         self.isolated = self.user.get("scope", "own") != "all"
         await self.check_ownership()
         self.request.connection.stream.set_nodelay(True)
+        if self.has_body():
+            self.watch_upload()
         if self.must_read_body():
             self.body_chunks = []
         elif not self.answers_own_list():
@@ -2074,7 +2078,28 @@ class ProxyHandler(BaseHandler):
         self.fetch = self.app.http_client.fetch(request, raise_error=False)
         self.fetch.add_done_callback(self._on_fetch_done)
 
+    def watch_upload(self) -> None:
+        """An upload may take as long as it needs, but not stop: one that sends
+        nothing for CLIENT_BODY_SECONDS (while not held back by the upstream) is
+        cut, so a slow or stalled client cannot hold a connection forever."""
+        self.request.connection.set_body_timeout(None)  # a 512 MB upload may take hours
+        self.body_seen, self.body_held = time.monotonic(), False
+
+        def check() -> None:
+            if self.body_complete or self.client_gone or self._finished:
+                return
+            silent = time.monotonic() - self.body_seen
+            if silent < CLIENT_BODY_SECONDS or self.body_held:
+                tornado.ioloop.IOLoop.current().call_later(
+                    max(0.1, CLIENT_BODY_SECONDS - silent), check)
+                return
+            log.info("closing an upload that sent nothing for %g s", CLIENT_BODY_SECONDS)
+            self.request.connection.stream.close()  # on_connection_close: 499, upstream ended
+
+        tornado.ioloop.IOLoop.current().call_later(CLIENT_BODY_SECONDS, check)
+
     async def data_received(self, chunk: bytes) -> None:
+        self.body_seen = time.monotonic()
         if self._finished or self.user is None:
             return
         if self.body_chunks is None and (self.fetch is None or self.fetch.done()):
@@ -2087,7 +2112,9 @@ class ProxyHandler(BaseHandler):
         elif self.body_chunks is not None:
             self.body_chunks.append(chunk)
         else:
+            self.body_held = True  # the upstream is behind: the client is not to blame
             await self.body_queue.put(chunk)
+            self.body_held, self.body_seen = False, time.monotonic()
 
     async def produce_body(self, write: Callable[[bytes], "asyncio.Future[None]"]) -> None:
         while True:
@@ -2851,7 +2878,8 @@ async def serve(settings: Settings) -> None:
         # Routes answered here take small bodies; the proxy raises its own
         # limit per request (prepare), so no one else can make us hold 512 MB.
         max_body_size=SMALL_BODY_BYTES,
-        idle_connection_timeout=120,
+        idle_connection_timeout=CLIENT_IDLE_SECONDS,
+        body_timeout=CLIENT_BODY_SECONDS,  # the proxy's uploads: ProxyHandler.watch_upload
     )
     flusher = tornado.ioloop.PeriodicCallback(app.flush, USAGE_FLUSH_SECONDS * 1000)
     flusher.start()
