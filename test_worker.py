@@ -558,8 +558,11 @@ class FakeUpstream:
             h.set_header("Connection", "close")
             h.request.headers["x-fake-close-idle"] = "0"  # and mean it
         if req.headers.get("Authorization") != "Bearer " + self.key:
+            # As OpenAI words it: the key it got, masked but for its ends.
+            given = req.headers.get("Authorization", "").partition(" ")[2]
+            masked = given[:8] + "*" * max(0, len(given) - 12) + given[-4:]
             return await self.error(h, record, 401, "invalid_request_error", "invalid_api_key",
-                                    "Incorrect API key provided (fake upstream).")
+                                    f"Incorrect API key provided: {masked} (fake upstream).")
         if control.get("x-fake-sleep"):
             # The time to a first byte of a long generation; ends early if the proxy hangs up.
             if await h.wait_or_gone(float(control["x-fake-sleep"])):
@@ -5668,3 +5671,180 @@ class TestSlowClients:
               f"{before:.0f} MB before, {peak:.0f} MB at most")
         assert got < 128 << 20, "not slow enough to mean anything"
         assert peak - before < 32, f"{peak - before:.0f} MB more while a slow reader downloads"
+
+
+def secret_parts(secret: str) -> List[str]:
+    """A secret and the stretches of it that would give it away (past any public prefix)."""
+    return [secret, secret[8:28]] if len(secret) > 30 else [secret]
+
+
+class TestSecrets:
+    """No log line, answer or stored file holds ACCESS_TOKEN, the upstream key or a
+    user key, after a session that does everything, fails in every way, at debug."""
+
+    def test_a_whole_session_leaks_no_secret(self, tmp_root, upstream):
+        worker = Worker(tmp_root, upstream.url, LOG_LEVEL="debug", UPSTREAM_TIMEOUT="2").start()
+        answers: List[Tuple[str, bytes]] = []  # what each call got: (what, head and body)
+        keys: List[str] = []
+        given_keys: Dict[str, str] = {}  # the answers that hand out a key: that key only
+
+        echoed: List[str] = []  # answers that are the upstream's echo of what it was sent
+
+        def call(what: str, method: str, path: str, body: Optional[bytes] = None,
+                 hands_out_key: bool = False, **headers: str) -> Answer:
+            answer = request(method, worker.url + path, body, headers, timeout=CLIENT_TIMEOUT)
+            if what in ("token below v1", "key as a model"):
+                assert "x-test" in answer.headers, answer  # the fake's, not the proxy's
+                echoed.append(what)
+            raw = "".join(f"{k}: {v}\n" for k, v in answer.headers.items()).encode() + answer.body
+            if hands_out_key:
+                match = re.search(rb"sk-cfw[A-Za-z0-9]{45}", answer.body)
+                assert match, answer
+                keys.append(match.group().decode())
+                given_keys[what] = keys[-1]
+                raw = raw.replace(match.group(), b"")
+            answers.append((what, raw))
+            return answer
+
+        try:
+            admin = {"Authorization": "Bearer " + ACCESS_TOKEN}
+            near = ACCESS_TOKEN[:-1] + ("x" if ACCESS_TOKEN[-1] != "x" else "y")
+            call("register", "GET", f"/{ACCESS_TOKEN}/register/alice", hands_out_key=True)
+            call("register bearer", "POST", "/admin/register/bob?quota=1000000&format=json",
+                 b"", hands_out_key=True, **admin)
+            call("reset", "GET", f"/{ACCESS_TOKEN}/reset/alice", hands_out_key=True)
+            alice, bob = keys[-1], keys[1]
+            call("set", "GET", "/admin/set/bob?rpm=1000", **admin)
+            for view in ("users", "stats", "users?format=json", "stats/alice?days=2",
+                         "objects/alice"):
+                call(view, "GET", f"/{ACCESS_TOKEN}/{view}")
+            call("near-miss path", "GET", f"/{near}/users")
+            call("near-miss bearer", "GET", "/admin/users", Authorization="Bearer " + near)
+            call("token alone", "GET", f"/{ACCESS_TOKEN}")
+            assert call("token as a name", "GET",
+                        f"/{ACCESS_TOKEN}/register/{ACCESS_TOKEN}").status == 400
+            call("token below v1", "GET", f"/v1/models/{ACCESS_TOKEN}", Authorization="Bearer " + bob)
+            call("token elsewhere", "GET", f"/x/{ACCESS_TOKEN}/y")
+            json_headers = {"Content-Type": "application/json", "Authorization": "Bearer " + alice}
+            call("chat", "POST", "/v1/chat/completions", chat_json(), **json_headers)
+            call("stream", "POST", "/v1/chat/completions", chat_json(stream=True), **json_headers)
+            call("responses", "POST", "/v1/responses", compact(
+                {"model": "gpt-4o-mini", "input": "hi", "stream": True}), **json_headers)
+            call("keys in the query", "GET", f"/v1/models?api_key={bob}&k={UPSTREAM_KEY}"
+                 f"&t={ACCESS_TOKEN}", Authorization="Bearer " + alice)
+            call("key in a path", "GET", f"/v1/files/{bob}", Authorization="Bearer " + alice)
+            call("key as a model", "POST", "/v1/embeddings", compact(
+                {"model": bob, "input": "x"}), **json_headers)
+            call("api-key header", "GET", "/v1/models", **{"api-key": bob})
+            call("unknown key", "GET", "/v1/models", Authorization="Bearer sk-cfw" + "Q" * 45)
+            call("key on an unknown route", "GET", f"/{alice}/x")
+            for status in ("400", "429", "500", "503"):
+                call(f"upstream {status}", "POST", "/v1/chat/completions", chat_json(),
+                     **dict(json_headers, **{"x-fake-status": status}))
+            for fault in UPSTREAM_FAULTS:
+                try:
+                    call(f"fault {fault}", "POST", "/v1/chat/completions", chat_json(),
+                         **dict(json_headers, **{"x-fake-fault": fault}))
+                except http.client.IncompleteRead:
+                    pass  # a cut answer
+            call("timeout", "GET", "/v1/models", Authorization="Bearer " + alice,
+                 **{"x-fake-sleep": "4"})
+            call("me", "GET", "/me", Authorization="Bearer " + alice)
+            call("billing", "GET", "/v1/dashboard/billing/usage", Authorization="Bearer " + alice)
+            call("me reset", "POST", "/me/reset", b"", hands_out_key=True,
+                 Authorization="Bearer " + alice)
+            alice = keys[-1]
+
+            async def realtime() -> None:
+                for how in ("header", "subprotocol"):
+                    conn = await (ws_connect(worker, alice) if how == "header" else
+                                  ws_connect(worker, subprotocols=subprotocol_key(alice)))
+                    answers.append(("realtime " + how, (await ws_read(conn)).encode()))
+                    for message in ("usage", "hello " + alice):
+                        await conn.write_message(message)
+                        what = "realtime " + how + (" echo" if "hello" in message else "")
+                        answers.append((what, (await ws_read(conn)).encode()))
+                    echoed.append(f"realtime {how} echo")  # the fake echoes frames
+                    await conn.write_message("drop")
+                    await ws_read(conn)
+                with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+                    await ws_connect(worker, "sk-cfw" + "Z" * 45)
+                answers.append(("realtime refused", refused.value.response.body or b""))
+
+            run_async(realtime())
+            call("delete", "DELETE", f"/{ACCESS_TOKEN}/bob")
+            call("deleted key", "GET", "/v1/models", Authorization="Bearer " + bob)
+            health = call("healthz", "GET", "/healthz")
+            forbidden = call("403", "GET", "/nothing/here")
+            assert worker.stop() == 0
+        finally:
+            worker.stop()
+        assert health.body == b"ok" and forbidden.body == b"Access forbidden"
+        for answer in (health, forbidden):
+            assert "Server" not in answer.headers and "x-test" not in answer.headers, answer.headers
+        secrets_ = {"ACCESS_TOKEN": ACCESS_TOKEN, "the upstream key": UPSTREAM_KEY}
+        secrets_.update({f"user key {n}": key for n, key in enumerate(keys)})
+        log = worker.log()
+        for name, secret in secrets_.items():
+            for part in secret_parts(secret):
+                assert part not in log, f"the log holds {name}: " + next(
+                    line for line in log.splitlines() if part in line)
+                for what, raw in answers:
+                    if what in echoed:
+                        continue  # the upstream's own answer, naming what it was asked for
+                    assert part.encode() not in raw, f"the answer to {what!r} holds {name}"
+        assert_no_secret_in_files(worker.db_path, keys)
+
+    def test_an_upstream_401_never_carries_the_owners_whole_key(self, tmp_root, upstream):
+        """OpenAI's 401 names the key it got, masked but for its first 8 and last 4
+        characters; it passes unchanged (an upstream error), so never more than that."""
+        wrong = "sk-proj-REVOKED" + secrets.token_hex(20)
+        with running_worker(tmp_root, upstream.url, OPENAPI_API_KEY=wrong) as w:
+            key = w.register("victim")
+            for answer in (w.models(key), post_json(w, "/v1/chat/completions", key, chat_json(),
+                                                    **{"x-fake-delay-ms": "1"})):
+                assert answer.status == 401, answer
+                for part in secret_parts(wrong):
+                    assert part.encode() not in answer.body, answer
+                assert wrong[-4:] in answer.text  # what OpenAI itself shows, no more
+            assert wrong not in w.log() and wrong[8:28] not in w.log()
+
+    def test_a_near_miss_admin_token_takes_as_long_as_a_far_miss(self, tmp_root, upstream):
+        """Interleaved samples of both, each client address under the lockout (9
+        tries each), medians compared with a generous tolerance: a comparison that
+        stopped at the first differing character would show on the near misses."""
+        near = ACCESS_TOKEN[:-1] + ("x" if ACCESS_TOKEN[-1] != "x" else "y")
+        far = "zz" + secrets.token_hex(len(ACCESS_TOKEN))[:len(ACCESS_TOKEN) - 2]
+        times: Dict[str, List[float]] = {"near": [], "far": []}
+        rng = random.Random(8)
+        with running_worker(tmp_root, upstream.url, LOG_LEVEL="warning") as w:
+            port = int(w.env["PORT"])
+            for client in range(40):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT,
+                                                source_address=(f"127.0.9.{client + 1}", 0))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                try:
+                    kinds = ["near", "far"] * 4
+                    rng.shuffle(kinds)
+                    for kind in kinds:
+                        token = near if kind == "near" else far
+                        form = rng.choice(["path", "bearer"])
+                        data = (f"GET /{token}/users HTTP/1.1\r\nHost: x\r\n\r\n" if form == "path"
+                                else f"GET /admin/users HTTP/1.1\r\nHost: x\r\n"
+                                     f"Authorization: Bearer {token}\r\n\r\n").encode()
+                        started = time.perf_counter()
+                        sock.sendall(data)
+                        got = b""
+                        while not got.endswith(b"Access forbidden"):
+                            piece = sock.recv(4096)
+                            assert piece, got
+                            got += piece
+                        times[kind].append(time.perf_counter() - started)
+                        assert got.startswith(b"HTTP/1.1 403"), got
+                finally:
+                    sock.close()
+        medians = {kind: sorted(values)[len(values) // 2] for kind, values in times.items()}
+        print("admin token timing, median ms:", {k: round(v * 1000, 3) for k, v in medians.items()},
+              f"({len(times['near'])} samples each)")
+        slower, faster = max(medians.values()), min(medians.values())
+        assert slower - faster < max(0.5e-3, 0.5 * faster), medians

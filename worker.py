@@ -312,6 +312,31 @@ class AdminError(tornado.web.HTTPError):
         self.message = message
 
 
+KEY_IN_TEXT = re.compile(KEY_PREFIX + "[A-Za-z0-9]+")
+
+
+class Redactor(logging.Filter):
+    """Takes ACCESS_TOKEN, the upstream key and user keys out of text: every log
+    line (a filter on the log handlers) and every error message this proxy
+    writes, wherever a path, a model name or a field value carried them."""
+
+    def __init__(self, *secrets_: str):
+        super().__init__()
+        self.secrets = [s for s in secrets_ if s]
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return KEY_IN_TEXT.sub(KEY_PREFIX + "***", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self.redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
 def invalid_api_key(message: str) -> ApiError:
     return ApiError(401, message, code="invalid_api_key")
 
@@ -1335,7 +1360,7 @@ class BaseHandler(tornado.web.RequestHandler):
         for name, value in error.headers.items():
             self.set_header(name, value)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(error.body()))
+        self.finish(self.app.redactor.redact(json.dumps(error.body())))
 
 
 class ForbiddenHandler(BaseHandler):
@@ -2251,7 +2276,7 @@ class ProxyHandler(BaseHandler):
         self.accounted = True
         found = self.reader.result() if self.reader is not None else None
         model, counts = found if found else (None, [0, 0, 0])
-        model = model or self.request_model or "-"
+        model = self.app.model_label(model or self.request_model or "-")
         self.app.usage.record(self.user["name"], model, counts)
         self.note_objects(self.get_status())
         self.log_model = model
@@ -2473,7 +2498,8 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             return
         if found is not None and self.user is not None:
             model, counts = found
-            self.app.usage.record(self.user["name"], model or self.get_query_argument("model", "-"), counts)
+            model = self.app.model_label(model or self.get_query_argument("model", "-"))
+            self.app.usage.record(self.user["name"], model, counts)
 
     def on_close(self) -> None:
         if self.upstream is not None:
@@ -2616,6 +2642,7 @@ class AdminHandler(BaseHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
         message = error.message if isinstance(error, AdminError) else self._reason
+        message = self.app.redactor.redact(message)
         if status_code == 403:
             self.set_header("Content-Type", "text/plain; charset=utf-8")
             self.finish("Access forbidden")
@@ -2636,6 +2663,9 @@ class AdminHandler(BaseHandler):
 
     async def run_command(self, command: str, name: Optional[str]) -> None:
         store = self.app.store
+        if name is not None and self.app.settings.access_token in name:
+            # It would be shown in tables and logs: the password in clear.
+            raise AdminError(400, "invalid name: a name may not be the admin token")
         try:
             if command == "users" and name is None:
                 await self.show_users()
@@ -2780,11 +2810,17 @@ class App:
         self.owners = Ownership(store)
         self.limiter = RateLimiter()
         self.active: "set[BaseHandler]" = set()  # requests in flight, for a graceful stop
+        self.redactor = Redactor(settings.access_token, settings.openapi_api_key)
 
     async def flush(self) -> None:
         """Write what the request path only noted: usage and object ownership."""
         await self.usage.flush()
         await self.owners.flush()
+
+    def model_label(self, model: str) -> str:
+        """A model name as usage rows keep it: any key in it redacted (a client may
+        send anything as a model), at most 200 characters."""
+        return self.redactor.redact(model)[:200]
 
     def cors_origin(self, origin: Optional[str]) -> Optional[str]:
         allowed = self.settings.cors_origins
@@ -2826,6 +2862,8 @@ class App:
 
 
 def make_app(app: App) -> tornado.web.Application:
+    for handler in logging.getLogger().handlers:  # no secret in any log line
+        handler.addFilter(app.redactor)
     return tornado.web.Application(
         [
             (r"/healthz", HealthHandler),
