@@ -1037,6 +1037,7 @@ class Worker:
                 self.env[name] = value
         self.log_path = os.path.join(self.dir, "worker.log")
         self.proc: Optional[subprocess.Popen] = None
+        self.python = sys.executable  # another interpreter runs it on another dbm backend
 
     @property
     def db_path(self) -> str:
@@ -1055,7 +1056,7 @@ class Worker:
         if port is not None:
             self.env["PORT"] = str(port)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, WORKER_PY], cwd=HERE, env=self.env,
+            self.proc = subprocess.Popen([self.python, WORKER_PY], cwd=HERE, env=self.env,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self.wait_ready()
         return self
@@ -2492,22 +2493,85 @@ class AdminLoad(threading.Thread):
             conn.close()
 
 
+def _interpreters_with_backends():
+    """Each Python here that runs worker.py, with the dbm backend it picks:
+    dbm.dumb (pyenv builds), dbm.ndbm (Debian's python3), dbm.sqlite3 (3.13+)."""
+    candidates = [sys.executable, "/usr/bin/python3"]
+    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[3-9]*/bin/python")))
+    found = {}
+    for python in candidates:
+        if not os.path.exists(python):
+            continue
+        probe = subprocess.run(
+            [python, "-c", "import tornado, dbm, tempfile, os\n"
+                           "d = tempfile.mkdtemp(); dbm.open(os.path.join(d, 'x'), 'n').close()\n"
+                           "print(dbm.whichdb(os.path.join(d, 'x')))"],
+            capture_output=True, text=True, timeout=30)
+        backend = probe.stdout.strip()
+        if probe.returncode == 0 and backend not in found:
+            found[backend] = python
+    return sorted((backend, python) for backend, python in found.items())
+
+
+class ProxyLoad(threading.Thread):
+    """Chat completions, plain and streamed, one after another with one key; notes
+    how many were sent and when each one that answered whole had ended."""
+
+    def __init__(self, worker: Worker, key: str):
+        super().__init__(name="proxy-load", daemon=True)
+        self.worker, self.key = worker, key
+        self.sent = 0
+        self.ended: List[float] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        conn = connect(self.worker.url, timeout=10)
+        try:
+            for n in range(100000):
+                if self.stopping.is_set():
+                    return
+                body = chat_json(stream=True) if n % 2 else chat_json()
+                self.sent += 1
+                conn.request("POST", "/v1/chat/completions", body, headers=dict(
+                    bearer(self.key), **{"Content-Type": "application/json",
+                                         "x-fake-delay-ms": "1"}))
+                response = conn.getresponse()
+                data = response.read()
+                assert response.status == 200, data
+                if n % 2 == 0 or data.endswith(b"data: [DONE]\n\n"):
+                    self.ended.append(time.monotonic())
+        except (OSError, http.client.HTTPException):
+            return  # killed under us
+        finally:
+            conn.close()
+
+
 class TestCrash:
     ROUNDS = 30
     NAMES = 24
+    LONG_ROUNDS = (15,)  # long enough for usage to be flushed before the kill
+    FLUSH_SECONDS = 5.0  # CONTRACT.md §9: usage is written at least this often
 
-    def test_acknowledged_admin_writes_survive_sigkill(self, tmp_root, upstream):
+    @pytest.mark.parametrize("backend,python", _interpreters_with_backends())
+    def test_acknowledged_admin_writes_and_flushed_usage_survive_sigkill(
+            self, tmp_root, upstream, backend, python):
+        """Kill -9 amid admin writes and proxied requests: the store opens, every
+        acknowledged write holds, and usage is neither lost beyond the last flush
+        interval nor counted twice."""
         seed = random.randrange(1 << 30)
         rng = random.Random(seed)
         worker = Worker(tmp_root, upstream.url, LOG_LEVEL="warning")
+        worker.python = python
         state: Dict[str, Optional[str]] = {f"crash{i}": None for i in range(self.NAMES)}
         dead: List[str] = []
         in_flight: Optional[Tuple[str, str, Optional[str]]] = None
-        acknowledged = cut = 0
+        acknowledged = cut = sent = 0
+        ended: List[float] = []  # when each proxied request that answered whole had ended
+        traffic_key = None
         started = time.monotonic()
         try:
             for round_ in range(self.ROUNDS + 1):
-                where = f"round {round_} (seed {seed})"
+                where = f"{backend} round {round_} (seed {seed})"
                 try:
                     worker.start(port=free_port())
                 except AssertionError as e:
@@ -2516,25 +2580,40 @@ class TestCrash:
                     self.settle(worker, state, dead, in_flight, where)
                     in_flight = None
                 self.check(worker, state, dead, rng, where)
+                if traffic_key is None:
+                    traffic_key = worker.register("traffic")
+                elif round_ > 0:
+                    counted = me_totals(worker, traffic_key)[0]
+                    surely = sum(1 for t in ended if t < killed_at - self.FLUSH_SECONDS - 1.0)
+                    assert surely <= counted <= sent, f"{where}: usage {counted} requests, " \
+                        f"{surely} ended over {self.FLUSH_SECONDS:g} s before the kill, {sent} sent"
                 if round_ == self.ROUNDS:
                     break
-                load = AdminLoad(worker, state, rng)
+                load, traffic = AdminLoad(worker, state, rng), ProxyLoad(worker, traffic_key)
                 load.start()
-                time.sleep(rng.uniform(0.05, 0.6))
+                traffic.start()
+                time.sleep(rng.uniform(6.5, 7.5) if round_ in self.LONG_ROUNDS
+                           else rng.uniform(0.05, 0.6))
+                killed_at = time.monotonic()
                 worker.kill()
-                load.stopping.set()
-                load.join(15)
-                assert not load.is_alive(), f"{where}: the load thread hangs"
+                for thread in (load, traffic):
+                    thread.stopping.set()
+                    thread.join(15)
+                    assert not thread.is_alive(), f"{where}: the load thread hangs"
                 assert load.problem is None, f"{where}: {load.problem}"
                 in_flight, acknowledged = load.in_flight, acknowledged + load.acknowledged
                 cut += in_flight is not None
                 dead += load.dead_keys
+                sent += traffic.sent
+                ended += traffic.ended
         finally:
             worker.stop()
-        print(f"crash test: {self.ROUNDS} kills, {acknowledged} acknowledged writes, "
-              f"{cut} cut by a kill, seed {seed}, {time.monotonic() - started:.1f} s")
+        print(f"crash test on {backend}: {self.ROUNDS} kills, {acknowledged} acknowledged "
+              f"writes, {cut} cut by a kill, {sent} proxied requests ({len(ended)} answered "
+              f"whole), seed {seed}, {time.monotonic() - started:.1f} s")
         assert acknowledged >= self.ROUNDS, f"only {acknowledged} writes were acknowledged"
-        assert time.monotonic() - started < 120
+        assert len(ended) >= self.ROUNDS, f"only {len(ended)} proxied requests were answered"
+        assert time.monotonic() - started < 180
 
     @staticmethod
     def works(worker: Worker, key: str) -> int:
@@ -2604,26 +2683,6 @@ def _read_store(python, path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-def _interpreters_with_backends():
-    """Each Python here that runs worker.py, with the dbm backend it picks:
-    dbm.dumb (pyenv builds), dbm.ndbm (Debian's python3), dbm.sqlite3 (3.13+)."""
-    candidates = [sys.executable, "/usr/bin/python3"]
-    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[3-9]*/bin/python")))
-    found = {}
-    for python in candidates:
-        if not os.path.exists(python):
-            continue
-        probe = subprocess.run(
-            [python, "-c", "import tornado, dbm, tempfile, os\n"
-                           "d = tempfile.mkdtemp(); dbm.open(os.path.join(d, 'x'), 'n').close()\n"
-                           "print(dbm.whichdb(os.path.join(d, 'x')))"],
-            capture_output=True, text=True, timeout=30)
-        backend = probe.stdout.strip()
-        if probe.returncode == 0 and backend not in found:
-            found[backend] = python
-    return sorted((backend, python) for backend, python in found.items())
 
 
 class TestStoreCrashSafety:
@@ -5848,3 +5907,74 @@ class TestSecrets:
               f"({len(times['near'])} samples each)")
         slower, faster = max(medians.values()), min(medians.values())
         assert slower - faster < max(0.5e-3, 0.5 * faster), medians
+
+
+class TestGracefulStop:
+    """SIGTERM: no new connections, requests in flight finish (up to the grace
+    period), realtime sessions are closed, usage is written, exit 0."""
+
+    STREAMS = 10
+
+    def test_sigterm_lets_streams_finish_and_writes_their_usage(self, tmp_root, upstream):
+        worker = Worker(tmp_root, upstream.url).start()
+        try:
+            name = unique("term")
+            key = worker.register(name)
+            first = threading.Barrier(self.STREAMS + 2, timeout=CLIENT_TIMEOUT)  # + realtime + here
+            results: List[Any] = []
+
+            def stream() -> None:
+                conn = connect(worker.url, timeout=CLIENT_TIMEOUT)
+                try:
+                    conn.request("POST", "/v1/chat/completions", chat_json(stream=True),
+                                 headers=dict(bearer(key), **{"Content-Type": "application/json",
+                                                              "x-fake-delay-ms": "300"}))
+                    response = conn.getresponse()
+                    data = response.readline()
+                    first.wait()
+                    data += response.read()
+                    results.append((response.status, data))
+                except Exception as e:  # reported below
+                    results.append(e)
+                finally:
+                    conn.close()
+
+            async def realtime() -> Any:
+                conn = await ws_connect(worker, key)
+                await ws_read(conn)
+                first.wait()
+                return await asyncio.wait_for(conn.read_message(), CLIENT_TIMEOUT)
+
+            threads = [threading.Thread(target=stream) for _ in range(self.STREAMS)]
+            for thread in threads:
+                thread.start()
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                ws_end = pool.submit(run_async, realtime(), CLIENT_TIMEOUT + 5)
+                first.wait()
+                worker.proc.send_signal(signal.SIGTERM)
+                refused = False
+                for _ in range(40):
+                    try:
+                        socket.create_connection(("127.0.0.1", int(worker.env["PORT"])),
+                                                 timeout=1).close()
+                    except ConnectionRefusedError:
+                        refused = True
+                        break
+                    time.sleep(0.05)
+                assert refused, "worker.py still accepts connections after SIGTERM"
+                for thread in threads:
+                    thread.join(CLIENT_TIMEOUT)
+                assert ws_end.result() is None, "the realtime session was not closed"
+            assert worker.proc.wait(CLIENT_TIMEOUT + 10) == 0, worker.log()[-3000:]
+            assert len(results) == self.STREAMS, results
+            for result in results:
+                assert not isinstance(result, Exception), result
+                status, data = result
+                assert status == 200 and data.endswith(b"data: [DONE]\n\n"), data[-200:]
+                assert data.count(b"data: ") == len(CHAT_PIECES) + 3, data
+            worker.start(port=free_port())
+            rows = usage_by_model(worker, name)
+            assert (summed(rows, "requests"), summed(rows, "total_tokens")) == (
+                self.STREAMS, self.STREAMS * CHAT_USAGE["total_tokens"])
+        finally:
+            worker.stop()
