@@ -5978,3 +5978,110 @@ class TestGracefulStop:
                 self.STREAMS, self.STREAMS * CHAT_USAGE["total_tokens"])
         finally:
             worker.stop()
+
+
+SOAK_SECONDS = float(os.environ.get("WORKER_SOAK_SECONDS", "10"))  # longer: set it
+
+
+async def soak_streams(port: int, key: str, concurrency: int, seconds: float,
+                       delay_ms: int = 100) -> Tuple[int, List[str]]:
+    """``concurrency`` clients streaming chat completions back to back on kept-alive
+    connections for ``seconds``; returns (streams read whole, problems)."""
+    body = chat_json(stream=True)
+    head = raw_request("POST", "/v1/chat/completions", key, body, **{
+        "Content-Type": "application/json", "x-fake-delay-ms": str(delay_ms)})
+    done, problems = [0], []
+    stop_at = time.monotonic() + seconds
+
+    async def client() -> None:
+        reader = writer = None
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            while time.monotonic() < stop_at:
+                writer.write(head)
+                data = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), CLIENT_TIMEOUT)
+                if not data.startswith(b"HTTP/1.1 200") or b"data: [DONE]" not in data \
+                        or data.count(CHAT_PIECES[3].encode()) != 1:
+                    problems.append(repr(data[:200]))
+                    return
+                done[0] += 1
+        except Exception as e:  # counted as a problem
+            problems.append(repr(e))
+        finally:
+            if writer is not None:
+                writer.close()
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return done[0], problems
+
+
+class TestSoak:
+    """200 concurrent streams and admin writes for WORKER_SOAK_SECONDS (10 s unless
+    set): no error, every request counted, open files and memory back afterwards."""
+
+    CONCURRENCY = 200
+
+    def test_200_concurrent_streams_and_admin_writes(self, tmp_root, upstream):
+        if not os.path.isdir("/proc/self/fd"):
+            pytest.skip("needs /proc to count the server's open files and memory")
+        with running_worker(tmp_root, upstream.url, LOG_LEVEL="warning") as w:
+            name = unique("soak")
+            key, pid, port = w.register(name), w.proc.pid, int(w.env["PORT"])
+            # A first burst warms what stays (buffers, up to 100 kept-alive upstream
+            # connections): the baseline is taken after it.
+            warm, problems = run_async(soak_streams(port, key, self.CONCURRENCY, 3.0), 60)
+            assert problems == [], problems[:5]
+            time.sleep(0.5)
+            files, memory = open_count(pid), rss_mb(pid)
+            admin_done, admin_problems = [0], []
+            stop = threading.Event()
+
+            def admin_writes() -> None:
+                for n in range(1000000):
+                    if stop.is_set():
+                        return
+                    who = f"soak-admin{n % 20}"
+                    for method, path in (("GET", f"/register/{who}?rpm=100"),
+                                         ("GET", f"/set/{who}?quota=5000"),
+                                         ("GET", f"/reset/{who}"), ("DELETE", f"/{who}")):
+                        answer = request(method, w.admin + path, timeout=CLIENT_TIMEOUT)
+                        if answer.status != 200:
+                            admin_problems.append(f"{method} {path}: {answer}")
+                            return
+                        admin_done[0] += 1
+
+            writer = threading.Thread(target=admin_writes, daemon=True)
+            writer.start()
+            peak = [memory]
+            sampler_stop = threading.Event()
+
+            def sample() -> None:
+                while not sampler_stop.wait(0.2):
+                    peak[0] = max(peak[0], rss_mb(pid))
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            try:
+                streams, problems = run_async(
+                    soak_streams(port, key, self.CONCURRENCY, SOAK_SECONDS), SOAK_SECONDS + 60)
+            finally:
+                stop.set()
+                sampler_stop.set()
+                writer.join(CLIENT_TIMEOUT)
+                sampler.join(5)
+            assert problems == [], f"{len(problems)} failed streams: {problems[:5]}"
+            assert admin_problems == [], admin_problems
+            assert streams >= self.CONCURRENCY, streams
+            me = request("GET", w.url + "/me", headers=bearer(key), timeout=CLIENT_TIMEOUT).json()
+            total = warm + streams
+            assert (me["requests"], me["used"]) == (total, total * CHAT_USAGE["total_tokens"])
+            deadline = time.monotonic() + 10
+            while open_count(pid) > files + 10 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            after = rss_mb(pid)
+            print(f"soak: {SOAK_SECONDS:g} s, {self.CONCURRENCY} concurrent streams, {streams} "
+                  f"streams whole, {admin_done[0]} admin writes, 0 errors, every request "
+                  f"counted; open files {files} -> {open_count(pid)}, resident {memory:.0f} MB "
+                  f"-> peak {peak[0]:.0f} MB -> {after:.0f} MB")
+            assert open_count(pid) <= files + 10, (files, open_count(pid))
+            assert after - memory < 25, f"{memory:.0f} MB before, {after:.0f} MB after"

@@ -1798,6 +1798,7 @@ class ProxyHandler(BaseHandler):
     user: Optional[Dict[str, Any]] = None
     fetch: Optional["asyncio.Future[Any]"] = None
     body_complete = client_gone = isolated = False
+    upload_watch: Optional[object] = None
 
     async def prepare(self) -> None:
         self.upstream_headers_sent = self.client_gone = self.accounted = False
@@ -2121,7 +2122,13 @@ class ProxyHandler(BaseHandler):
             log.info("closing an upload that sent nothing for %g s", CLIENT_BODY_SECONDS)
             self.request.connection.stream.close()  # on_connection_close: 499, upstream ended
 
-        tornado.ioloop.IOLoop.current().call_later(CLIENT_BODY_SECONDS, check)
+        self.upload_watch = tornado.ioloop.IOLoop.current().call_later(CLIENT_BODY_SECONDS, check)
+
+    def stop_watching_upload(self) -> None:
+        """The body is in (or the client gone): the timer, which holds this handler, goes."""
+        if self.upload_watch is not None:
+            tornado.ioloop.IOLoop.current().remove_timeout(self.upload_watch)
+            self.upload_watch = None
 
     async def data_received(self, chunk: bytes) -> None:
         self.body_seen = time.monotonic()
@@ -2209,6 +2216,7 @@ class ProxyHandler(BaseHandler):
 
     async def _pass_through(self, *args: str) -> None:
         self.body_complete = True
+        self.stop_watching_upload()
         if self._finished:
             return
         if self.answers_own_list():
@@ -2258,9 +2266,14 @@ class ProxyHandler(BaseHandler):
     def options(self, *args: str) -> None:
         answer_preflight(self)
 
+    def on_finish(self) -> None:
+        super().on_finish()
+        self.stop_watching_upload()  # answered before the body was in (413, 404…)
+
     def on_connection_close(self) -> None:
         super().on_connection_close()
         self.client_gone = True
+        self.stop_watching_upload()
         self.abort_upstream()
         if self.user is not None and not self.body_complete:
             # Gone mid-upload: Tornado will not finish this request, so log it here.
