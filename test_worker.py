@@ -6085,3 +6085,34 @@ class TestSoak:
                   f"-> peak {peak[0]:.0f} MB -> {after:.0f} MB")
             assert open_count(pid) <= files + 10, (files, open_count(pid))
             assert after - memory < 25, f"{memory:.0f} MB before, {after:.0f} MB after"
+
+
+class TestHangUpUsage:
+    """A stream the client leaves before its usage event is counted from what passed."""
+
+    def test_leaving_a_stream_before_its_usage_still_counts_tokens(self, worker, upstream):
+        name, test_id = unique("leaver"), new_test_id()
+        key = worker.register(name, "?quota=1")
+        body = chat_json(stream=True)
+        sock = socket.create_connection(("127.0.0.1", int(worker.env["PORT"])),
+                                        timeout=CLIENT_TIMEOUT)
+        try:
+            sock.sendall(raw_request("POST", "/v1/chat/completions", key, body, **{
+                "Content-Type": "application/json", "x-fake-delay-ms": "200",
+                "x-test-id": test_id}))
+            got = b""
+            while got.count(b"data: ") < 3:
+                piece = sock.recv(65536)
+                assert piece, got
+                got += piece
+        finally:
+            sock.close()
+        assert upstream.closed_connections(test_id, timeout=5), "the upstream request goes on"
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and me_totals(worker, key)[0] == 0:
+            time.sleep(0.05)
+        requests_, tokens = me_totals(worker, key)
+        assert requests_ == 1 and tokens >= 3 + len(body) // 4, (requests_, tokens)
+        # ... so a quota cannot be dodged by leaving every stream before its end.
+        is_openai_error(post_json(worker, "/v1/chat/completions", key, chat_json()), 429,
+                        "insufficient_quota")

@@ -1006,6 +1006,7 @@ class UsageReader:
         self.strip = strip and self.sse and not self.compressed
         self.head = self.tail = self.pending = b""
         self.size = 0
+        self.deltas = 0  # streamed events that carry a delta: about a token each
         self.usage_event: Optional[bytes] = None
 
     def feed(self, chunk: bytes) -> bytes:
@@ -1049,6 +1050,7 @@ class UsageReader:
         return b"".join(map(strip_usage_nulls, kept))
 
     def _keep(self, event: bytes) -> bool:
+        self.deltas += b'"delta"' in event
         if any(marker in event for marker in USAGE_MARKERS):
             self.usage_event = event
             if self.strip and is_usage_only_chunk(event):
@@ -1799,6 +1801,7 @@ class ProxyHandler(BaseHandler):
     fetch: Optional["asyncio.Future[Any]"] = None
     body_complete = client_gone = isolated = False
     upload_watch: Optional[object] = None
+    request_bytes = 0  # the body's size, when it was read whole
 
     async def prepare(self) -> None:
         self.upstream_headers_sent = self.client_gone = self.accounted = False
@@ -2223,6 +2226,7 @@ class ProxyHandler(BaseHandler):
             await self.answer_own_list()
             return
         if self.body_chunks is not None:
+            self.request_bytes = sum(map(len, self.body_chunks))
             self.start_upstream(await self.inspect_body(b"".join(self.body_chunks)))
             self.body_chunks = None
         elif not self.fetch.done():
@@ -2288,6 +2292,12 @@ class ProxyHandler(BaseHandler):
             return
         self.accounted = True
         found = self.reader.result() if self.reader is not None else None
+        if found is None and self.client_gone and self.reader is not None and self.reader.deltas:
+            # Gone before the usage event: the upstream bills what it made, so
+            # count an estimate (else hanging up would dodge any quota): a token
+            # per delta passed, a token per 4 bytes of the request body.
+            estimate = [self.request_bytes // 4, self.reader.deltas]
+            found = None, estimate + [sum(estimate)]
         model, counts = found if found else (None, [0, 0, 0])
         model = self.app.model_label(model or self.request_model or "-")
         self.app.usage.record(self.user["name"], model, counts)
