@@ -398,6 +398,10 @@ class UpstreamWebSocket(tornado.websocket.WebSocketHandler):
         self.record["messages"].append(message)
         if message == "close":
             self.close(4001, "fake upstream says bye")
+        elif isinstance(message, str) and message.startswith("flood "):
+            # "flood MB": that many megabytes of binary frames, as fast as they go
+            for _ in range(int(message.split()[1]) * 16):
+                self.write_message(BIG_BLOCK[:65536], binary=True)
         elif message == "drop":  # gone without a close frame: a crash, a cut cable
             self.ws_connection.stream.close()
         elif message == "usage":
@@ -6116,3 +6120,33 @@ class TestHangUpUsage:
         # ... so a quota cannot be dodged by leaving every stream before its end.
         is_openai_error(post_json(worker, "/v1/chat/completions", key, chat_json()), 429,
                         "insufficient_quota")
+
+
+class TestRealtimeBackPressure:
+    def test_a_slow_realtime_client_costs_no_memory(self, tmp_root, upstream):
+        """The upstream sends 128 MB of frames at once; the client reads slowly."""
+        if not os.path.exists("/proc/self/status"):
+            pytest.skip("needs /proc to read the server's memory")
+        with running_worker(tmp_root, upstream.url) as w:
+            key, pid = w.register("slowws"), w.proc.pid
+
+            async def session() -> Tuple[float, float, int]:
+                conn = await ws_connect(w, key)
+                await ws_read(conn)
+                before, peak, frames = rss_mb(pid), 0.0, 0
+                await conn.write_message("flood 128")
+                started = time.monotonic()
+                while time.monotonic() - started < 3:
+                    frame = await ws_read(conn)
+                    assert isinstance(frame, bytes) and len(frame) == 65536
+                    frames += 1
+                    await asyncio.sleep(0.02)
+                    peak = max(peak, rss_mb(pid))
+                conn.close()
+                return before, peak, frames
+
+            before, peak, frames = run_async(session(), CLIENT_TIMEOUT + 10)
+            print(f"slow realtime client: {frames} frames of 2048 read in 3 s; worker.py "
+                  f"resident {before:.0f} MB before, {peak:.0f} MB at most")
+            assert peak - before < 32, f"{peak - before:.0f} MB more for a slow realtime client"
+            assert w.models(key).status == 200

@@ -2459,7 +2459,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         protocols = [p for p in self.subprotocols() if not p.startswith(KEY_SUBPROTOCOL)]
         try:
             return await tornado.websocket.websocket_connect(
-                request, on_message_callback=self.on_upstream_message,
+                request,  # read by pump_upstream: no callback, so reading waits for it
                 subprotocols=protocols or None, max_message_size=WS_MAX_MESSAGE_BYTES)
         except tornado.httpclient.HTTPClientError as error:
             if error.code == 599:
@@ -2480,6 +2480,27 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         self.set_nodelay(True)
+        self.pump = asyncio.ensure_future(self.pump_upstream())
+
+    async def pump_upstream(self) -> None:
+        """Upstream → client, a message at a time: the upstream is read again once
+        the client's socket has taken the last one, so a slow client slows the
+        upstream instead of making this process buffer for it."""
+        upstream = self.upstream
+        while upstream is not None:
+            message = await upstream.read_message()
+            written = self.on_upstream_message(message)
+            if message is None:
+                return
+            if written is not None and self.ws_connection is not None \
+                    and self.ws_connection.stream.writing():
+                try:
+                    await written
+                except (tornado.websocket.WebSocketClosedError,
+                        tornado.iostream.StreamClosedError):
+                    return
+            elif written is not None:
+                written.add_done_callback(_retrieve)
 
     async def on_message(self, message: Union[str, bytes]) -> None:
         if isinstance(message, str):
@@ -2493,14 +2514,15 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             except tornado.websocket.WebSocketClosedError:
                 self.close(1011, "upstream closed")
 
-    def on_upstream_message(self, message: Union[str, bytes, None]) -> None:
+    def on_upstream_message(self, message: Union[str, bytes, None]) -> Optional["asyncio.Future[None]"]:
+        """Pass one upstream message on; returns the write, done once the client took it."""
         if message is None:  # the upstream closed: close the client the same way
             code = getattr(self.upstream, "close_code", None)
             reason = getattr(self.upstream, "close_reason", None)
             if code is None:  # gone without a close frame (RFC 6455 §7.4.1: 1011)
                 code, reason = 1011, "upstream connection lost"
             self.close(code, reason or "")
-            return
+            return None
         if isinstance(message, str) and '"response.done"' in message[:200]:
             self.count_usage(message)
         elif isinstance(message, str) and '"response.created"' in message[:200] and self.user:
@@ -2510,9 +2532,10 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                 self.app.owners.claim(self.user["name"], match.group(1).decode(), "Response",
                                       EXPIRING_COLLECTIONS["responses"])
         try:
-            self.write_message(message, binary=isinstance(message, bytes))
+            return self.write_message(message, binary=isinstance(message, bytes))
         except tornado.websocket.WebSocketClosedError:
             self.on_close()
+            return None
 
     def count_usage(self, message: str) -> None:
         try:
