@@ -567,16 +567,16 @@ class FakeUpstream:
             masked = given[:8] + "*" * max(0, len(given) - 12) + given[-4:]
             return await self.error(h, record, 401, "invalid_request_error", "invalid_api_key",
                                     f"Incorrect API key provided: {masked} (fake upstream).")
+        if control.get("x-fake-fault"):
+            return await self.fault(h, record, control["x-fake-fault"])
+        if control.get("x-fake-echo"):  # whatever the path: the body is not parsed
+            return await self.echo(h, record)
         if control.get("x-fake-sleep"):
             # The time to a first byte of a long generation; ends early if the proxy hangs up.
             if await h.wait_or_gone(float(control["x-fake-sleep"])):
                 return
         if control.get("x-fake-unframed"):
             return await self.unframed(h, record)
-        if control.get("x-fake-fault"):
-            return await self.fault(h, record, control["x-fake-fault"])
-        if control.get("x-fake-echo"):  # whatever the path: the body is not parsed
-            return await self.echo(h, record)
         if control.get("x-fake-status"):
             return await self.fake_error(h, record, int(control["x-fake-status"]))
         if control.get("x-fake-download-mb"):
@@ -905,20 +905,6 @@ class FakeUpstream:
                 "last_id": page[-1]["id"] if page else None,
                 "has_more": start + limit < len(found)}
 
-    async def unframed(self, h: UpstreamHandler, record: Dict[str, Any]) -> None:
-        """A chat completion with neither Content-Length nor chunking: the body ends
-        when the connection does (RFC 9112 §6.3, as some OpenAI-compatible servers do)."""
-        data = compact(chat_completion(record["id"], "gpt-4o-mini"))
-        record["usage_total"] = CHAT_USAGE["total_tokens"]
-        record["response"] = {"status": 200, "sha256": sha256(data), "length": len(data),
-                              "body": data}
-        stream = h.detach()
-        await stream.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                           b"x-test: up-" + record["id"].encode() + b"\r\n\r\n")
-        await asyncio.sleep(0.05)  # the body in a second packet: not all at once
-        await stream.write(data)
-        stream.close()
-
     async def fault(self, h: UpstreamHandler, record: Dict[str, Any], kind: str) -> None:
         """x-fake-fault: KIND -- an upstream that breaks the protocol or the connection,
         written byte by byte on the bare socket. What it sent is recorded in
@@ -992,6 +978,20 @@ class FakeUpstream:
             pass
         finally:
             stream.close()
+
+    async def unframed(self, h: UpstreamHandler, record: Dict[str, Any]) -> None:
+        """A chat completion with neither Content-Length nor chunking: the body ends
+        when the connection does (RFC 9112 §6.3, as some OpenAI-compatible servers do)."""
+        data = compact(chat_completion(record["id"], "gpt-4o-mini"))
+        record["usage_total"] = CHAT_USAGE["total_tokens"]
+        record["response"] = {"status": 200, "sha256": sha256(data), "length": len(data),
+                              "body": data}
+        stream = h.detach()
+        await stream.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                           b"x-test: up-" + record["id"].encode() + b"\r\n\r\n")
+        await asyncio.sleep(0.05)  # the body in a second packet: not all at once
+        await stream.write(data)
+        stream.close()
 
     async def echo(self, h: UpstreamHandler, record: Dict[str, Any]) -> None:
         """Any other path: the answer kind the test asks for (x-fake-response)."""

@@ -124,6 +124,8 @@ CORS_DEFAULT_HEADERS = (
 ADMIN_FAILURES_ALLOWED = 10  # wrong admin tokens per client per window ...
 ADMIN_LOCKOUT_SECONDS = 60  # ... before it gets 429 for this long
 SHUTDOWN_GRACE_SECONDS = 25  # in-flight requests get this long after SIGTERM
+CLIENT_IDLE_SECONDS = 120.0  # a client connection idle between requests, or sending its headers
+CLIENT_BODY_SECONDS = 60.0  # a small body read whole; a proxied upload that sends nothing this long
 UPSTREAM_CONNECT_TIMEOUT = 30.0
 JOURNAL_CHECKPOINT_BYTES = 4 << 20
 SNAPSHOT_CACHE_ENTRIES = 20000  # reads of the immutable dbm snapshot kept in memory
@@ -132,8 +134,6 @@ STREAMED_BODY_METHODS = ("POST", "PUT", "PATCH")
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")  # the ones Tornado's client frames chunked
 SMALL_BODY_BYTES = 256 << 10  # request bodies up to this are read whole, then sent
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
-CLIENT_IDLE_SECONDS = 120.0  # a client connection idle between requests, or sending its headers
-CLIENT_BODY_SECONDS = 60.0  # a small body read whole; a proxied upload that sends nothing this long
 
 
 # ---------------------------------------------------------------------------
@@ -2240,9 +2240,7 @@ class ProxyHandler(BaseHandler):
             self.set_status(499, "Client Closed Request")  # as nginx logs it
             return
         if not self.upstream_headers_sent or (failure is not None and not self._headers_written):
-            # Nothing has reached the client yet (Tornado drops body bytes it
-            # had gathered when the framing after them is broken): a clean 502.
-            raise self.upstream_error(failure)
+            raise self.upstream_error(failure)  # (nothing has reached the client yet)
         if failure is not None:
             # The upstream broke off mid-answer: end the client's answer the
             # same way, so it never mistakes a cut stream for a whole one.
@@ -2688,16 +2686,15 @@ class AdminHandler(BaseHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
         message = error.message if isinstance(error, AdminError) else self._reason
-        message = self.app.redactor.redact(message)
         if status_code == 403:
             self.set_header("Content-Type", "text/plain; charset=utf-8")
             self.finish("Access forbidden")
         elif self.wants_json():
             self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"error": message}))
+            self.finish(json.dumps({"error": self.app.redactor.redact(message)}))
         else:
             self.set_header("Content-Type", "text/plain; charset=utf-8")
-            self.finish(f"error: {message}\n")
+            self.finish(f"error: {self.app.redactor.redact(message)}\n")
 
     def answer(self, text: str, data: Dict[str, Any]) -> None:
         if self.wants_json():
@@ -2863,11 +2860,6 @@ class App:
         await self.usage.flush()
         await self.owners.flush()
 
-    def model_label(self, model: str) -> str:
-        """A model name as usage rows keep it: any key in it redacted (a client may
-        send anything as a model), at most 200 characters."""
-        return self.redactor.redact(model)[:200]
-
     def cors_origin(self, origin: Optional[str]) -> Optional[str]:
         allowed = self.settings.cors_origins
         if "*" in allowed:
@@ -2875,6 +2867,11 @@ class App:
         if origin and origin.rstrip("/") in allowed:
             return origin
         return None
+
+    def model_label(self, model: str) -> str:
+        """A model name as usage rows keep it: any key in it redacted (a client may
+        send anything as a model), at most 200 characters."""
+        return self.redactor.redact(model)[:200]
 
     def is_access_token(self, given: str) -> bool:
         """Constant-time: compares fixed-length digests, so not even length leaks."""
