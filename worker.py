@@ -2239,11 +2239,13 @@ class ProxyHandler(BaseHandler):
         if self.client_gone:
             self.set_status(499, "Client Closed Request")  # as nginx logs it
             return
-        if not self.upstream_headers_sent or (failure is not None and not self._headers_written):
-            raise self.upstream_error(failure)  # (nothing has reached the client yet)
+        if not self.upstream_headers_sent:
+            raise self.upstream_error(failure)
         if failure is not None:
             # The upstream broke off mid-answer: end the client's answer the
             # same way, so it never mistakes a cut stream for a whole one.
+            if not self._headers_written:  # nothing has reached it yet: say so
+                raise self.upstream_error(failure)
             self.request.connection.stream.close()
             return
         if self.filter_models and self.get_status() == 200:
