@@ -5318,9 +5318,11 @@ class TestFuzz:
             headers.append((b"Authorization", b"Bearer " + ACCESS_TOKEN.encode()))
         answer = self.send(fuzzed, "paths", self.head(method, target, headers),
                            head_only=method == "HEAD")
-        if method != "HEAD" and answer.status >= 400 and (
-                target.startswith((b"/v", b"/me")) and answer.status != 400
-                or answer.status in (401, 413, 415)) and "x-test" not in answer.headers:
+        # On the API routes every refusal of worker.py's own is in OpenAI's shape
+        # (Tornado's bare 400 for an unparsable request has no body at all).
+        api = re.match(rb"/(v\d+|me)(/|\?|\Z)", target)
+        if api and method != "HEAD" and answer.status >= 400 and "x-test" not in answer.headers \
+                and "content-type" in answer.headers:
             self.assert_openai_error(answer)
 
     def test_long_paths(self, fuzzed):
@@ -5482,7 +5484,6 @@ class TestFuzzFindings:
         answer = raw_exchange(int(worker.env["PORT"]), data)
         assert answer.status == 400 and json.loads(answer.body)["error"]["message"], answer
         time.sleep(0.2)
-        assert upstream.find(test_id) == [] and len(upstream.notes) >= 0
         assert not [n for n in upstream.notes if test_id in header_values(n["headers"], "x-test-id")]
         assert me_totals(worker, key) == (0, 0)
 
