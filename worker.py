@@ -2013,7 +2013,8 @@ class ProxyHandler(BaseHandler):
         # Lower-cased for the media type only: a multipart boundary is case-sensitive.
         content_type = self.request.headers.get("Content-Type", "application/json")
         models, obj = models_in_body(content_type, body)
-        if self.has_allowlist() and obj is None and MODEL_IN_BODY.match(self.route):
+        declared_json = content_type.lower().startswith("application/json")
+        if self.has_allowlist() and obj is None and (MODEL_IN_BODY.match(self.route) or declared_json):
             raise ApiError(400, "This key may use only some models, and the model named in this "
                                 "request body could not be read.", code="invalid_body")
         self.request_model = models[0] if models else None
