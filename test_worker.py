@@ -21,6 +21,7 @@ what to do with the connection). It also serves the Realtime API's WebSocket.
 
 # Python packages these tests need (requirements-dev.txt):
 #   pytest
+#   hypothesis      the fuzz tests (TestFuzz): paths, headers, bodies, admin fields
 #   openai          the official SDK (the OpenAI(base_url=..., api_key=...) client)
 #   tornado         the fake upstream (worker.py's own dependency too)
 #   cryptography    optional: makes the TLS test's certificate (else `openssl req`)
@@ -72,6 +73,12 @@ try:
     import openai
 except ImportError:  # pragma: no cover - the SDK tests say so
     openai = None
+
+try:
+    import hypothesis
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - the fuzz tests say so
+    hypothesis = st = None
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -391,6 +398,10 @@ class UpstreamWebSocket(tornado.websocket.WebSocketHandler):
         self.record["messages"].append(message)
         if message == "close":
             self.close(4001, "fake upstream says bye")
+        elif isinstance(message, str) and message.startswith("flood "):
+            # "flood MB": that many megabytes of binary frames, as fast as they go
+            for _ in range(int(message.split()[1]) * 16):
+                self.write_message(BIG_BLOCK[:65536], binary=True)
         elif message == "drop":  # gone without a close frame: a crash, a cut cable
             self.ws_connection.stream.close()
         elif message == "usage":
@@ -551,8 +562,15 @@ class FakeUpstream:
             h.set_header("Connection", "close")
             h.request.headers["x-fake-close-idle"] = "0"  # and mean it
         if req.headers.get("Authorization") != "Bearer " + self.key:
+            # As OpenAI words it: the key it got, masked but for its ends.
+            given = req.headers.get("Authorization", "").partition(" ")[2]
+            masked = given[:8] + "*" * max(0, len(given) - 12) + given[-4:]
             return await self.error(h, record, 401, "invalid_request_error", "invalid_api_key",
-                                    "Incorrect API key provided (fake upstream).")
+                                    f"Incorrect API key provided: {masked} (fake upstream).")
+        if control.get("x-fake-fault"):
+            return await self.fault(h, record, control["x-fake-fault"])
+        if control.get("x-fake-echo"):  # whatever the path: the body is not parsed
+            return await self.echo(h, record)
         if control.get("x-fake-sleep"):
             # The time to a first byte of a long generation; ends early if the proxy hangs up.
             if await h.wait_or_gone(float(control["x-fake-sleep"])):
@@ -889,6 +907,80 @@ class FakeUpstream:
                 "last_id": page[-1]["id"] if page else None,
                 "has_more": start + limit < len(found)}
 
+    async def fault(self, h: UpstreamHandler, record: Dict[str, Any], kind: str) -> None:
+        """x-fake-fault: KIND -- an upstream that breaks the protocol or the connection,
+        written byte by byte on the bare socket. What it sent is recorded in
+        ``record["sent"]`` (the body bytes a client may see), and no usage is reported.
+
+        - ``reset``: a streamed chat completion, three events, then a TCP reset
+        - ``stall``: the same three events, then silence until the proxy hangs up
+        - ``malformed-sse``: a whole, well-framed stream of events that are not JSON,
+          a broken usage object, an unterminated last event
+        - ``truncated``: Content-Length 1000, 100 bytes, then close
+        - ``close-before-headers``: the request read, the connection closed
+        - ``huge-header``: a 100 KB header line
+        - ``garbage``: bytes that are not HTTP at all
+        - ``bad-chunk``: chunked framing with a chunk size that is not hex
+        """
+        record["usage_total"] = 0
+        record["response"] = {"status": None}
+        stream = h.detach()
+        events = chat_stream_chunks(record["id"], "gpt-4o-mini", False)[:3]
+        sse_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Transfer-Encoding: chunked\r\nx-test: up-" + record["id"].encode()
+                    + b"\r\n\r\n")
+
+        def chunked(data: bytes) -> bytes:
+            return b"%x\r\n%s\r\n" % (len(data), data)
+
+        try:
+            if kind in ("reset", "stall"):
+                record["sent"] = b"".join(events)
+                await stream.write(sse_head)
+                for event in events:
+                    await stream.write(chunked(event))
+                    await asyncio.sleep(0.02)
+                if kind == "stall":
+                    for _ in range(600):  # until the proxy gives up on it (at most a minute)
+                        if stream.closed():
+                            break
+                        await asyncio.sleep(0.1)
+                else:
+                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                             struct.pack("ii", 1, 0))
+            elif kind == "malformed-sse":
+                body = [b"data: {not json}\n\n", b"data: \xff\xfe\x00binary\n\n",
+                        b": a comment\n\nevent: x\ndata: [1, 2\n\n",
+                        b'data: {"choices":[],"usage":{"total_tokens": 5\n\n',
+                        b"data:" + b"x" * 70000 + b"\n\n", b"\r\n\r\n\n\n",
+                        b"data: unterminated"]
+                record["sent"] = b"".join(body)
+                await stream.write(sse_head)
+                for part in body:
+                    await stream.write(chunked(part))
+                await stream.write(b"0\r\n\r\n")
+                record["response"]["status"] = 200
+            elif kind == "truncated":
+                data = compact(chat_completion(record["id"], "gpt-4o-mini"))[:100]
+                record["sent"] = data
+                await stream.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: 1000\r\n\r\n" + data)
+                await asyncio.sleep(0.05)
+            elif kind == "huge-header":
+                await stream.write(b"HTTP/1.1 200 OK\r\nX-Huge: " + b"h" * (100 << 10)
+                                   + b"\r\nContent-Length: 2\r\n\r\n{}")
+            elif kind == "garbage":
+                await stream.write(b"\x16\x03\x01 this is not HTTP \xff\r\n\r\n")
+            elif kind == "bad-chunk":
+                record["sent"] = events[0]
+                await stream.write(sse_head + chunked(events[0]) + b"zz\r\nnope\r\n")
+                await asyncio.sleep(0.05)
+            # close-before-headers: nothing at all
+        except tornado.iostream.StreamClosedError:
+            pass
+        finally:
+            stream.close()
+
     async def unframed(self, h: UpstreamHandler, record: Dict[str, Any]) -> None:
         """A chat completion with neither Content-Length nor chunking: the body ends
         when the connection does (RFC 9112 §6.3, as some OpenAI-compatible servers do)."""
@@ -982,6 +1074,7 @@ class Worker:
                 self.env[name] = value
         self.log_path = os.path.join(self.dir, "worker.log")
         self.proc: Optional[subprocess.Popen] = None
+        self.python = sys.executable  # another interpreter runs it on another dbm backend
 
     @property
     def db_path(self) -> str:
@@ -1000,7 +1093,7 @@ class Worker:
         if port is not None:
             self.env["PORT"] = str(port)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, WORKER_PY], cwd=HERE, env=self.env,
+            self.proc = subprocess.Popen([self.python, WORKER_PY], cwd=HERE, env=self.env,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self.wait_ready()
         return self
@@ -2452,22 +2545,85 @@ class AdminLoad(threading.Thread):
             conn.close()
 
 
+def _interpreters_with_backends():
+    """Each Python here that runs worker.py, with the dbm backend it picks:
+    dbm.dumb (pyenv builds), dbm.ndbm (Debian's python3), dbm.sqlite3 (3.13+)."""
+    candidates = [sys.executable, "/usr/bin/python3"]
+    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[3-9]*/bin/python")))
+    found = {}
+    for python in candidates:
+        if not os.path.exists(python):
+            continue
+        probe = subprocess.run(
+            [python, "-c", "import tornado, dbm, tempfile, os\n"
+                           "d = tempfile.mkdtemp(); dbm.open(os.path.join(d, 'x'), 'n').close()\n"
+                           "print(dbm.whichdb(os.path.join(d, 'x')))"],
+            capture_output=True, text=True, timeout=30)
+        backend = probe.stdout.strip()
+        if probe.returncode == 0 and backend not in found:
+            found[backend] = python
+    return sorted((backend, python) for backend, python in found.items())
+
+
+class ProxyLoad(threading.Thread):
+    """Chat completions, plain and streamed, one after another with one key; notes
+    how many were sent and when each one that answered whole had ended."""
+
+    def __init__(self, worker: Worker, key: str):
+        super().__init__(name="proxy-load", daemon=True)
+        self.worker, self.key = worker, key
+        self.sent = 0
+        self.ended: List[float] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        conn = connect(self.worker.url, timeout=10)
+        try:
+            for n in range(100000):
+                if self.stopping.is_set():
+                    return
+                body = chat_json(stream=True) if n % 2 else chat_json()
+                self.sent += 1
+                conn.request("POST", "/v1/chat/completions", body, headers=dict(
+                    bearer(self.key), **{"Content-Type": "application/json",
+                                         "x-fake-delay-ms": "1"}))
+                response = conn.getresponse()
+                data = response.read()
+                assert response.status == 200, data
+                if n % 2 == 0 or data.endswith(b"data: [DONE]\n\n"):
+                    self.ended.append(time.monotonic())
+        except (OSError, http.client.HTTPException):
+            return  # killed under us
+        finally:
+            conn.close()
+
+
 class TestCrash:
     ROUNDS = 30
     NAMES = 24
+    LONG_ROUNDS = (15,)  # long enough for usage to be flushed before the kill
+    FLUSH_SECONDS = 5.0  # CONTRACT.md §9: usage is written at least this often
 
-    def test_acknowledged_admin_writes_survive_sigkill(self, tmp_root, upstream):
+    @pytest.mark.parametrize("backend,python", _interpreters_with_backends())
+    def test_acknowledged_admin_writes_and_flushed_usage_survive_sigkill(
+            self, tmp_root, upstream, backend, python):
+        """Kill -9 amid admin writes and proxied requests: the store opens, every
+        acknowledged write holds, and usage is neither lost beyond the last flush
+        interval nor counted twice."""
         seed = random.randrange(1 << 30)
         rng = random.Random(seed)
         worker = Worker(tmp_root, upstream.url, LOG_LEVEL="warning")
+        worker.python = python
         state: Dict[str, Optional[str]] = {f"crash{i}": None for i in range(self.NAMES)}
         dead: List[str] = []
         in_flight: Optional[Tuple[str, str, Optional[str]]] = None
-        acknowledged = cut = 0
+        acknowledged = cut = sent = 0
+        ended: List[float] = []  # when each proxied request that answered whole had ended
+        traffic_key = None
         started = time.monotonic()
         try:
             for round_ in range(self.ROUNDS + 1):
-                where = f"round {round_} (seed {seed})"
+                where = f"{backend} round {round_} (seed {seed})"
                 try:
                     worker.start(port=free_port())
                 except AssertionError as e:
@@ -2476,25 +2632,40 @@ class TestCrash:
                     self.settle(worker, state, dead, in_flight, where)
                     in_flight = None
                 self.check(worker, state, dead, rng, where)
+                if traffic_key is None:
+                    traffic_key = worker.register("traffic")
+                elif round_ > 0:
+                    counted = me_totals(worker, traffic_key)[0]
+                    surely = sum(1 for t in ended if t < killed_at - self.FLUSH_SECONDS - 2.0)
+                    assert surely <= counted <= sent, f"{where}: usage {counted} requests, " \
+                        f"{surely} ended over {self.FLUSH_SECONDS:g} s before the kill, {sent} sent"
                 if round_ == self.ROUNDS:
                     break
-                load = AdminLoad(worker, state, rng)
+                load, traffic = AdminLoad(worker, state, rng), ProxyLoad(worker, traffic_key)
                 load.start()
-                time.sleep(rng.uniform(0.05, 0.6))
+                traffic.start()
+                time.sleep(rng.uniform(9.0, 10.0) if round_ in self.LONG_ROUNDS
+                           else rng.uniform(0.05, 0.6))
+                killed_at = time.monotonic()
                 worker.kill()
-                load.stopping.set()
-                load.join(15)
-                assert not load.is_alive(), f"{where}: the load thread hangs"
+                for thread in (load, traffic):
+                    thread.stopping.set()
+                    thread.join(15)
+                    assert not thread.is_alive(), f"{where}: the load thread hangs"
                 assert load.problem is None, f"{where}: {load.problem}"
                 in_flight, acknowledged = load.in_flight, acknowledged + load.acknowledged
                 cut += in_flight is not None
                 dead += load.dead_keys
+                sent += traffic.sent
+                ended += traffic.ended
         finally:
             worker.stop()
-        print(f"crash test: {self.ROUNDS} kills, {acknowledged} acknowledged writes, "
-              f"{cut} cut by a kill, seed {seed}, {time.monotonic() - started:.1f} s")
+        print(f"crash test on {backend}: {self.ROUNDS} kills, {acknowledged} acknowledged "
+              f"writes, {cut} cut by a kill, {sent} proxied requests ({len(ended)} answered "
+              f"whole), seed {seed}, {time.monotonic() - started:.1f} s")
         assert acknowledged >= self.ROUNDS, f"only {acknowledged} writes were acknowledged"
-        assert time.monotonic() - started < 120
+        assert len(ended) >= self.ROUNDS, f"only {len(ended)} proxied requests were answered"
+        assert time.monotonic() - started < 180
 
     @staticmethod
     def works(worker: Worker, key: str) -> int:
@@ -2564,26 +2735,6 @@ def _read_store(python, path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-def _interpreters_with_backends():
-    """Each Python here that runs worker.py, with the dbm backend it picks:
-    dbm.dumb (pyenv builds), dbm.ndbm (Debian's python3), dbm.sqlite3 (3.13+)."""
-    candidates = [sys.executable, "/usr/bin/python3"]
-    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[3-9]*/bin/python")))
-    found = {}
-    for python in candidates:
-        if not os.path.exists(python):
-            continue
-        probe = subprocess.run(
-            [python, "-c", "import tornado, dbm, tempfile, os\n"
-                           "d = tempfile.mkdtemp(); dbm.open(os.path.join(d, 'x'), 'n').close()\n"
-                           "print(dbm.whichdb(os.path.join(d, 'x')))"],
-            capture_output=True, text=True, timeout=30)
-        backend = probe.stdout.strip()
-        if probe.returncode == 0 and backend not in found:
-            found[backend] = python
-    return sorted((backend, python) for backend, python in found.items())
 
 
 class TestStoreCrashSafety:
@@ -5427,3 +5578,1224 @@ def test_a_part_written_journal_line_does_not_cut_off_later_writes(tmp_path):
     assert done.returncode == 0, done.stderr
     found = _read_store(sys.executable, path)
     assert found == {"user:b": "2", "user:c": "3"}
+
+
+# ---------------------------------------------------------------------------
+# 22. Reliability (issue 8): upstream faults, bad input, slow clients, secrets, load
+# ---------------------------------------------------------------------------
+
+CLIENT_TIMEOUT = 20.0  # every raw client call below ends by then: a hang fails, never blocks
+
+
+class RawAnswer:
+    """What a raw socket read of one HTTP answer got, and how it ended:
+    ``whole`` (framing complete), ``cut`` (the server closed before that)."""
+
+    def __init__(self, status: int, headers: Dict[str, str], body: bytes, ending: str,
+                 head: bytes):
+        self.status, self.headers, self.body, self.ending, self.head = (
+            status, headers, body, ending, head)
+
+    def __repr__(self) -> str:
+        return f"<RawAnswer {self.status} {self.ending} {self.body[:200]!r}>"
+
+
+def _dechunk(data: bytes) -> Tuple[bytes, bool]:
+    """A chunked body's bytes so far, and whether its last chunk has come."""
+    out, pos = [], 0
+    while True:
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            return b"".join(out), False
+        try:
+            size = int(data[pos:end].split(b";")[0], 16)
+        except ValueError:
+            return b"".join(out), False
+        if size == 0:
+            return b"".join(out), data.find(b"\r\n\r\n", end) >= 0 or data[end + 2:end + 4] == b"\r\n"
+        piece = data[end + 2:end + 2 + size]
+        out.append(piece)
+        if len(piece) < size or len(data) < end + 4 + size:
+            return b"".join(out), False
+        pos = end + 4 + size
+
+
+def parse_answer(raw: bytes, eof: bool, head_only: bool = False) -> Optional[RawAnswer]:
+    """An answer from the bytes so far, once it is complete (or ``eof``); else None."""
+    split = raw.find(b"\r\n\r\n")
+    if split < 0:
+        if eof:
+            raise AssertionError(f"the connection closed before a whole header: {raw[:300]!r}")
+        return None
+    head, rest = raw[:split], raw[split + 4:]
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    assert len(parts) >= 2 and parts[0] in (b"HTTP/1.1", b"HTTP/1.0") and parts[1].isdigit() \
+        and len(parts[1]) == 3, f"not an HTTP status line: {lines[0][:200]!r}"
+    headers: Dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        assert colon and name and name.strip() == name, f"a malformed header line: {line[:200]!r}"
+        headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
+    status = int(parts[1])
+    if head_only or status in (204, 304) or 100 <= status < 200:
+        return RawAnswer(status, headers, b"", "whole", head)
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body, done = _dechunk(rest)
+    elif "content-length" in headers:
+        length = int(headers["content-length"])
+        body, done = rest[:length], len(rest) >= length
+    else:
+        body, done = rest, False  # delimited by the close
+        if eof:
+            return RawAnswer(status, headers, body, "whole", head)
+    if done:
+        return RawAnswer(status, headers, body, "whole", head)
+    return RawAnswer(status, headers, body, "cut", head) if eof else None
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = CLIENT_TIMEOUT,
+                 source: str = "127.0.0.1", head_only: bool = False) -> RawAnswer:
+    """Send ``data`` on a new connection; read one answer to its end or to the close.
+    A server that neither finishes nor closes within ``timeout`` fails the test."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0))
+    deadline = time.monotonic() + timeout
+    raw = b""
+    try:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may answer and close before reading it all
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                got = sock.recv(1 << 16)
+            except ConnectionResetError:
+                got = b""
+            except socket.timeout:
+                raise AssertionError(f"no end within {timeout:g} s (a hang): {raw[:300]!r}")
+            answer = parse_answer(raw + got, not got, head_only)
+            raw += got
+            if answer is not None:
+                return answer
+    finally:
+        sock.close()
+
+
+def me_totals(worker: Worker, key: str, expected: Optional[Tuple[int, int]] = None
+              ) -> Tuple[int, int]:
+    """(requests, tokens) as ``GET /me`` shows them; with ``expected``, asked again for
+    up to 3 s until they are that (an answer's last byte can come just before the
+    request is counted)."""
+    deadline = time.monotonic() + 3
+    while True:
+        me = request("GET", worker.url + "/me", headers=bearer(key), timeout=CLIENT_TIMEOUT)
+        assert me.status == 200, me
+        found = me.json()["requests"], me.json()["used"]
+        if expected is None or found == expected or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+UPSTREAM_FAULTS = {
+    # kind: (status the client gets, how its answer ends, whether the body is what was sent)
+    "reset": (200, "cut", "prefix"),
+    "stall": (200, "cut", "all"),
+    "malformed-sse": (200, "whole", "all"),
+    "truncated": (200, "cut", "all"),
+    # Tornado's client passes on body bytes gathered before broken framing only
+    # when it had to wait for more: either they reached the client, or nothing did.
+    "bad-chunk": (200, "cut", "prefix"),
+    "close-before-headers": (502, "whole", None),
+    "huge-header": (502, "whole", None),
+    "garbage": (502, "whole", None),
+}
+
+
+class TestUpstreamFaults:
+    """An upstream that breaks off, stalls or talks nonsense: the client gets what
+    arrived and an answer that ends, the proxy stays up, and the request counts once."""
+
+    TIMEOUT = 3  # UPSTREAM_TIMEOUT: the stall ends here
+
+    @pytest.fixture(scope="class")
+    def faulty(self, upstream, tmp_root):
+        with running_worker(tmp_root, upstream.url, UPSTREAM_TIMEOUT=str(self.TIMEOUT)) as w:
+            yield w
+            assert w.proc.poll() is None, "worker.py died"
+        assert "Traceback" not in w.log(), w.log()[-3000:]
+
+    @pytest.mark.parametrize("kind", sorted(UPSTREAM_FAULTS))
+    def test_the_client_gets_what_arrived_and_an_end(self, faulty, upstream, kind):
+        status, ending, body_is = UPSTREAM_FAULTS[kind]
+        key, test_id = faulty.register(unique("fault")), new_test_id()
+        body = chat_json(stream=True, stream_options={"include_usage": True})
+        started = time.monotonic()
+        answer = raw_exchange(int(faulty.env["PORT"]), raw_request(
+            "POST", "/v1/chat/completions", key, body, **{
+                "Content-Type": "application/json", "x-test-id": test_id, "x-fake-fault": kind}))
+        if kind == "bad-chunk" and answer.status == 502:
+            status, ending, body_is = UPSTREAM_FAULTS["garbage"]
+        assert (answer.status, answer.ending) == (status, ending), answer
+        sent = upstream.find(test_id)[0].get("sent", b"")
+        if body_is == "all":
+            assert answer.body == sent, (answer.body[:300], sent[:300])
+        elif body_is == "prefix":
+            assert sent.startswith(answer.body) and answer.body.startswith(b"data: "), answer
+        else:
+            assert answer.headers["content-type"].startswith("application/json"), answer
+            assert json.loads(answer.body)["error"]["code"] == "upstream_unreachable", answer
+        assert time.monotonic() - started < self.TIMEOUT + 10
+        # The proxy is up, the next request works, and the broken one counts once.
+        assert request("GET", faulty.url + "/healthz", timeout=CLIENT_TIMEOUT).body == b"ok"
+        good = post_json(faulty, "/v1/chat/completions", key, chat_json(),
+                         **{"x-test-id": test_id})
+        assert good.status == 200, good
+        expected = (2, CHAT_USAGE["total_tokens"])
+        assert me_totals(faulty, key, expected) == expected
+
+    def test_a_fault_on_a_kept_alive_client_connection_ends_it_not_the_next(self, faulty):
+        """The client reuses its connection: after a cut answer it gets a closed one
+        (never the next answer glued to the broken one), after a 502 a working one."""
+        key = faulty.register(unique("reuse"))
+        for kind in ("truncated", "close-before-headers"):
+            conn = connect(faulty.url, timeout=CLIENT_TIMEOUT)
+            try:
+                conn.request("POST", "/v1/chat/completions", body=chat_json(), headers=dict(
+                    bearer(key), **{"Content-Type": "application/json", "x-fake-fault": kind}))
+                response = conn.getresponse()
+                if kind == "truncated":
+                    with pytest.raises(http.client.IncompleteRead):
+                        response.read()
+                    continue
+                assert response.status == 502
+                response.read()
+                conn.request("GET", "/v1/models", headers=bearer(key))
+                assert conn.getresponse().status == 200
+            finally:
+                conn.close()
+        assert me_totals(faulty, key, (3, 0)) == (3, 0)
+
+
+def fuzz_settings(examples: int) -> Any:
+    """Bounded and repeatable: the same inputs every run (CI stays stable)."""
+    return hypothesis.settings(
+        max_examples=examples, deadline=None, derandomize=True, database=None,
+        suppress_health_check=list(hypothesis.HealthCheck))
+
+
+def fuzzing(examples: int) -> Any:
+    """``hypothesis.settings`` when hypothesis is installed; else a skip saying why."""
+    if hypothesis is None:
+        return pytest.mark.skip(reason="hypothesis is needed (pip install -r requirements-dev.txt)")
+    return fuzz_settings(examples)
+
+
+def given(*args: Any, **kwargs: Any) -> Any:
+    return hypothesis.given(*args, **kwargs) if hypothesis is not None else (lambda f: f)
+
+
+def strategy(make: Any) -> Any:
+    """A strategy built only when hypothesis is there (module level must import without it)."""
+    return make() if st is not None else None
+
+
+PATH_SEGMENTS = [
+    "", ".", "..", "%2e%2e", "%2E%2e", "%2e", ".%2e", "v1", "v2", "v1", "v1", "files", "file-abc",
+    "batches", "models", "gpt-4o-mini", "chat", "completions", "responses", "organization",
+    "%ff", "%c3%28", "%e2%82", "%00", "%2f", "%5c", "\\\\", "~", ";a=b", "%", "%zz", "%%41",
+    "me", "reset", "admin", "healthz", "dashboard", "billing", "usage", "users", "register",
+    "set", "stats", "objects", "realtime", "%C3%A9t%C3%A9", "a" * 300, "ACCESS_TOKEN",
+    "ACCESS_TOKEX", "\\xff\\xfe", "\\x7f", "?", "#frag", "+", "*",
+]
+HTTP_METHODS = ["GET", "GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"]
+PROXY_PATHS = ["/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/batches",
+               "/v1/files", "/v1/audio/transcriptions", "/v1/images/generations",
+               "/v1/vector_stores", "/v1/threads/runs", "/v1/moderations", "/v1/realtime/sessions"]
+FUZZ_MODELS = ["gpt-4o-mini", "gpt-4o", "", "*", "gpt-4o-mini ", "GPT-4O-MINI", "o1\\u0000"]
+FUZZ_IDS = ["file-abc", "vs_abc", "resp_abc", "asst_abc", "thread_abc", "batch_abc"]
+ADMIN_FIELDS = ["days", "quota", "rpm", "expires", "models", "scope", "format", "bogus", "DAYS"]
+BAD_NUMBERS = ["-1", "0", "36501", "1e3", "1.5", "", " ", "0x10", "9" * 16, "9" * 40, "+5",
+               "١٢", "NaN", "inf", "5 5", "%00", "\\x00", "1\\n2", "-0"]
+BAD_EXPIRES = ["", "2026-13-01", "2026-02-30", "99999-01-01", "0000-01-01", "yesterday",
+               "2026-01-01T25:00", "2026-01-01T00:00:00+25:00", "9999-12-31T23:59:59-23:59",
+               "NEVER ", "nevermore", "1e9", "-1", "\\x00", "2026/01/01", "T"]
+
+JSON_VALUES = strategy(lambda: st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                 max_size=4),
+    max_leaves=12))
+FUZZ_BODIES = strategy(lambda: st.one_of(
+    st.binary(max_size=300),
+    JSON_VALUES.map(compact),
+    st.fixed_dictionaries({"model": st.one_of(st.sampled_from(FUZZ_MODELS), JSON_VALUES)},
+                          optional={"messages": JSON_VALUES, "stream": JSON_VALUES,
+                                    "file_id": st.sampled_from(FUZZ_IDS) | JSON_VALUES,
+                                    "input_file_id": st.sampled_from(FUZZ_IDS),
+                                    "previous_response_id": st.sampled_from(FUZZ_IDS),
+                                    "vector_store_ids": st.lists(st.sampled_from(FUZZ_IDS)),
+                                    "session": JSON_VALUES, "store": JSON_VALUES,
+                                    "stream_options": JSON_VALUES}).map(compact),
+    st.builds(lambda m, n: b'{"model":"%s","model":"%s"}' % (m.encode(), n.encode()),
+              st.sampled_from(FUZZ_MODELS), st.sampled_from(FUZZ_MODELS)),
+    st.sampled_from([b"{", b"[]", b"null", b'"model"', b'{"model":', b"\\xef\\xbb\\xbf{}",
+                     b'{"model":"gpt-4o"}' * 2, b"model=gpt-4o", b"model=gpt-4o&model=gpt-4o-mini",
+                     b'{"model": "gpt-4o-mini", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"])))
+
+
+class TestFuzz:
+    """Fuzzed requests, raw where HTTP clients refuse: every answer is a well-formed
+    HTTP answer with a documented status (never a 500), the process stays up, and a
+    refused request leaves the store as it was. One worker for the class; hypothesis
+    derandomized and bounded."""
+
+    tried: Dict[str, int] = {}
+
+    @pytest.fixture(scope="class")
+    def fuzzed(self, upstream, tmp_root):
+        with running_worker(tmp_root, upstream.url, LOG_LEVEL="debug") as w:
+            w.users = {"plain": w.register("plain"),
+                       "limited": w.register("limited", "?models=gpt-4o-mini,whisper-1"),
+                       "isolated": w.register("isolated"),
+                       "all": w.register("everything", "?scope=all")}
+            w.snapshot = self.store_of(w)
+            yield w
+            assert w.proc.poll() is None, "worker.py died"
+            log = w.log()
+            assert "Traceback" not in log and "uncaught exception" not in log, log[-3000:]
+        print("fuzz: inputs tried per test:", dict(self.tried))
+
+    @staticmethod
+    def store_of(worker: Worker) -> Any:
+        answer = request("GET", worker.url + "/admin/users?format=json",
+                         headers=bearer(ACCESS_TOKEN), timeout=CLIENT_TIMEOUT)
+        assert answer.status == 200, answer
+        return answer.json()
+
+    def send(self, worker: Worker, test: str, data: bytes, head_only: bool = False) -> RawAnswer:
+        """One raw request; the store is compared with the last one after every refusal."""
+        self.tried[test] = self.tried.get(test, 0) + 1
+        # Each from its own loopback address: wrong admin tokens among the inputs
+        # must not lock the next inputs out (10 per address and minute).
+        n = sum(self.tried.values())
+        source = f"127.0.{1 + n // 250 % 250}.{1 + n % 250}"
+        answer = raw_exchange(int(worker.env["PORT"]), data, source=source, head_only=head_only)
+        assert answer.status < 500, answer
+        now = self.store_of(worker)
+        if answer.status >= 300:
+            assert now == worker.snapshot, f"a refused request ({answer}) changed the store"
+        else:
+            # A proxied answer's last byte can reach the client a moment before the
+            # request is counted: take the snapshot once it has settled.
+            for _ in range(100):
+                time.sleep(0.002)
+                again = self.store_of(worker)
+                if again == now:
+                    break
+                now = again
+        worker.snapshot = now
+        return answer
+
+    @staticmethod
+    def assert_openai_error(answer: RawAnswer) -> None:
+        assert answer.headers.get("content-type", "").startswith("application/json"), answer
+        error = json.loads(answer.body)["error"]
+        assert isinstance(error["message"], str) and error["message"] and "code" in error, error
+
+    @staticmethod
+    def head(method: str, target: bytes, headers: List[Tuple[bytes, bytes]],
+             body: bytes = b"") -> bytes:
+        lines = [method.encode() + b" " + target + b" HTTP/1.1", b"Host: 127.0.0.1",
+                 b"x-fake-echo: 1"]
+        lines += [name + b": " + value for name, value in headers]
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append(b"Content-Length: %d" % len(body))
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+    @fuzzing(400)
+    @given(strategy(lambda: st.lists(st.sampled_from(PATH_SEGMENTS), min_size=1, max_size=7)),
+           strategy(lambda: st.sampled_from(["", "/v1", "/admin", "/me", "/v1/v1", "//v1",
+                                             "/dashboard/billing", "/ACCESS_TOKEN"])),
+           strategy(lambda: st.sampled_from(HTTP_METHODS)),
+           strategy(lambda: st.sampled_from(["none", "plain", "limited", "isolated", "unknown",
+                                             "admin"])),
+           strategy(lambda: st.text(max_size=30)))
+    def test_paths(self, fuzzed, segments, prefix, method, who, query):
+        path = prefix + "/" + "/".join(segments)
+        path = path.replace("ACCESS_TOKEX", ACCESS_TOKEN[:-1] + "X")
+        path = path.replace("ACCESS_TOKEN", ACCESS_TOKEN)
+        target = path.encode("utf-8").decode("unicode_escape").encode("latin-1")
+        if query:
+            target += b"?" + urllib.parse.quote(query, safe="=&%").encode()
+        headers = []
+        if who in fuzzed.users:
+            headers.append((b"Authorization", b"Bearer " + fuzzed.users[who].encode()))
+        elif who == "unknown":
+            headers.append((b"Authorization", b"Bearer sk-cfw" + b"x" * 45))
+        elif who == "admin":
+            headers.append((b"Authorization", b"Bearer " + ACCESS_TOKEN.encode()))
+        answer = self.send(fuzzed, "paths", self.head(method, target, headers),
+                           head_only=method == "HEAD")
+        # On the API routes every refusal of worker.py's own is in OpenAI's shape
+        # (Tornado's bare 400 for an unparsable request has no body at all).
+        api = re.match(rb"/(v\d+|me)(/|\?|\Z)", target)
+        if api and method != "HEAD" and answer.status >= 400 and "x-test" not in answer.headers \
+                and "content-type" in answer.headers:
+            self.assert_openai_error(answer)
+
+    def test_long_paths(self, fuzzed):
+        """Up to Tornado's 64 KB limit on a request's head: an answer; past it, the
+        connection is closed without one (Tornado's choice), and the process stays up."""
+        key = fuzzed.users["isolated"].encode()
+        for size in (1000, 8000, 60000):
+            for path in (b"/v1/files/" + b"a" * size, b"/v1/" + b"%2e%2e/" * (size // 7),
+                         b"/" + b"b" * size, b"/" + ACCESS_TOKEN.encode() + b"/register/" + b"c" * size):
+                answer = self.send(fuzzed, "long paths", self.head(
+                    "GET", path, [(b"Authorization", b"Bearer " + key)]))
+                assert answer.status in (200, 400, 403, 404), answer
+        for path in (b"/v1/files/" + b"a" * (64 << 10), b"/" + b"b" * (100 << 10)):
+            sock = socket.create_connection(("127.0.0.1", int(fuzzed.env["PORT"])),
+                                            timeout=CLIENT_TIMEOUT)
+            try:
+                sock.sendall(self.head("GET", path, []))
+                got = sock.recv(1 << 16)
+                assert got == b"" or got.startswith(b"HTTP/1.1 4"), got[:200]
+            except ConnectionResetError:
+                pass
+            finally:
+                sock.close()
+        assert request("GET", fuzzed.url + "/healthz", timeout=CLIENT_TIMEOUT).body == b"ok"
+
+    @fuzzing(200)
+    @given(strategy(lambda: st.sampled_from([b"x-custom", b"Content-Type", b"Authorization",
+                                             b"api-key", b"Origin", b"Accept-Encoding",
+                                             b"OpenAI-Organization", b"Connection",
+                                             b"Transfer-Encoding", b"Content-Length", b"Host",
+                                             b"Upgrade", b"Sec-WebSocket-Protocol", b"Accept",
+                                             b"Expect", b"x-\xff", b"bad name", b"", b":"])),
+           strategy(lambda: st.binary(max_size=200) | st.sampled_from([
+               b"a\rb", b"a\nb", b"a\r\nInjected: 1", b"\r\n\r\nGET / HTTP/1.1", b"\x00",
+               b"chunked", b"chunked, identity", b"-1", b"99999999999999999999", b"close",
+               b"websocket", b"100-continue", b" " * 1000, b"\xc3\x28"])),
+           strategy(lambda: st.sampled_from(["/v1/models", "/v1/chat/completions", "/me",
+                                             "/admin/users", "/healthz"])),
+           strategy(lambda: st.sampled_from(["plain", "limited", "isolated"])))
+    def test_header_values(self, fuzzed, name, value, path, who):
+        headers = [(b"Authorization", b"Bearer " + fuzzed.users[who].encode()), (name, value)]
+        if path == "/admin/users":
+            headers[0] = (b"Authorization", b"Bearer " + ACCESS_TOKEN.encode())
+        method = "POST" if path == "/v1/chat/completions" else "GET"
+        answer = self.send(fuzzed, "headers", self.head(method, path.encode(), headers,
+                                                        chat_json() if method == "POST" else b""))
+        assert answer.status in (200, 204, 400, 401, 403, 404, 405, 411, 413, 415, 417), answer
+
+    @fuzzing(120)
+    @given(strategy(lambda: st.sampled_from(["Bearer", "bearer", "BEARER", "Basic", "Token", "",
+                                             "Bearer:", "Bearer\t", "sk-cfw"])),
+           strategy(lambda: st.sampled_from([" ", "  ", "\t", " \t ", "", ",", "   "])),
+           strategy(lambda: st.sampled_from(["key", "key ", "key extra", "key,key", "Bearer key",
+                                             "KEY", "key\x00", "", "x" * 5000, "key" + "é"])),
+           strategy(lambda: st.sampled_from(["Authorization", "api-key", "both"])))
+    def test_authorization_forms(self, fuzzed, scheme, gap, token, where):
+        key = fuzzed.users["plain"]
+        value = (scheme + gap + token.replace("KEY", key.upper()).replace("key", key))
+        raw = value.encode("utf-8")
+        headers = []
+        if where in ("Authorization", "both"):
+            headers.append((b"Authorization", raw))
+        if where in ("api-key", "both"):
+            headers.append((b"api-key", raw))
+        answer = self.send(fuzzed, "authorization", self.head("GET", b"/v1/models", headers))
+        assert answer.status in (200, 400, 401), answer
+        if answer.status == 401:
+            self.assert_openai_error(answer)
+
+    @fuzzing(500)
+    @given(strategy(lambda: st.sampled_from(["limited", "isolated", "plain"])),
+           strategy(lambda: st.sampled_from(PROXY_PATHS)),
+           strategy(lambda: st.sampled_from(["application/json", "application/json; charset=utf-8",
+                                             "text/plain", "application/x-www-form-urlencoded",
+                                             "multipart/form-data; boundary=B", "multipart/form-data",
+                                             None, "APPLICATION/JSON", "application/jsonx"])),
+           strategy(lambda: st.sampled_from([None, None, "gzip", "gzip-garbage", "deflate", "br",
+                                             "identity", "gzip, gzip"])),
+           FUZZ_BODIES)
+    def test_bodies(self, fuzzed, who, path, content_type, encoding, body):
+        headers = [(b"Authorization", b"Bearer " + fuzzed.users[who].encode())]
+        if content_type is not None:
+            headers.append((b"Content-Type", content_type.encode()))
+        if encoding == "gzip":
+            body = gzip.compress(body, mtime=0)
+        if encoding is not None:
+            headers.append((b"Content-Encoding", encoding.replace("-garbage", "").encode()))
+        answer = self.send(fuzzed, "bodies", self.head("POST", path.encode(), headers, body))
+        assert answer.status in (200, 400, 403, 404, 413, 415), answer
+        if answer.status != 200:
+            self.assert_openai_error(answer)
+        # The allowlist holds for every POST to an endpoint that takes a model, and for
+        # every JSON one (README): then what reached the upstream names an allowed model.
+        checked = (MODEL_ENDPOINTS.match(path)
+                   or (content_type or "application/json").lower().startswith("application/json"))
+        if who == "limited" and answer.status == 200 and checked:
+            sent = _json_or_none_test(body if encoding != "gzip" else gzip.decompress(body))
+            if isinstance(sent, dict) and isinstance(sent.get("model"), str):
+                assert sent["model"] in ("gpt-4o-mini", "whisper-1"), sent
+
+    @fuzzing(400)
+    @given(strategy(lambda: st.sampled_from(["register", "set", "stats", "users", "reset",
+                                             "objects", "delete"])),
+           strategy(lambda: st.sampled_from(["existing", "fresh", "bad"])),
+           strategy(lambda: st.text(max_size=70)),
+           strategy(lambda: st.lists(st.tuples(
+               st.sampled_from(ADMIN_FIELDS + ["from", "to"]),
+               st.sampled_from(BAD_NUMBERS + BAD_EXPIRES) | st.text(max_size=20)),
+               min_size=1, max_size=3)),
+           strategy(lambda: st.sampled_from(["path", "bearer", "form"])))
+    def test_admin_fields(self, fuzzed, command, which, raw_name, fields, how):
+        if which == "existing":
+            name = "plain"
+        elif which == "fresh":
+            name = "f" + secrets.token_hex(4)
+        else:
+            name = raw_name
+            hypothesis.assume(not NAME_PATTERN.match(name))
+        query = urllib.parse.urlencode(fields)
+        quoted = urllib.parse.quote(name, safe="")
+        if command in ("users",):
+            rest = command
+        elif command == "delete":
+            rest = quoted
+        else:
+            rest = f"{command}/{quoted}"
+        method = "DELETE" if command == "delete" else ("POST" if how == "form" else "GET")
+        base = f"/admin/{rest}" if how == "bearer" else f"/{ACCESS_TOKEN}/{rest}"
+        headers = [(b"Authorization", b"Bearer " + ACCESS_TOKEN.encode())] if how == "bearer" else []
+        if how == "form" and method == "POST":
+            headers.append((b"Content-Type", b"application/x-www-form-urlencoded"))
+            data = self.head("POST", base.encode(), headers, query.encode())
+        else:
+            data = self.head(method, (base + ("?" + query if query else "")).encode(), headers)
+        if command == "delete" and which == "existing":
+            return  # a valid delete of a fuzz user would leave the next examples without it
+        answer = self.send(fuzzed, "admin fields", data)
+        # 403: /TOKEN/ and /TOKEN/NAME/… with an empty part are no route (Access forbidden)
+        assert answer.status in (200, 400, 403, 404, 409), answer
+        if answer.status == 400:
+            assert answer.body.startswith(b"error: ") or b'"error"' in answer.body, answer
+
+
+class TestFuzzFindings:
+    """What the fuzzing found, as plain cases."""
+
+    @pytest.mark.parametrize("framing", [
+        "Transfer-Encoding: ", "Transfer-Encoding: gzip", "Transfer-Encoding: chunked, identity",
+        "Content-Length: abc", "Content-Length: 5, 6", "Content-Length: -1",
+        "Content-Length: 2\r\nTransfer-Encoding: chunked"])
+    @pytest.mark.parametrize("method", ["GET", "POST"])
+    def test_a_body_framing_tornado_refuses_is_400_and_never_sent(self, worker, upstream,
+                                                                  framing, method):
+        """Tornado checked the framing only after the proxy had sent the request on."""
+        name, test_id = unique("framing"), new_test_id()
+        key = worker.register(name)
+        data = (f"{method} /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nx-test-id: {test_id}\r\n"
+                f"Authorization: Bearer {key}\r\n{framing}\r\n\r\n{{}}").encode()
+        answer = raw_exchange(int(worker.env["PORT"]), data)
+        assert answer.status == 400 and json.loads(answer.body)["error"]["message"], answer
+        time.sleep(0.2)
+        assert not [n for n in upstream.notes if test_id in header_values(n["headers"], "x-test-id")]
+        assert me_totals(worker, key) == (0, 0)
+
+    @pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded",
+                                              "multipart/form-data; boundary=B"])
+    def test_a_json_body_sent_as_a_form_is_checked_for_its_model(self, worker, upstream,
+                                                                 content_type):
+        key, test_id = worker.register(unique("form"), "?models=gpt-4o-mini"), new_test_id()
+        for body in (b'{"model":"gpt-4o"}', b'{"model":"gpt-4o-mini","model":"gpt-4o"}'):
+            answer = post_json(worker, "/v1/chat/completions", key, body, **{
+                "Content-Type": content_type, "x-test-id": test_id})
+            # multipart: Tornado cannot read this as a form (400 invalid_body)
+            assert answer.status in (400, 404), answer
+            is_openai_error(answer, answer.status)
+        assert upstream.find(test_id) == []
+
+    def test_a_json_body_too_deep_to_read_is_refused_to_a_limited_key(self, worker, upstream):
+        """Python's parser gives up at about 1,000 levels; another may not, and would
+        read the model this proxy could not check."""
+        key, test_id = worker.register(unique("deep"), "?models=gpt-4o-mini"), new_test_id()
+        body = b'{"model": "gpt-4o", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        for path in ("/v1/chat/completions", "/v1/batches"):
+            answer = post_json(worker, path, key, body, **{"x-test-id": test_id})
+            is_openai_error(answer, 400, "invalid_body")
+        assert upstream.find(test_id) == []
+
+
+MODEL_ENDPOINTS = re.compile(r"/v1/(chat/completions|responses|embeddings|moderations|"
+                             r"audio/transcriptions|images/generations|threads/runs|"
+                             r"realtime/sessions)\Z")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
+
+
+def _json_or_none_test(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+# worker.py with some of its module constants set otherwise: the same code, run by
+# `python -c` instead of `python worker.py`, so that timeouts of minutes can be
+# tested in seconds without a setting that only tests would use.
+TUNED_LAUNCHER = r'''
+import json, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import worker
+for name, value in json.loads(sys.argv[2]).items():
+    assert hasattr(worker, name), name
+    setattr(worker, name, value)
+sys.exit(worker.main([sys.argv[1]]))
+'''
+
+
+class TunedWorker(Worker):
+    def __init__(self, root: str, upstream_url: str, constants: Dict[str, Any],
+                 **env: Optional[str]):
+        super().__init__(root, upstream_url, **env)
+        self.constants = constants
+
+    def start(self, port: Optional[int] = None) -> "Worker":
+        if port is not None:
+            self.env["PORT"] = str(port)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", TUNED_LAUNCHER, WORKER_PY, json.dumps(self.constants)],
+                cwd=HERE, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self.wait_ready()
+        return self
+
+
+def rss_mb(pid: int) -> float:
+    """The process's resident memory now (Linux ``VmRSS``), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc")
+
+
+def closed_by_server(sock: socket.socket, timeout: float = CLIENT_TIMEOUT) -> bool:
+    """Wait for the server to close ``sock`` (True), reading and dropping what comes."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(1 << 16):
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+    return False
+
+
+class TestSlowClients:
+    """Idle connections, slow headers and stalled bodies are closed after bounded
+    timeouts (CLIENT_IDLE_SECONDS, CLIENT_BODY_SECONDS: 120 s and 60 s, set to 2 s
+    here); greedy clients starve no one; a slow reader costs no memory."""
+
+    IDLE = BODY = 2.0
+
+    @pytest.fixture(scope="class")
+    def tuned(self, upstream, tmp_root):
+        if not os.path.exists("/proc/self/status"):
+            pytest.skip("needs /proc to read the server's memory and open files")
+        w = TunedWorker(tmp_root, upstream.url, {"CLIENT_IDLE_SECONDS": self.IDLE,
+                                                 "CLIENT_BODY_SECONDS": self.BODY}).start()
+        try:
+            yield w
+            assert w.proc.poll() is None, "worker.py died"
+        finally:
+            w.stop()
+
+    def open(self, worker: Worker) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", int(worker.env["PORT"])),
+                                        timeout=CLIENT_TIMEOUT)
+
+    def test_an_idle_connection_is_closed(self, tuned):
+        sock = self.open(tuned)
+        try:
+            assert closed_by_server(sock, 5 * self.IDLE), "an idle connection stays open"
+        finally:
+            sock.close()
+
+    def test_a_kept_alive_connection_is_closed_once_idle(self, tuned):
+        key = tuned.register(unique("idle"))
+        sock = self.open(tuned)
+        try:
+            sock.sendall(raw_request("GET", "/v1/models", key))
+            assert sock.recv(1 << 16).startswith(b"HTTP/1.1 200")
+            assert closed_by_server(sock, 5 * self.IDLE), "a kept-alive connection stays open"
+        finally:
+            sock.close()
+
+    def test_headers_sent_a_byte_at_a_time_are_cut_off(self, tuned):
+        sock = self.open(tuned)
+        head = raw_request("GET", "/v1/models", "sk-cfw" + "x" * 45) + b"x" * 1000
+        try:
+            started = time.monotonic()
+            for i, byte in enumerate(head):
+                try:
+                    sock.sendall(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                time.sleep(0.05)
+                if time.monotonic() - started > 5 * self.IDLE:
+                    pytest.fail("a request whose headers never end is still read")
+            assert closed_by_server(sock, 5), "still open"
+        finally:
+            sock.close()
+
+    @pytest.mark.parametrize("route", ["admin", "proxy-small", "proxy-upload"])
+    def test_a_stalled_body_is_cut_off(self, tuned, upstream, route):
+        name, test_id = unique("stall"), new_test_id()
+        key = tuned.register(name)
+        if route == "admin":
+            data = (f"POST /{ACCESS_TOKEN}/register/{name}x HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Content-Type: application/x-www-form-urlencoded\r\n"
+                    f"Content-Length: 100\r\n\r\nquota=5").encode()
+        else:
+            length = 1000 if route == "proxy-small" else 64 << 20
+            data = raw_request("POST", "/v1/files", key, b"x" * 100, **{
+                "Content-Length": str(length), "x-test-id": test_id,
+                "Content-Type": "application/octet-stream"})
+        sock = self.open(tuned)
+        try:
+            sock.sendall(data)
+            assert closed_by_server(sock, 5 * self.BODY), "a stalled body holds its connection"
+        finally:
+            sock.close()
+        if route == "admin":
+            assert f"{name}x" not in users_by_name(tuned), "a cut register happened"
+        if route == "proxy-upload":  # it had gone upstream: that request ends too
+            assert upstream.closed_connections(test_id, timeout=5)
+        deadline = time.monotonic() + 3
+        while route != "admin" and f"user={name}" not in tuned.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if route != "admin":
+            lines = [l for l in tuned.log().splitlines() if f"user={name}" in l]
+            assert len(lines) == 1 and " 499 " in lines[0], lines
+        assert tuned.models(key).status == 200
+
+    def test_a_slow_steady_upload_is_not_cut_off(self, tuned, upstream):
+        """The limit is on silence, not on the whole upload: 4 x CLIENT_BODY_SECONDS here."""
+        key, test_id = tuned.register(unique("steady"), "?scope=all"), new_test_id()
+        pieces = int(4 * self.BODY / 0.5)
+        data = raw_request("POST", "/v1/uploads/upload_slow/parts", key, b"", **{
+            "Content-Length": str(pieces * 1000), "x-test-id": test_id,
+            "Content-Type": "application/octet-stream"})
+        sock = self.open(tuned)
+        try:
+            sock.sendall(data)
+            for _ in range(pieces):
+                time.sleep(0.5)
+                sock.sendall(b"y" * 1000)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                got = sock.recv(1 << 16)
+                assert got, f"cut off: {answer!r}"
+                answer += got
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        finally:
+            sock.close()
+        assert upstream.one(test_id)["body_len"] == pieces * 1000
+
+    def test_hundreds_of_greedy_connections_starve_no_one(self, tuned, upstream):
+        """300 connections that send nothing and 50 downloads nobody reads: a normal
+        request is still answered, and all of it goes away with them."""
+        key = tuned.register(unique("greedy"), "?scope=all")
+        other = tuned.register(unique("normal"))
+        pid = tuned.proc.pid
+        baseline = open_count(pid)
+        held: List[socket.socket] = []
+        try:
+            for _ in range(300):
+                held.append(self.open(tuned))
+            for _ in range(50):
+                sock = self.open(tuned)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.sendall(raw_request("GET", "/v1/files/file-x/content", key,
+                                         **{"x-fake-download-mb": "64"}))
+                held.append(sock)
+            time.sleep(0.5)
+            print(f"greedy clients: {open_count(pid) - baseline} more open files, "
+                  f"{rss_mb(pid):.0f} MB resident")
+            for _ in range(5):
+                answer = post_json(tuned, "/v1/chat/completions", other, chat_json())
+                assert answer.status == 200, answer
+                assert tuned.models(other).status == 200
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while open_count(pid) > baseline + 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert open_count(pid) <= baseline + 5, (baseline, open_count(pid))
+
+    def test_a_slow_reader_of_a_big_download_costs_no_memory(self, tuned):
+        key = tuned.register(unique("slowreader"), "?scope=all")
+        pid = tuned.proc.pid
+        assert tuned.models(key).status == 200
+        before, peak, got = rss_mb(pid), 0.0, 0
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.settimeout(CLIENT_TIMEOUT)
+        sock.connect(("127.0.0.1", int(tuned.env["PORT"])))
+        try:
+            sock.sendall(raw_request("GET", "/v1/files/file-big/content", key,
+                                     **{"x-fake-download-mb": "256"}))
+            started = time.monotonic()
+            while time.monotonic() - started < 4:
+                got += len(sock.recv(16384))
+                time.sleep(0.005)
+                peak = max(peak, rss_mb(pid))
+        finally:
+            sock.close()
+        print(f"slow reader: read {got >> 20} MB of 256 in 4 s; worker.py resident "
+              f"{before:.0f} MB before, {peak:.0f} MB at most")
+        assert got < 128 << 20, "not slow enough to mean anything"
+        assert peak - before < 32, f"{peak - before:.0f} MB more while a slow reader downloads"
+
+
+def secret_parts(secret: str) -> List[str]:
+    """A secret and the stretches of it that would give it away (past any public prefix)."""
+    return [secret, secret[8:28]] if len(secret) > 30 else [secret]
+
+
+class TestSecrets:
+    """No log line, answer or stored file holds ACCESS_TOKEN, the upstream key or a
+    user key, after a session that does everything, fails in every way, at debug."""
+
+    def test_a_whole_session_leaks_no_secret(self, tmp_root, upstream):
+        worker = Worker(tmp_root, upstream.url, LOG_LEVEL="debug", UPSTREAM_TIMEOUT="2").start()
+        answers: List[Tuple[str, bytes]] = []  # what each call got: (what, head and body)
+        keys: List[str] = []
+        given_keys: Dict[str, str] = {}  # the answers that hand out a key: that key only
+
+        echoed: List[str] = []  # answers that are the upstream's echo of what it was sent
+
+        def call(what: str, method: str, path: str, body: Optional[bytes] = None,
+                 hands_out_key: bool = False, **headers: str) -> Answer:
+            answer = request(method, worker.url + path, body, headers, timeout=CLIENT_TIMEOUT)
+            if what in ("token below v1", "key as a model"):
+                assert "x-test" in answer.headers, answer  # the fake's, not the proxy's
+                echoed.append(what)
+            raw = "".join(f"{k}: {v}\n" for k, v in answer.headers.items()).encode() + answer.body
+            if hands_out_key:
+                match = re.search(rb"sk-cfw[A-Za-z0-9]{45}", answer.body)
+                assert match, answer
+                keys.append(match.group().decode())
+                given_keys[what] = keys[-1]
+                raw = raw.replace(match.group(), b"")
+            answers.append((what, raw))
+            return answer
+
+        try:
+            admin = {"Authorization": "Bearer " + ACCESS_TOKEN}
+            near = ACCESS_TOKEN[:-1] + ("x" if ACCESS_TOKEN[-1] != "x" else "y")
+            call("register", "GET", f"/{ACCESS_TOKEN}/register/alice", hands_out_key=True)
+            call("register bearer", "POST", "/admin/register/bob?quota=1000000&format=json",
+                 b"", hands_out_key=True, **admin)
+            call("reset", "GET", f"/{ACCESS_TOKEN}/reset/alice", hands_out_key=True)
+            alice, bob = keys[-1], keys[1]
+            call("set", "GET", "/admin/set/bob?rpm=1000", **admin)
+            for view in ("users", "stats", "users?format=json", "stats/alice?days=2",
+                         "objects/alice"):
+                call(view, "GET", f"/{ACCESS_TOKEN}/{view}")
+            call("near-miss path", "GET", f"/{near}/users")
+            call("near-miss bearer", "GET", "/admin/users", Authorization="Bearer " + near)
+            call("token alone", "GET", f"/{ACCESS_TOKEN}")
+            assert call("token as a name", "GET",
+                        f"/{ACCESS_TOKEN}/register/{ACCESS_TOKEN}").status == 400
+            call("token below v1", "GET", f"/v1/models/{ACCESS_TOKEN}", Authorization="Bearer " + bob)
+            call("token elsewhere", "GET", f"/x/{ACCESS_TOKEN}/y")
+            json_headers = {"Content-Type": "application/json", "Authorization": "Bearer " + alice}
+            call("chat", "POST", "/v1/chat/completions", chat_json(), **json_headers)
+            call("stream", "POST", "/v1/chat/completions", chat_json(stream=True), **json_headers)
+            call("responses", "POST", "/v1/responses", compact(
+                {"model": "gpt-4o-mini", "input": "hi", "stream": True}), **json_headers)
+            call("keys in the query", "GET", f"/v1/models?api_key={bob}&k={UPSTREAM_KEY}"
+                 f"&t={ACCESS_TOKEN}", Authorization="Bearer " + alice)
+            call("key in a path", "GET", f"/v1/files/{bob}", Authorization="Bearer " + alice)
+            call("key as a model", "POST", "/v1/embeddings", compact(
+                {"model": bob, "input": "x"}), **json_headers)
+            call("api-key header", "GET", "/v1/models", **{"api-key": bob})
+            call("unknown key", "GET", "/v1/models", Authorization="Bearer sk-cfw" + "Q" * 45)
+            call("key on an unknown route", "GET", f"/{alice}/x")
+            for status in ("400", "429", "500", "503"):
+                call(f"upstream {status}", "POST", "/v1/chat/completions", chat_json(),
+                     **dict(json_headers, **{"x-fake-status": status}))
+            for fault in UPSTREAM_FAULTS:
+                try:
+                    call(f"fault {fault}", "POST", "/v1/chat/completions", chat_json(),
+                         **dict(json_headers, **{"x-fake-fault": fault}))
+                except http.client.IncompleteRead:
+                    pass  # a cut answer
+            call("timeout", "GET", "/v1/models", Authorization="Bearer " + alice,
+                 **{"x-fake-sleep": "4"})
+            call("me", "GET", "/me", Authorization="Bearer " + alice)
+            call("billing", "GET", "/v1/dashboard/billing/usage", Authorization="Bearer " + alice)
+            call("me reset", "POST", "/me/reset", b"", hands_out_key=True,
+                 Authorization="Bearer " + alice)
+            alice = keys[-1]
+
+            async def realtime() -> None:
+                for how in ("header", "subprotocol"):
+                    conn = await (ws_connect(worker, alice) if how == "header" else
+                                  ws_connect(worker, subprotocols=subprotocol_key(alice)))
+                    answers.append(("realtime " + how, (await ws_read(conn)).encode()))
+                    for message in ("usage", "hello " + alice):
+                        await conn.write_message(message)
+                        what = "realtime " + how + (" echo" if "hello" in message else "")
+                        answers.append((what, (await ws_read(conn)).encode()))
+                    echoed.append(f"realtime {how} echo")  # the fake echoes frames
+                    await conn.write_message("drop")
+                    await ws_read(conn)
+                with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+                    await ws_connect(worker, "sk-cfw" + "Z" * 45)
+                answers.append(("realtime refused", refused.value.response.body or b""))
+
+            run_async(realtime())
+            call("delete", "DELETE", f"/{ACCESS_TOKEN}/bob")
+            call("deleted key", "GET", "/v1/models", Authorization="Bearer " + bob)
+            health = call("healthz", "GET", "/healthz")
+            forbidden = call("403", "GET", "/nothing/here")
+            assert worker.stop() == 0
+        finally:
+            worker.stop()
+        assert health.body == b"ok" and forbidden.body == b"Access forbidden"
+        for answer in (health, forbidden):
+            assert "Server" not in answer.headers and "x-test" not in answer.headers, answer.headers
+        secrets_ = {"ACCESS_TOKEN": ACCESS_TOKEN, "the upstream key": UPSTREAM_KEY}
+        secrets_.update({f"user key {n}": key for n, key in enumerate(keys)})
+        log = worker.log()
+        for name, secret in secrets_.items():
+            for part in secret_parts(secret):
+                assert part not in log, f"the log holds {name}: " + next(
+                    line for line in log.splitlines() if part in line)
+                for what, raw in answers:
+                    if what in echoed:
+                        continue  # the upstream's own answer, naming what it was asked for
+                    assert part.encode() not in raw, f"the answer to {what!r} holds {name}"
+        assert_no_secret_in_files(worker.db_path, keys)
+
+    def test_an_upstream_401_never_carries_the_owners_whole_key(self, tmp_root, upstream):
+        """OpenAI's 401 names the key it got, masked but for its first 8 and last 4
+        characters; it passes unchanged (an upstream error), so never more than that."""
+        wrong = "sk-proj-REVOKED" + secrets.token_hex(20)
+        with running_worker(tmp_root, upstream.url, OPENAPI_API_KEY=wrong) as w:
+            key = w.register("victim")
+            for answer in (w.models(key), post_json(w, "/v1/chat/completions", key, chat_json(),
+                                                    **{"x-fake-delay-ms": "1"})):
+                assert answer.status == 401, answer
+                for part in secret_parts(wrong):
+                    assert part.encode() not in answer.body, answer
+                assert wrong[-4:] in answer.text  # what OpenAI itself shows, no more
+            assert wrong not in w.log() and wrong[8:28] not in w.log()
+
+    @pytest.mark.parametrize("form", ["path", "bearer"])
+    def test_ten_wrong_tokens_lock_out_that_address_only(self, worker, form):
+        """Either form of the token counts; the lockout is the address's, not everyone's."""
+        source = f"127.0.8.{1 + (form == 'bearer')}"
+        port = int(worker.env["PORT"])
+
+        def attempt(token: str, where: str = source) -> int:
+            data = (f"GET /{token}/users HTTP/1.1\r\nHost: x\r\n\r\n" if form == "path" else
+                    f"GET /admin/users HTTP/1.1\r\nHost: x\r\n"
+                    f"Authorization: Bearer {token}\r\n\r\n").encode()
+            return raw_exchange(port, data, source=where).status
+
+        for n in range(10):
+            assert attempt(f"wrong-token-{n}") == 403
+        assert attempt("wrong-token-again") == 429
+        assert attempt(ACCESS_TOKEN) == 429, "a locked-out address still gets in"
+        assert attempt(ACCESS_TOKEN, "127.0.8.200") == 200, "another address is locked out too"
+
+    def test_a_near_miss_admin_token_takes_as_long_as_a_far_miss(self, tmp_root, upstream):
+        """Interleaved samples of both, each client address under the lockout (9
+        tries each), medians compared with a generous tolerance: a comparison that
+        stopped at the first differing character would show on the near misses."""
+        near = ACCESS_TOKEN[:-1] + ("x" if ACCESS_TOKEN[-1] != "x" else "y")
+        far = "zz" + secrets.token_hex(len(ACCESS_TOKEN))[:len(ACCESS_TOKEN) - 2]
+        times: Dict[str, List[float]] = {"near": [], "far": []}
+        rng = random.Random(8)
+        with running_worker(tmp_root, upstream.url, LOG_LEVEL="warning") as w:
+            port = int(w.env["PORT"])
+            for client in range(40):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT,
+                                                source_address=(f"127.0.9.{client + 1}", 0))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                try:
+                    kinds = ["near", "far"] * 4
+                    rng.shuffle(kinds)
+                    for kind in kinds:
+                        token = near if kind == "near" else far
+                        form = rng.choice(["path", "bearer"])
+                        data = (f"GET /{token}/users HTTP/1.1\r\nHost: x\r\n\r\n" if form == "path"
+                                else f"GET /admin/users HTTP/1.1\r\nHost: x\r\n"
+                                     f"Authorization: Bearer {token}\r\n\r\n").encode()
+                        started = time.perf_counter()
+                        sock.sendall(data)
+                        got = b""
+                        while not got.endswith(b"Access forbidden"):
+                            piece = sock.recv(4096)
+                            assert piece, got
+                            got += piece
+                        times[kind].append(time.perf_counter() - started)
+                        assert got.startswith(b"HTTP/1.1 403"), got
+                finally:
+                    sock.close()
+        medians = {kind: sorted(values)[len(values) // 2] for kind, values in times.items()}
+        print("admin token timing, median ms:", {k: round(v * 1000, 3) for k, v in medians.items()},
+              f"({len(times['near'])} samples each)")
+        slower, faster = max(medians.values()), min(medians.values())
+        assert slower - faster < max(0.5e-3, 0.5 * faster), medians
+
+
+class TestGracefulStop:
+    """SIGTERM: no new connections, requests in flight finish (up to the grace
+    period), realtime sessions are closed, usage is written, exit 0."""
+
+    STREAMS = 10
+
+    def test_sigterm_lets_streams_finish_and_writes_their_usage(self, tmp_root, upstream):
+        worker = Worker(tmp_root, upstream.url).start()
+        try:
+            name = unique("term")
+            key = worker.register(name)
+            first = threading.Barrier(self.STREAMS + 2, timeout=CLIENT_TIMEOUT)  # + realtime + here
+            results: List[Any] = []
+
+            def stream() -> None:
+                conn = connect(worker.url, timeout=CLIENT_TIMEOUT)
+                try:
+                    conn.request("POST", "/v1/chat/completions", chat_json(stream=True),
+                                 headers=dict(bearer(key), **{"Content-Type": "application/json",
+                                                              "x-fake-delay-ms": "300"}))
+                    response = conn.getresponse()
+                    data = response.readline()
+                    first.wait()
+                    data += response.read()
+                    results.append((response.status, data))
+                except Exception as e:  # reported below
+                    results.append(e)
+                finally:
+                    conn.close()
+
+            async def realtime() -> Any:
+                conn = await ws_connect(worker, key)
+                await ws_read(conn)
+                first.wait()
+                return await asyncio.wait_for(conn.read_message(), CLIENT_TIMEOUT)
+
+            threads = [threading.Thread(target=stream) for _ in range(self.STREAMS)]
+            for thread in threads:
+                thread.start()
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                ws_end = pool.submit(run_async, realtime(), CLIENT_TIMEOUT + 5)
+                first.wait()
+                worker.proc.send_signal(signal.SIGTERM)
+                refused = False
+                for _ in range(40):
+                    try:
+                        socket.create_connection(("127.0.0.1", int(worker.env["PORT"])),
+                                                 timeout=1).close()
+                    except ConnectionRefusedError:
+                        refused = True
+                        break
+                    time.sleep(0.05)
+                assert refused, "worker.py still accepts connections after SIGTERM"
+                for thread in threads:
+                    thread.join(CLIENT_TIMEOUT)
+                assert ws_end.result() is None, "the realtime session was not closed"
+            assert worker.proc.wait(CLIENT_TIMEOUT + 10) == 0, worker.log()[-3000:]
+            assert len(results) == self.STREAMS, results
+            for result in results:
+                assert not isinstance(result, Exception), result
+                status, data = result
+                assert status == 200 and data.endswith(b"data: [DONE]\n\n"), data[-200:]
+                assert data.count(b"data: ") == len(CHAT_PIECES) + 3, data
+            worker.start(port=free_port())
+            rows = usage_by_model(worker, name)
+            assert (summed(rows, "requests"), summed(rows, "total_tokens")) == (
+                self.STREAMS, self.STREAMS * CHAT_USAGE["total_tokens"])
+        finally:
+            worker.stop()
+
+
+SOAK_SECONDS = float(os.environ.get("WORKER_SOAK_SECONDS", "10"))  # longer: set it
+
+
+async def soak_streams(port: int, key: str, concurrency: int, seconds: float,
+                       delay_ms: int = 100) -> Tuple[int, List[str]]:
+    """``concurrency`` clients streaming chat completions back to back on kept-alive
+    connections for ``seconds``; returns (streams read whole, problems)."""
+    body = chat_json(stream=True)
+    head = raw_request("POST", "/v1/chat/completions", key, body, **{
+        "Content-Type": "application/json", "x-fake-delay-ms": str(delay_ms)})
+    done, problems = [0], []
+    stop_at = time.monotonic() + seconds
+
+    async def client() -> None:
+        reader = writer = None
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            while time.monotonic() < stop_at:
+                writer.write(head)
+                data = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), CLIENT_TIMEOUT)
+                if not data.startswith(b"HTTP/1.1 200") or b"data: [DONE]" not in data \
+                        or data.count(CHAT_PIECES[3].encode()) != 1:
+                    problems.append(repr(data[:200]))
+                    return
+                done[0] += 1
+        except Exception as e:  # counted as a problem
+            problems.append(repr(e))
+        finally:
+            if writer is not None:
+                writer.close()
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return done[0], problems
+
+
+class TestSoak:
+    """200 concurrent streams and admin writes for WORKER_SOAK_SECONDS (10 s unless
+    set): no error, every request counted, open files and memory back afterwards."""
+
+    CONCURRENCY = 200
+
+    def test_200_concurrent_streams_and_admin_writes(self, tmp_root, upstream):
+        if not os.path.isdir("/proc/self/fd"):
+            pytest.skip("needs /proc to count the server's open files and memory")
+        with running_worker(tmp_root, upstream.url, LOG_LEVEL="warning") as w:
+            name = unique("soak")
+            key, pid, port = w.register(name), w.proc.pid, int(w.env["PORT"])
+            # A first burst warms what stays (buffers, up to 100 kept-alive upstream
+            # connections): the baseline is taken after it.
+            warm, problems = run_async(soak_streams(port, key, self.CONCURRENCY, 3.0), 60)
+            assert problems == [], problems[:5]
+            time.sleep(0.5)
+            files, memory = open_count(pid), rss_mb(pid)
+            admin_done, admin_problems = [0], []
+            stop = threading.Event()
+
+            def admin_writes() -> None:
+                for n in range(1000000):
+                    if stop.is_set():
+                        return
+                    who = f"soak-admin{n % 20}"
+                    for method, path in (("GET", f"/register/{who}?rpm=100"),
+                                         ("GET", f"/set/{who}?quota=5000"),
+                                         ("GET", f"/reset/{who}"), ("DELETE", f"/{who}")):
+                        answer = request(method, w.admin + path, timeout=CLIENT_TIMEOUT)
+                        if answer.status != 200:
+                            admin_problems.append(f"{method} {path}: {answer}")
+                            return
+                        admin_done[0] += 1
+
+            writer = threading.Thread(target=admin_writes, daemon=True)
+            writer.start()
+            peak = [memory]
+            sampler_stop = threading.Event()
+
+            def sample() -> None:
+                while not sampler_stop.wait(0.2):
+                    peak[0] = max(peak[0], rss_mb(pid))
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            try:
+                streams, problems = run_async(
+                    soak_streams(port, key, self.CONCURRENCY, SOAK_SECONDS), SOAK_SECONDS + 60)
+            finally:
+                stop.set()
+                sampler_stop.set()
+                writer.join(CLIENT_TIMEOUT)
+                sampler.join(5)
+            assert problems == [], f"{len(problems)} failed streams: {problems[:5]}"
+            assert admin_problems == [], admin_problems
+            assert streams >= self.CONCURRENCY, streams
+            me = request("GET", w.url + "/me", headers=bearer(key), timeout=CLIENT_TIMEOUT).json()
+            total = warm + streams
+            assert (me["requests"], me["used"]) == (total, total * CHAT_USAGE["total_tokens"])
+            deadline = time.monotonic() + 10
+            while open_count(pid) > files + 10 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            after = rss_mb(pid)
+            print(f"soak: {SOAK_SECONDS:g} s, {self.CONCURRENCY} concurrent streams, {streams} "
+                  f"streams whole, {admin_done[0]} admin writes, 0 errors, every request "
+                  f"counted; open files {files} -> {open_count(pid)}, resident {memory:.0f} MB "
+                  f"-> peak {peak[0]:.0f} MB -> {after:.0f} MB")
+            assert open_count(pid) <= files + 10, (files, open_count(pid))
+            assert after - memory < 25, f"{memory:.0f} MB before, {after:.0f} MB after"
+
+
+class TestHangUpUsage:
+    """A stream the client leaves before its usage event is counted from what passed."""
+
+    def test_leaving_a_stream_before_its_usage_still_counts_tokens(self, worker, upstream):
+        name, test_id = unique("leaver"), new_test_id()
+        key = worker.register(name, "?quota=1")
+        body = chat_json(stream=True)
+        sock = socket.create_connection(("127.0.0.1", int(worker.env["PORT"])),
+                                        timeout=CLIENT_TIMEOUT)
+        try:
+            sock.sendall(raw_request("POST", "/v1/chat/completions", key, body, **{
+                "Content-Type": "application/json", "x-fake-delay-ms": "200",
+                "x-test-id": test_id}))
+            got = b""
+            while got.count(b"data: ") < 3:
+                piece = sock.recv(65536)
+                assert piece, got
+                got += piece
+        finally:
+            sock.close()
+        assert upstream.closed_connections(test_id, timeout=5), "the upstream request goes on"
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and me_totals(worker, key)[0] == 0:
+            time.sleep(0.05)
+        requests_, tokens = me_totals(worker, key)
+        assert requests_ == 1 and tokens >= 3 + len(body) // 4, (requests_, tokens)
+        # ... so a quota cannot be dodged by leaving every stream before its end.
+        is_openai_error(post_json(worker, "/v1/chat/completions", key, chat_json()), 429,
+                        "insufficient_quota")
+
+
+class TestRealtimeBackPressure:
+    def test_a_slow_realtime_client_costs_no_memory(self, tmp_root, upstream):
+        """The upstream sends 128 MB of frames at once; the client reads slowly."""
+        if not os.path.exists("/proc/self/status"):
+            pytest.skip("needs /proc to read the server's memory")
+        with running_worker(tmp_root, upstream.url) as w:
+            key, pid = w.register("slowws"), w.proc.pid
+
+            async def session() -> Tuple[float, float, int]:
+                conn = await ws_connect(w, key)
+                await ws_read(conn)
+                before, peak, frames = rss_mb(pid), 0.0, 0
+                await conn.write_message("flood 128")
+                started = time.monotonic()
+                while time.monotonic() - started < 3:
+                    frame = await ws_read(conn)
+                    assert isinstance(frame, bytes) and len(frame) == 65536
+                    frames += 1
+                    await asyncio.sleep(0.02)
+                    peak = max(peak, rss_mb(pid))
+                conn.close()
+                return before, peak, frames
+
+            before, peak, frames = run_async(session(), CLIENT_TIMEOUT + 10)
+            print(f"slow realtime client: {frames} frames of 2048 read in 3 s; worker.py "
+                  f"resident {before:.0f} MB before, {peak:.0f} MB at most")
+            assert peak - before < 32, f"{peak - before:.0f} MB more for a slow realtime client"
+            assert w.models(key).status == 200

@@ -150,6 +150,8 @@ CORS_DEFAULT_HEADERS = (
 ADMIN_FAILURES_ALLOWED = 10  # wrong admin tokens per client per window ...
 ADMIN_LOCKOUT_SECONDS = 60  # ... before it gets 429 for this long
 SHUTDOWN_GRACE_SECONDS = 25  # in-flight requests get this long after SIGTERM
+CLIENT_IDLE_SECONDS = 120.0  # a client connection idle between requests, or sending its headers
+CLIENT_BODY_SECONDS = 60.0  # a small body read whole; a proxied upload that sends nothing this long
 UPSTREAM_CONNECT_TIMEOUT = 30.0
 JOURNAL_CHECKPOINT_BYTES = 4 << 20
 SNAPSHOT_CACHE_ENTRIES = 20000  # reads of the immutable dbm snapshot kept in memory
@@ -343,6 +345,31 @@ class AdminError(tornado.web.HTTPError):
     def __init__(self, status: int, message: str):
         super().__init__(status)
         self.message = message
+
+
+KEY_IN_TEXT = re.compile(KEY_PREFIX + "[A-Za-z0-9]+")
+
+
+class Redactor(logging.Filter):
+    """Takes ACCESS_TOKEN, the upstream key and user keys out of text: every log
+    line (a filter on the log handlers) and every error message this proxy
+    writes, wherever a path, a model name or a field value carried them."""
+
+    def __init__(self, *secrets_: str):
+        super().__init__()
+        self.secrets = [s for s in secrets_ if s]
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return KEY_IN_TEXT.sub(KEY_PREFIX + "***", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self.redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
 
 
 def invalid_api_key(message: str) -> ApiError:
@@ -1405,6 +1432,7 @@ class UsageReader:
         self.strip = strip and self.sse and not self.compressed
         self.head = self.tail = self.pending = b""
         self.size = 0
+        self.deltas = 0  # streamed events that carry a delta: about a token each
         self.usage_event: Optional[bytes] = None
 
     def feed(self, chunk: bytes) -> bytes:
@@ -1448,6 +1476,7 @@ class UsageReader:
         return b"".join(map(strip_usage_nulls, kept))
 
     def _keep(self, event: bytes) -> bool:
+        self.deltas += b'"delta"' in event
         if any(marker in event for marker in USAGE_MARKERS):
             self.usage_event = event
             if self.strip and is_usage_only_chunk(event):
@@ -1772,7 +1801,7 @@ class BaseHandler(tornado.web.RequestHandler):
         for name, value in error.headers.items():
             self.set_header(name, value)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(error.body()))
+        self.finish(self.app.redactor.redact(json.dumps(error.body())))
 
 
 class ForbiddenHandler(BaseHandler):
@@ -2207,6 +2236,18 @@ def connection_tokens(headers: tornado.httputil.HTTPHeaders) -> set:
     return {token.strip().lower() for token in headers.get("Connection", "").split(",")}
 
 
+def refuse_bad_framing(headers: tornado.httputil.HTTPHeaders) -> None:
+    """400 for a body framing Tornado would refuse only once this handler has
+    started (RFC 9112 §6.1, §6.3): before anything goes upstream, not after."""
+    encoding = headers.get("Transfer-Encoding")
+    lengths = {value.strip() for value in ",".join(headers.get_list("Content-Length")).split(",")}
+    if encoding is not None and (encoding.strip().lower() != "chunked"
+                                 or "Content-Length" in headers):
+        raise ApiError(400, "Transfer-Encoding must be chunked alone (without Content-Length).")
+    if "Content-Length" in headers and (len(lengths) != 1 or not lengths.pop().isdigit()):
+        raise ApiError(400, "Content-Length must be one whole number.")
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
                     code="model_not_found")
@@ -2217,7 +2258,8 @@ def models_in_body(content_type: str, body: bytes) -> Tuple[List[str], Any]:
 
     Every one, not the first: a body that names two (a repeated form field, a
     repeated JSON key) would otherwise pass the allowlist with one and reach
-    an upstream that reads the other."""
+    an upstream that reads the other. A form's body is read as JSON too: an
+    upstream may go by the bytes, not by the Content-Type."""
     if content_type.lower().startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         fields: Dict[str, List[bytes]] = {}
         try:
@@ -2226,7 +2268,13 @@ def models_in_body(content_type: str, body: bytes) -> Tuple[List[str], Any]:
             return [], None
         if not fields.get("model") and b'name="model"' in body:
             return [], None  # a model field Tornado could not read (it only logs why)
-        return [v.decode("utf-8", "replace") for v in fields.get("model", [])], {}
+        as_json, _ = _models_in_json(body) if body.lstrip()[:1] == b"{" else ([], None)
+        return [v.decode("utf-8", "replace") for v in fields.get("model", [])] + as_json, {}
+    return _models_in_json(body)
+
+
+def _models_in_json(body: bytes) -> Tuple[List[str], Any]:
+    """models_in_body for a JSON body: (every model it names, the parsed JSON or None)."""
     per_object: List[List[Any]] = []  # the "model" values of each JSON object, inner first
 
     def collect(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
@@ -2268,6 +2316,8 @@ class ProxyHandler(BaseHandler):
     user: Optional[Dict[str, Any]] = None
     fetch: Optional["asyncio.Future[Any]"] = None
     body_complete = client_gone = isolated = False
+    upload_watch: Optional[object] = None
+    request_bytes = 0  # the body's size, when it was read whole
 
     async def prepare(self) -> None:
         self.upstream_headers_sent = self.client_gone = self.accounted = False
@@ -2287,6 +2337,7 @@ class ProxyHandler(BaseHandler):
         # streams, answers OpenAI's 413, so Tornado's is set past it.
         self.request.connection.set_max_body_size(2 * self.app.settings.max_body_bytes + (1 << 20))
         self.body_received = 0
+        refuse_bad_framing(self.request.headers)
         self.user = await authenticate(self.app.store, self.request.headers)
         self.log_user = self.user["name"]
         self._check_body_size()
@@ -2294,6 +2345,8 @@ class ProxyHandler(BaseHandler):
         self.isolated = self.user.get("scope", "own") != "all"
         await self.check_ownership()
         self.request.connection.stream.set_nodelay(True)
+        if self.has_body():
+            self.watch_upload()
         if self.must_read_body():
             self.body_chunks = []
         elif not self.answers_own_list():
@@ -2478,7 +2531,8 @@ class ProxyHandler(BaseHandler):
         # Lower-cased for the media type only: a multipart boundary is case-sensitive.
         content_type = self.request.headers.get("Content-Type", "application/json")
         models, obj = models_in_body(content_type, body)
-        if self.has_allowlist() and obj is None and MODEL_IN_BODY.match(self.route):
+        declared_json = content_type.lower().startswith("application/json")
+        if self.has_allowlist() and obj is None and (MODEL_IN_BODY.match(self.route) or declared_json):
             raise ApiError(400, "This key may use only some models, and the model named in this "
                                 "request body could not be read.", code="invalid_body")
         self.request_model = models[0] if models else None
@@ -2572,7 +2626,34 @@ class ProxyHandler(BaseHandler):
         self.fetch = self.app.http_client.fetch(request, raise_error=False)
         self.fetch.add_done_callback(self._on_fetch_done)
 
+    def watch_upload(self) -> None:
+        """An upload may take as long as it needs, but not stop: one that sends
+        nothing for CLIENT_BODY_SECONDS (while not held back by the upstream) is
+        cut, so a slow or stalled client cannot hold a connection forever."""
+        self.request.connection.set_body_timeout(None)  # a 512 MB upload may take hours
+        self.body_seen, self.body_held = time.monotonic(), False
+
+        def check() -> None:
+            if self.body_complete or self.client_gone or self._finished:
+                return
+            silent = time.monotonic() - self.body_seen
+            if silent < CLIENT_BODY_SECONDS or self.body_held:
+                tornado.ioloop.IOLoop.current().call_later(
+                    max(0.1, CLIENT_BODY_SECONDS - silent), check)
+                return
+            log.info("closing an upload that sent nothing for %g s", CLIENT_BODY_SECONDS)
+            self.request.connection.stream.close()  # on_connection_close: 499, upstream ended
+
+        self.upload_watch = tornado.ioloop.IOLoop.current().call_later(CLIENT_BODY_SECONDS, check)
+
+    def stop_watching_upload(self) -> None:
+        """The body is in (or the client gone): the timer, which holds this handler, goes."""
+        if self.upload_watch is not None:
+            tornado.ioloop.IOLoop.current().remove_timeout(self.upload_watch)
+            self.upload_watch = None
+
     async def data_received(self, chunk: bytes) -> None:
+        self.body_seen = time.monotonic()
         if self._finished or self.user is None:
             return
         if self.body_chunks is None and (self.fetch is None or self.fetch.done()):
@@ -2585,7 +2666,9 @@ class ProxyHandler(BaseHandler):
         elif self.body_chunks is not None:
             self.body_chunks.append(chunk)
         else:
+            self.body_held = True  # the upstream is behind: the client is not to blame
             await self.body_queue.put(chunk)
+            self.body_held, self.body_seen = False, time.monotonic()
 
     async def produce_body(self, write: Callable[[bytes], "asyncio.Future[None]"]) -> None:
         while True:
@@ -2655,12 +2738,14 @@ class ProxyHandler(BaseHandler):
 
     async def _pass_through(self, *args: str) -> None:
         self.body_complete = True
+        self.stop_watching_upload()
         if self._finished:
             return
         if self.answers_own_list():
             await self.answer_own_list()
             return
         if self.body_chunks is not None:
+            self.request_bytes = sum(map(len, self.body_chunks))
             self.start_upstream(await self.inspect_body(b"".join(self.body_chunks)))
             self.body_chunks = None
         elif not self.fetch.done():
@@ -2704,9 +2789,14 @@ class ProxyHandler(BaseHandler):
     def options(self, *args: str) -> None:
         answer_preflight(self)
 
+    def on_finish(self) -> None:
+        super().on_finish()
+        self.stop_watching_upload()  # answered before the body was in (413, 404…)
+
     def on_connection_close(self) -> None:
         super().on_connection_close()
         self.client_gone = True
+        self.stop_watching_upload()
         self.abort_upstream()
         if self.user is not None and not self.body_complete and not self._finished:
             # Gone mid-upload: Tornado will not finish this request, so log it here.
@@ -2721,8 +2811,14 @@ class ProxyHandler(BaseHandler):
             return
         self.accounted = True
         found = self.reader.result() if self.reader is not None else None
+        if found is None and self.client_gone and self.reader is not None and self.reader.deltas:
+            # Gone before the usage event: the upstream bills what it made, so
+            # count an estimate (else hanging up would dodge any quota): a token
+            # per delta passed, a token per 4 bytes of the request body.
+            estimate = [self.request_bytes // 4, self.reader.deltas]
+            found = None, estimate + [sum(estimate)]
         model, counts = found if found else (None, [0, 0, 0])
-        model = model or self.request_model or "-"
+        model = self.app.model_label(model or self.request_model or "-")
         self.app.usage.record(self.user["name"], model, counts)
         self.log_model = model
         self.log_tokens = str(counts[2]) if found else "-"
@@ -2881,7 +2977,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         protocols = [p for p in self.subprotocols() if not p.startswith(KEY_SUBPROTOCOL)]
         try:
             return await tornado.websocket.websocket_connect(
-                request, on_message_callback=self.on_upstream_message,
+                request,  # read by pump_upstream: no callback, so reading waits for it
                 subprotocols=protocols or None, max_message_size=WS_MAX_MESSAGE_BYTES)
         except tornado.httpclient.HTTPClientError as error:
             if error.code == 599:
@@ -2902,6 +2998,27 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         self.set_nodelay(True)
+        self.pump = asyncio.ensure_future(self.pump_upstream())
+
+    async def pump_upstream(self) -> None:
+        """Upstream → client, a message at a time: the upstream is read again once
+        the client's socket has taken the last one, so a slow client slows the
+        upstream instead of making this process buffer for it."""
+        upstream = self.upstream
+        while upstream is not None:
+            message = await upstream.read_message()
+            written = self.on_upstream_message(message)
+            if message is None:
+                return
+            if written is not None and self.ws_connection is not None \
+                    and self.ws_connection.stream.writing():
+                try:
+                    await written
+                except (tornado.websocket.WebSocketClosedError,
+                        tornado.iostream.StreamClosedError):
+                    return
+            elif written is not None:
+                written.add_done_callback(_retrieve)
 
     async def on_message(self, message: Union[str, bytes]) -> None:
         if isinstance(message, str):
@@ -2915,14 +3032,15 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             except tornado.websocket.WebSocketClosedError:
                 self.close(1011, "upstream closed")
 
-    def on_upstream_message(self, message: Union[str, bytes, None]) -> None:
+    def on_upstream_message(self, message: Union[str, bytes, None]) -> Optional["asyncio.Future[None]"]:
+        """Pass one upstream message on; returns the write, done once the client took it."""
         if message is None:  # the upstream closed: close the client the same way
             code = getattr(self.upstream, "close_code", None)
             reason = getattr(self.upstream, "close_reason", None)
             if code is None:  # gone without a close frame (RFC 6455 §7.4.1: 1011)
                 code, reason = 1011, "upstream connection lost"
             self.close(code, reason or "")
-            return
+            return None
         if isinstance(message, str) and '"response.done"' in message[:200]:
             self.count_usage(message)
         elif isinstance(message, str) and '"response.created"' in message[:200] and self.user:
@@ -2932,9 +3050,10 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                 self.app.owners.claim(self.user["name"], match.group(1).decode(), "Response",
                                       EXPIRING_COLLECTIONS["responses"])
         try:
-            self.write_message(message, binary=isinstance(message, bytes))
+            return self.write_message(message, binary=isinstance(message, bytes))
         except tornado.websocket.WebSocketClosedError:
             self.on_close()
+            return None
 
     def count_usage(self, message: str) -> None:
         try:
@@ -2943,7 +3062,8 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             return
         if found is not None and self.user is not None:
             model, counts = found
-            self.app.usage.record(self.user["name"], model or self.get_query_argument("model", "-"), counts)
+            model = self.app.model_label(model or self.get_query_argument("model", "-"))
+            self.app.usage.record(self.user["name"], model, counts)
 
     def on_close(self) -> None:
         if self.upstream is not None:
@@ -3094,10 +3214,10 @@ class AdminHandler(BaseHandler):
             self.finish("Access forbidden")
         elif self.wants_json():
             self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"error": message}))
+            self.finish(json.dumps({"error": self.app.redactor.redact(message)}))
         else:
             self.set_header("Content-Type", "text/plain; charset=utf-8")
-            self.finish(f"error: {message}\n")
+            self.finish(f"error: {self.app.redactor.redact(message)}\n")
 
     def answer(self, text: str, data: Dict[str, Any]) -> None:
         if self.wants_json():
@@ -3109,6 +3229,9 @@ class AdminHandler(BaseHandler):
 
     async def run_command(self, command: str, name: Optional[str]) -> None:
         store = self.app.store
+        if name is not None and self.app.settings.access_token in name:
+            # It would be shown in tables and logs: the password in clear.
+            raise AdminError(400, "invalid name: a name may not be the admin token")
         try:
             if command == "users" and name is None:
                 await self.show_users()
@@ -3253,6 +3376,7 @@ class App:
         self.owners = Ownership(store)
         self.limiter = RateLimiter(store)
         self.active: "set[BaseHandler]" = set()  # requests in flight, for a graceful stop
+        self.redactor = Redactor(settings.access_token, settings.openapi_api_key)
 
     async def flush(self) -> None:
         """Write what the request path only noted: usage and object ownership."""
@@ -3269,6 +3393,11 @@ class App:
         if origin and origin.rstrip("/") in allowed:
             return origin
         return None
+
+    def model_label(self, model: str) -> str:
+        """A model name as usage rows keep it: any key in it redacted (a client may
+        send anything as a model), at most 200 characters."""
+        return self.redactor.redact(model)[:200]
 
     def is_access_token(self, given: str) -> bool:
         """Constant-time: compares fixed-length digests, so not even length leaks."""
@@ -3302,6 +3431,8 @@ class App:
 
 
 def make_app(app: App) -> tornado.web.Application:
+    for handler in logging.getLogger().handlers:  # no secret in any log line
+        handler.addFilter(app.redactor)
     return tornado.web.Application(
         [
             (r"/healthz", HealthHandler),
@@ -3358,7 +3489,8 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
         # Routes answered here take small bodies; the proxy raises its own
         # limit per request (prepare), so no one else can make us hold 512 MB.
         max_body_size=SMALL_BODY_BYTES,
-        idle_connection_timeout=120,
+        idle_connection_timeout=CLIENT_IDLE_SECONDS,
+        body_timeout=CLIENT_BODY_SECONDS,  # the proxy's uploads: ProxyHandler.watch_upload
         chunk_size=IO_CHUNK_BYTES,
     )
     flusher = tornado.ioloop.PeriodicCallback(app.flush, kv.flush_seconds * 1000)
