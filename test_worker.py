@@ -581,6 +581,8 @@ class FakeUpstream:
             return await self.hand_chunked(h, record, control["x-fake-chunked"])
         if control.get("x-fake-status"):
             return await self.fake_error(h, record, int(control["x-fake-status"]))
+        if control.get("x-fake-event-mb"):
+            return await self.long_event(h, record, int(control["x-fake-event-mb"]))
         if control.get("x-fake-download-mb"):
             chunks = [BIG_BLOCK] * int(control["x-fake-download-mb"])
             return await self.send(h, record, 200, {"Content-Type": "application/octet-stream"},
@@ -994,6 +996,22 @@ class FakeUpstream:
         await asyncio.sleep(0.05)  # the body in a second packet: not all at once
         await stream.write(data)
         stream.close()
+
+    async def long_event(self, h: UpstreamHandler, record: Dict[str, Any], mb: int) -> None:
+        """A Responses stream whose ``response.completed`` is ``mb`` MB long (a long
+        output), its usage at the very end, as OpenAI puts it."""
+        usage = {"input_tokens": 5, "output_tokens": 7, "total_tokens": 12}
+        done = compact({"type": "response.completed", "response": {
+            "id": "resp_" + record["id"], "object": "response", "model": "gpt-4o-mini",
+            "output": [{"type": "message", "content": [{"type": "output_text",
+                                                        "text": "x" * (mb << 20)}]}],
+            "usage": usage}})
+        record["usage_total"] = usage["total_tokens"]
+        chunks = [b"event: response.created\ndata: " + compact({"type": "response.created"})
+                  + b"\n\n", b"event: response.completed\ndata: " + done[:1000]]
+        chunks += [done[at:at + (1 << 20)] for at in range(1000, len(done), 1 << 20)]
+        chunks.append(b"\n\n")
+        await self.send(h, record, 200, {"Content-Type": "text/event-stream"}, chunks, stream=True)
 
     async def hand_chunked(self, h: UpstreamHandler, record: Dict[str, Any], how: str) -> None:
         """A streamed chat completion (usage included) framed by hand, as HTTP
@@ -3794,6 +3812,20 @@ class TestChunkedAnswers:
         assert answer.body == upstream.one(test_id)["response"]["body"]
         assert usage_by_model(worker, name)["gpt-4o-mini"]["total_tokens"] == 17
         assert worker.models(key).status == 200  # and the next request is fine
+
+    @pytest.mark.parametrize("mb", [1, 40])
+    def test_an_event_of_megabytes_passes_whole_and_is_counted(self, worker, upstream, mb):
+        # 40 MB is over what the proxy holds of one event (32 MB): it keeps the tail.
+        name = unique("long")
+        key = worker.register(name)
+        test_id = new_test_id()
+        answer = request("POST", worker.url + "/v1/responses",
+                         compact({"model": "gpt-4o-mini", "input": "hi", "stream": True}),
+                         dict(bearer(key), **{"Content-Type": "application/json",
+                                              "x-test-id": test_id, "x-fake-event-mb": str(mb)}))
+        assert answer.status == 200, answer
+        assert sha256(answer.body) == upstream.one(test_id)["response"]["sha256"]
+        assert usage_by_model(worker, name)["gpt-4o-mini"]["total_tokens"] == 12
 
     def test_a_bad_size_line_cuts_the_answer(self, worker, upstream):
         key = worker.register(unique("chunked"))

@@ -1424,13 +1424,17 @@ class UsageReader:
     """
 
     HEAD, TAIL = 8192, 65536
+    EVENT_LIMIT = 32 << 20  # an event longer than this is passed on unparsed but for its tail
 
     def __init__(self, content_type: str, content_encoding: str, strip: bool):
         self.sse = content_type.lower().startswith("text/event-stream")
         self.decoder = decoder_for(content_encoding) if content_encoding else None
         self.compressed = bool(content_encoding) and content_encoding.lower() != "identity"
         self.strip = strip and self.sse and not self.compressed
-        self.head = self.tail = self.pending = b""
+        self.head = self.tail = b""
+        self.held: List[bytes] = []  # the event not yet ended, in the pieces it came in
+        self.held_size = 0
+        self.seam = b""  # its last 3 bytes, where an event end may begin
         self.size = 0
         self.deltas = 0  # streamed events that carry a delta: about a token each
         self.usage_event: Optional[bytes] = None
@@ -1462,18 +1466,34 @@ class UsageReader:
         if not self.sse:
             self.tail = (self.tail + data)[-self.TAIL:]
             return data
-        self.pending += data
-        events = []
-        while True:
-            match = SSE_EVENT_END.search(self.pending)
-            if match is None:
-                break
-            events.append(self.pending[: match.end()])
-            self.pending = self.pending[match.end():]
-        kept = [event for event in events if self._keep(event)]
+        # Pieces are joined only once an event ends among them: each byte is
+        # looked at twice at most, however long the event.
+        ended = SSE_EVENT_END.search(data) or SSE_EVENT_END.search(self.seam + data[:3])
+        self.seam = (self.seam + data[-3:])[-3:]
+        self.held.append(data)
+        self.held_size += len(data)
+        if ended is None:
+            if self.held_size > self.EVENT_LIMIT:
+                held = self._let_go()
+                return held if self.strip else data
+            return b"" if self.strip else data
+        text = b"".join(self.held)
+        ends = [match.end() for match in SSE_EVENT_END.finditer(text)]
+        rest = text[ends[-1]:]
+        self.held, self.held_size = ([rest], len(rest)) if rest else ([], 0)
+        self.seam = rest[-3:]
+        kept = [event for event in (text[a:b] for a, b in zip([0] + ends, ends))
+                if self._keep(event)]
         if not self.strip:
             return data
         return b"".join(map(strip_usage_nulls, kept))
+
+    def _let_go(self) -> bytes:
+        """An event too long to hold: keep its tail (for the usage, which ends
+        an answer), and give up the rest."""
+        text = b"".join(self.held)
+        self.held, self.held_size = [text[-self.TAIL:]], self.TAIL
+        return text[:-self.TAIL]
 
     def _keep(self, event: bytes) -> bool:
         self.deltas += b'"delta"' in event
@@ -1485,27 +1505,34 @@ class UsageReader:
 
     def flush(self) -> bytes:
         """What is left for the client once the upstream is done."""
-        rest, self.pending = self.pending, b""
+        rest, self.held, self.held_size = b"".join(self.held), [], 0
         if rest and self.sse:
             self._keep(rest)
         return strip_usage_nulls(rest) if self.strip else b""
 
     def result(self) -> Optional[Tuple[Optional[str], List[int]]]:
-        if self.sse:
-            return usage_in(sse_data(self.usage_event)) if self.usage_event else None
-        return self._json_result()
+        if not self.sse:
+            return usage_in_tail(self.tail, self.head)
+        if self.usage_event is None:
+            return None
+        data = sse_data(self.usage_event)
+        if data is None:  # the tail of an event too long to hold: read as a tail
+            return usage_in_tail(self.usage_event, self.head)
+        return usage_in(data)
 
-    def _json_result(self) -> Optional[Tuple[Optional[str], List[int]]]:
-        starts = [m.start() for m in re.finditer(rb'"usage"\s*:\s*\{', self.tail)]
-        if not starts:
-            return None
-        text = self.tail[starts[-1]:].decode("utf-8", "replace")
-        try:
-            usage, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
-        except ValueError:
-            return None
-        match = re.search(rb'"model"\s*:\s*"([^"\\]{1,200})"', self.head)
-        return (match.group(1).decode() if match else None), token_counts(usage)
+
+def usage_in_tail(tail: bytes, head: bytes) -> Optional[Tuple[Optional[str], List[int]]]:
+    """The last ``"usage": {…}`` in ``tail``, and the first ``"model"`` in ``head``."""
+    starts = [m.start() for m in re.finditer(rb'"usage"\s*:\s*\{', tail)]
+    if not starts:
+        return None
+    text = tail[starts[-1]:].decode("utf-8", "replace")
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
+    except ValueError:
+        return None
+    match = re.search(rb'"model"\s*:\s*"([^"\\]{1,200})"', head)
+    return (match.group(1).decode() if match else None), token_counts(usage)
 
 
 def strip_usage_nulls(data: bytes) -> bytes:
