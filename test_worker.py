@@ -31,6 +31,7 @@ what to do with the connection). It also serves the Realtime API's WebSocket.
 
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import datetime
@@ -5154,6 +5155,18 @@ class TestSharedStore:
         allowed = requests + 4 * (int(took) + 2)
         assert len(ours) <= allowed, "\n".join(ours)
         assert sum('"evalsha"' in line.lower() for line in ours) >= requests
+
+    def test_a_burst_of_hundreds_at_once_all_pass(self, pair):
+        a, _ = pair
+        key = a.register(unique("burst"), "?rpm=100000")  # a Redis call for every request
+        barrier = threading.Barrier(200)
+
+        def one(_: int) -> int:
+            barrier.wait(10)
+            return a.models(key).status
+        with concurrent.futures.ThreadPoolExecutor(200) as pool:
+            statuses = list(pool.map(one, range(200)))
+        assert statuses == [200] * 200, collections.Counter(statuses)
 
     def test_no_key_in_clear_in_redis(self, pair, redis_server):
         a, b = pair

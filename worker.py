@@ -163,6 +163,7 @@ IO_CHUNK_BYTES = 256 << 10  # bodies move in pieces of up to this (Tornado's def
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
 SHARED_FLUSH_SECONDS = 1.0  # ... and a shared store (Redis), so instances agree soon
 SHARED_CACHE_SECONDS = 1.0  # the longest a key read from Redis is trusted unasked
+REDIS_CONNECTIONS = 64  # per process
 EXIT_FLUSH_SECONDS = 5.0  # at exit, how long to keep trying to write the last usage
 RATE_WINDOW_SECONDS = 60.0
 
@@ -843,12 +844,16 @@ class RedisKV:
         from redis.backoff import NoBackoff
         self._errors = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
         try:
-            self.client = redis.asyncio.Redis.from_url(
-                self.url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
+            # A bounded pool that makes a request wait for a connection (up to
+            # 5 s) rather than fail when hundreds arrive at once.
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                self.url, max_connections=REDIS_CONNECTIONS, timeout=5,
+                decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
                 # One retry on a fresh connection: after Redis restarts, the pooled
                 # ones are dead, and the first use of each would fail otherwise.
                 retry=Retry(NoBackoff(), 1),
                 retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
+            self.client = redis.asyncio.Redis(connection_pool=pool)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"KV_URL: {e}") from None
         self._scripts = {name: self.client.register_script(source)
@@ -1129,6 +1134,8 @@ class Store:
     def __init__(self, kv: Union[DbmKV, RedisKV]):
         self.kv = kv
         self._remembered: Dict[str, Tuple[float, Any]] = {}
+        self._changes = 0  # own writes so far: a lookup begun before one is not remembered
+        self._lookups: Dict[str, "asyncio.Future[Optional[Dict[str, Any]]]"] = {}
 
     def _recall(self, key: str) -> Any:
         if self.kv.cache_seconds:
@@ -1146,20 +1153,34 @@ class Store:
 
     def _forget(self) -> None:
         self._remembered.clear()
+        self._changes += 1
 
     # -- users and keys -----------------------------------------------------------
 
     async def user_for_key(self, key: str) -> Optional[Dict[str, Any]]:
         digest = hash_key(key)
         user = self._recall("key:" + digest)
-        if user is None:
-            _, record = await self.kv.follow("key:" + digest, "user:")
-            user = None if record is None else json.loads(record)
-            # A key left behind by a reset that raced another is no key.
-            if user is None or not hmac.compare_digest(user["key_hash"], digest):
-                return None  # (not remembered: a key registered elsewhere works at once)
+        if user is None and not self.kv.cache_seconds:
+            user = await self._look_up(digest)
+        elif user is None:
+            # One lookup per key at a time: a burst of requests shares it.
+            lookup = self._lookups.get(digest)
+            if lookup is None:
+                lookup = self._lookups[digest] = asyncio.ensure_future(self._look_up(digest))
+                lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
+            user = await asyncio.shield(lookup)
+        return None if user is None else dict(user)
+
+    async def _look_up(self, digest: str) -> Optional[Dict[str, Any]]:
+        changes = self._changes
+        _, record = await self.kv.follow("key:" + digest, "user:")
+        user = None if record is None else json.loads(record)
+        # A key left behind by a reset that raced another is no key.
+        if user is None or not hmac.compare_digest(user["key_hash"], digest):
+            return None  # (not remembered: a key registered elsewhere works at once)
+        if changes == self._changes:
             self._remember("key:" + digest, user)
-        return dict(user)
+        return user
 
     async def get_user(self, name: str) -> Optional[Dict[str, Any]]:
         record = await self.kv.get("user:" + name)
