@@ -18,10 +18,14 @@ Give a friend a key, then let them use it from any OpenAI SDK::
     client = OpenAI(base_url="http://localhost:8787/v1", api_key="sk-cfw…")
     client.chat.completions.create(model="gpt-4o-mini", messages=[...])
 
+Past one core, or on several hosts: keep the store in Redis (``pip install redis``)::
+
+    KV_URL=redis://127.0.0.1:6379/0 WORKERS=4 ... python worker.py
+
 Other commands::
 
     python worker.py --help          # every setting
-    python worker.py import FILE     # users exported from the Cloudflare version
+    python worker.py import FILE     # users exported from the Cloudflare version (or from export)
     python worker.py export          # every user as JSON (key hashes, never keys)
 """
 
