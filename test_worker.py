@@ -1341,6 +1341,13 @@ class TestStart:
         finally:
             assert w.stop() == 0
 
+    def test_runs_under_any_file_name(self, tmp_root):
+        renamed = os.path.join(tempfile.mkdtemp(prefix="renamed-", dir=tmp_root), "cfw")
+        shutil.copy(WORKER_PY, renamed)
+        done = subprocess.run([sys.executable, renamed, "--help"], capture_output=True,
+                              timeout=30, env=clean_environ())
+        assert done.returncode == 0 and b"ACCESS_TOKEN" in done.stdout, done
+
     def test_help_prints_every_variable_and_exits_0(self):
         done = subprocess.run([sys.executable, WORKER_PY, "--help"], cwd=HERE, env=clean_environ(),
                               capture_output=True, timeout=15)
@@ -2497,6 +2504,29 @@ class TestStore:
         finally:
             worker.stop()
         assert_no_secret_in_files(worker.db_path, list(keys.values()))
+
+    @pytest.mark.parametrize("field, value", [("expires", 1700000000), ("expires", "soon"),
+                                              ("rpm", "10"), ("quota", -1), ("models", "gpt-4o"),
+                                              ("scope", "everything")])
+    def test_import_refuses_limits_register_would_refuse(self, tmp_root, upstream, field, value):
+        worker = Worker(tmp_root, upstream.url)
+        users_json = os.path.join(worker.dir, "users.json")
+        with open(users_json, "w") as f:
+            json.dump({"ok": {"key": "sk-cfw" + "A" * 45},
+                       "bad": {"key": "sk-cfw" + "B" * 45, field: value}}, f)
+        done = worker.command("import", users_json)
+        assert done.returncode == 2, done
+        assert field in done.stderr.decode() and "bad" in done.stderr.decode(), done
+        assert json.loads(worker.command("export").stdout) == {}  # nothing half-imported
+
+    def test_import_writes_a_date_as_register_does(self, tmp_root, upstream):
+        worker = Worker(tmp_root, upstream.url)
+        users_json = os.path.join(worker.dir, "users.json")
+        with open(users_json, "w") as f:
+            json.dump({"dated": {"key": "sk-cfw" + "C" * 45, "expires": "2999-01-31"}}, f)
+        assert worker.command("import", users_json).returncode == 0
+        exported = json.loads(worker.command("export").stdout)
+        assert exported["dated"]["expires"] == "2999-01-31T23:59:59Z"
 
     def test_export_lists_registered_users_without_keys(self, tmp_root, upstream):
         with running_worker(tmp_root, upstream.url) as worker:
@@ -5600,11 +5630,17 @@ async def main():
             real.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    kv._journal = HalfWrite()
-    try:
-        await kv.write({"user:a": "1"})
-    except OSError:
-        pass
+    class NoWrite(HalfWrite):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    failing = [HalfWrite()] + ([NoWrite()] if sys.argv[3] == "twice" else [])
+    for number, journal in enumerate(failing):
+        kv._journal = journal
+        try:
+            await kv.write({"user:a%d" % number: "1"})
+        except OSError:
+            pass
     kv._journal = real
     await kv.write({"user:b": "2"})
     await kv.write({"user:c": "3"})
@@ -5614,12 +5650,13 @@ asyncio.run(main())
 '''
 
 
-def test_a_part_written_journal_line_does_not_cut_off_later_writes(tmp_path):
+@pytest.mark.parametrize("failures", ["once", "twice"])  # twice: a disk that stays full
+def test_a_part_written_journal_line_does_not_cut_off_later_writes(tmp_path, failures):
     path = str(tmp_path / "db")
     script = tmp_path / "half.py"
     script.write_text(STORE_FAILING_WRITE)
-    done = subprocess.run([sys.executable, str(script), HERE, path], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run([sys.executable, str(script), HERE, path, failures],
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     found = _read_store(sys.executable, path)
     assert found == {"user:b": "2", "user:c": "3"}

@@ -34,12 +34,14 @@ import sys
 
 # Imports this file (its path is argv[1]) as the module "worker", then runs main.
 _AS_MODULE = """if 1:
-    import importlib.util, os, sys
+    import importlib.machinery, importlib.util, os, sys
     path = sys.argv.pop(1)
-    sys.path[0] = os.path.dirname(path)  # as for a script
-    spec = importlib.util.spec_from_file_location("worker", path)
-    worker = sys.modules["worker"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(worker)
+    if sys.path and sys.path[0] == "":
+        sys.path[0] = os.path.dirname(path)  # as for a script
+    loader = importlib.machinery.SourceFileLoader("worker", path)  # (any file name)
+    worker = importlib.util.module_from_spec(importlib.util.spec_from_loader("worker", loader))
+    sys.modules["worker"] = worker
+    loader.exec_module(worker)
     sys.exit(worker.main(sys.argv))
 """
 
@@ -54,8 +56,12 @@ if __name__ == "__main__" and hasattr(os, "execv") and sys.executable:
         _flags = subprocess._args_from_interpreter_flags()  # -u, -X …, -W …
     except Exception:
         _flags = []
-    os.execv(sys.executable, [sys.executable, *_flags, "-c", _AS_MODULE,
-                              os.path.abspath(__file__), *sys.argv[1:]])
+    try:
+        os.execv(sys.executable, [sys.executable, *_flags, "-c", _AS_MODULE,
+                                  os.path.abspath(__file__), *sys.argv[1:]])
+    except OSError:
+        pass  # then run as the script it is
+
 
 import asyncio
 import binascii
@@ -624,6 +630,7 @@ class DbmKV:
             # Take a part-written line back out, or every later line would sit
             # behind it and be cut off with it at the next start.
             os.ftruncate(self._journal.fileno(), start)
+            self._journal.seek(start)  # (truncating leaves the position where it was)
             raise
         self._overlay.update(ops)
         if self._journal.tell() > JOURNAL_CHECKPOINT_BYTES and self._checkpointing is None:
@@ -796,6 +803,7 @@ REDIS_SCRIPTS = {
     # requests, timed by Redis's clock so every instance agrees; -1 if this
     # one fits, else the milliseconds until one does.
     "take_slot": """
+        pcall(redis.replicate_commands)  -- (Redis < 5: TIME before a write)
         local t = redis.call('TIME')
         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
         local limit, window = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -856,7 +864,8 @@ class RedisKV:
                 # One retry on a fresh connection: after Redis restarts, the pooled
                 # ones are dead, and the first use of each would fail otherwise.
                 retry=Retry(NoBackoff(), 1),
-                retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
+                # (not after a timeout: the command may have run, and must not run twice)
+                retry_on_error=[redis.exceptions.ConnectionError])
             self.client = redis.asyncio.Redis(connection_pool=pool)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"KV_URL: {e}") from None
@@ -1139,7 +1148,7 @@ class Store:
         self.kv = kv
         self._remembered: Dict[str, Tuple[float, Any]] = {}
         self._changes = 0  # own writes so far: a lookup begun before one is not remembered
-        self._lookups: Dict[str, "asyncio.Future[Optional[Dict[str, Any]]]"] = {}
+        self._lookups: Dict[Tuple[str, int], "asyncio.Future[Optional[Dict[str, Any]]]"] = {}
 
     def _recall(self, key: str) -> Any:
         if self.kv.cache_seconds:
@@ -1155,8 +1164,13 @@ class Store:
             self._remembered[key] = (time.monotonic(), value)
         return value
 
-    def _forget(self) -> None:
-        self._remembered.clear()
+    def _forget(self, names: Optional[Iterable[str]] = None) -> None:
+        """Drop what was remembered: all of it, or only these users' totals."""
+        if names is None:
+            self._remembered.clear()
+        else:
+            for name in names:
+                self._remembered.pop("total:" + name, None)
         self._changes += 1
 
     # -- users and keys -----------------------------------------------------------
@@ -1168,10 +1182,12 @@ class Store:
             user = await self._look_up(digest)
         elif user is None:
             # One lookup per key at a time: a burst of requests shares it.
-            lookup = self._lookups.get(digest)
+            # (A lookup begun before an own write is not joined: it may find the old key.)
+            pending = (digest, self._changes)
+            lookup = self._lookups.get(pending)
             if lookup is None:
-                lookup = self._lookups[digest] = asyncio.ensure_future(self._look_up(digest))
-                lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
+                lookup = self._lookups[pending] = asyncio.ensure_future(self._look_up(digest))
+                lookup.add_done_callback(lambda _: self._lookups.pop(pending, None))
             user = await asyncio.shield(lookup)
         return None if user is None else dict(user)
 
@@ -1253,8 +1269,10 @@ class Store:
         with ``fresh=False`` as read up to ``kv.cache_seconds`` ago."""
         total = None if fresh else self._recall("total:" + name)
         if total is None:
+            changes = self._changes
             total = (await self.kv.counts(["total:" + name]))[0] or [0, 0]
-            self._remember("total:" + name, total)
+            if changes == self._changes:  # (not a total read before a write landed)
+                self._remember("total:" + name, total)
         return total
 
     async def add_usage(self, batch: Dict[Tuple[str, str, str], List[int]], batch_id: str) -> None:
@@ -1267,7 +1285,7 @@ class Store:
             total[0] += row[0]
             total[1] += row[3]
         await self.kv.add(counts, batch_id)
-        self._forget()
+        self._forget({name for name, _, _ in batch})
 
     async def usage_rows(self, name: Optional[str], first_day: str,
                          last_day: str) -> List[Dict[str, Any]]:
@@ -1330,6 +1348,7 @@ class Store:
                 raise ValueError(f"user {name!r}: needs a key or a key_hash")
             record = {**LIMIT_DEFAULTS, **record, "name": name,
                       "created": record.get("created") or now_iso()}
+            check_imported_limits(name, record)
             old = await self.get_user(name)
             if old is not None and old["key_hash"] != record["key_hash"]:
                 ops["key:" + old["key_hash"]] = None
@@ -1359,6 +1378,28 @@ class Store:
                 users[record["user"]].setdefault("objects", []).append(
                     {k: record.get(k) for k in ("id", "kind", "created", "expires")})
         return users
+
+
+def check_imported_limits(name: str, record: Dict[str, Any]) -> None:
+    """An imported user's limits must be what ``parse_limits`` would have made
+    (a date for ``expires`` is written as register writes it)."""
+    def wrong(field: str) -> ValueError:
+        return ValueError(f"user {name!r}: {field} {record.get(field)!r} is not valid")
+    for field in ("quota", "rpm"):
+        if type(record.get(field)) is not int or record[field] < 0:
+            raise wrong(field)
+    if record.get("expires") is not None:
+        if not isinstance(record["expires"], str):
+            raise wrong("expires")
+        try:
+            record["expires"] = iso(parse_time(record["expires"]))
+        except ValueError:
+            raise wrong("expires") from None
+    models = record.get("models")
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise wrong("models")
+    if record.get("scope", "own") not in ("own", "all"):
+        raise wrong("scope")
 
 
 def _dump(value: Any) -> str:
@@ -1531,9 +1572,8 @@ class UsageReader:
     def flush(self) -> bytes:
         """What is left for the client once the upstream is done."""
         rest, self.held, self.held_size = b"".join(self.held), [], 0
-        if rest and self.sse:
-            self._keep(rest)
-        return strip_usage_nulls(rest) if self.strip else b""
+        kept = self._keep(rest) if rest and self.sse else True
+        return strip_usage_nulls(rest) if self.strip and kept else b""
 
     def result(self) -> Optional[Tuple[Optional[str], List[int]]]:
         if not self.sse:
@@ -1761,6 +1801,7 @@ class Ownership:
     def __init__(self, store: "Store"):
         self.store = store
         self.pending: Dict[str, Optional[Dict[str, Any]]] = {}  # id -> record, None = released
+        self._flushing: Optional[asyncio.Lock] = None
 
     async def owner(self, object_id: str) -> Optional[str]:
         record = (self.pending[object_id] if object_id in self.pending
@@ -1779,15 +1820,18 @@ class Ownership:
         self.pending[object_id] = None
 
     async def flush(self, durable: bool = True) -> None:
-        batch, self.pending = self.pending, {}
-        if not batch:
-            return
-        try:
-            await self.store.write_objects(batch, durable)
-        except Exception as e:
-            if not isinstance(e, StoreUnavailable):  # (that one the store has said)
-                log.exception("ownership: writing failed; keeping the records for the next try")
-            self.pending = {**batch, **self.pending}
+        if self._flushing is None:
+            self._flushing = asyncio.Lock()
+        async with self._flushing:  # (so a last flush at exit sees what one in the air kept)
+            batch, self.pending = self.pending, {}
+            if not batch:
+                return
+            try:
+                await self.store.write_objects(batch, durable)
+            except Exception as e:
+                if not isinstance(e, StoreUnavailable):  # (that one the store has said)
+                    log.exception("ownership: writing failed; keeping the records for the next try")
+                self.pending = {**batch, **self.pending}
 
 
 # ---------------------------------------------------------------------------
@@ -3601,14 +3645,21 @@ def fork_workers(count: int) -> bool:
     stopping: List[int] = []
     restarts: "collections.deque[float]" = collections.deque(maxlen=5)
 
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+
     def start(number: int) -> bool:
-        pid = os.fork()
-        if pid == 0:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, signal.SIG_DFL)
-            return True
-        children[pid] = number
-        return False
+        # Signals wait until the child is known here, and has its own handlers.
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                for signum in stop_signals:
+                    signal.signal(signum, signal.SIG_DFL)
+                return True
+            children[pid] = number
+            return False
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
 
     def pass_on(signum: int, frame: Any) -> None:
         stopping.append(signum)
@@ -3621,6 +3672,8 @@ def fork_workers(count: int) -> bool:
     signal.signal(signal.SIGTERM, pass_on)
     signal.signal(signal.SIGINT, pass_on)
     for number in range(count):
+        if stopping:
+            break
         if start(number):
             return True
     log.info("started %d workers", count)
@@ -3640,7 +3693,7 @@ def fork_workers(count: int) -> bool:
             pass_on(signal.SIGTERM, None)
             raise SystemExit(1)
         restarts.append(time.monotonic())
-        if start(number):
+        if not stopping and start(number):
             return True
     return False
 
