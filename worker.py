@@ -376,10 +376,8 @@ class Redactor(logging.Filter):
         return KEY_IN_TEXT.sub(KEY_PREFIX + "***", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = self.redact(message)
-        if clean != message:
-            record.msg, record.args = clean, None
+        # Formatted here once, and kept so: the handler need not format it again.
+        record.msg, record.args = self.redact(record.getMessage()), None
         return True
 
 
@@ -424,7 +422,7 @@ class DbmKV:
     Files in the folder: ``CURRENT``, ``snap-N*`` (dbm), ``wal-N`` (journal),
     ``LOCK`` (held while a process writes).
 
-    The interface it shares with ``RedisKV``: ``get``, ``get_many``, ``scan``
+    The interface it shares with ``RedisKV``: ``get``, ``scan``
     (strings); ``counts``, ``scan_counts``, ``add`` (counters: lists of
     integers); ``write`` (puts, deletes and counters together, optionally only
     if some keys still hold what the caller read); ``follow`` (a key whose
@@ -542,9 +540,6 @@ class DbmKV:
 
     async def get(self, key: str) -> Optional[str]:
         return self._get(key)
-
-    async def get_many(self, keys: Iterable[str]) -> List[Optional[str]]:
-        return [self._get(key) for key in keys]
 
     async def scan(self, prefix: str) -> Dict[str, str]:
         """Every key starting with ``prefix``, with its value, sorted by key."""
@@ -908,10 +903,6 @@ class RedisKV:
 
     async def get(self, key: str) -> Optional[str]:
         return await self._do(self.client.get(self._key(key)))
-
-    async def get_many(self, keys: Iterable[str]) -> List[Optional[str]]:
-        keys = [self._key(key) for key in keys]
-        return await self._do(self.client.mget(keys)) if keys else []
 
     async def scan(self, prefix: str) -> Dict[str, str]:
         keys = await self._keys(prefix)
@@ -1618,7 +1609,7 @@ class UsageBook:
         self.store = store
         self.pending: Dict[Tuple[str, str, str], List[int]] = {}
         self.unsent: Optional[Tuple[str, Dict[Tuple[str, str, str], List[int]]]] = None
-        self._flushing: Optional[asyncio.Lock] = None
+        self._flushing = asyncio.Lock()
 
     def record(self, name: str, model: str, counts: List[int]) -> None:
         day = utcnow().strftime("%Y-%m-%d")
@@ -1627,15 +1618,14 @@ class UsageBook:
         for i, value in enumerate(counts, 1):
             row[i] += value
 
-    def all_pending(self) -> List[List[int]]:
-        """The rows counted but not yet written."""
+    def unwritten(self) -> List[Tuple[Tuple[str, str, str], List[int]]]:
+        """The rows counted but not yet written: pending, and a batch that failed."""
         batches = [self.pending] + ([self.unsent[1]] if self.unsent else [])
-        return [row for batch in batches for row in batch.values()]
+        return [item for batch in batches for item in batch.items()]
 
     def pending_for(self, name: str) -> Tuple[int, int]:
         """(requests, tokens) counted for the user but not yet written."""
-        batches = [self.pending] + ([self.unsent[1]] if self.unsent else [])
-        rows = [row for batch in batches for (user, _, _), row in batch.items() if user == name]
+        rows = [row for (user, _, _), row in self.unwritten() if user == name]
         return sum(row[0] for row in rows), sum(row[3] for row in rows)
 
     async def used_tokens(self, name: str) -> int:
@@ -1644,8 +1634,6 @@ class UsageBook:
         return (await self.store.total(name, fresh=False))[1] + self.pending_for(name)[1]
 
     async def flush(self) -> None:
-        if self._flushing is None:
-            self._flushing = asyncio.Lock()
         async with self._flushing:  # one batch in the air at a time
             if self.unsent is None:
                 if not self.pending:
@@ -1801,7 +1789,7 @@ class Ownership:
     def __init__(self, store: "Store"):
         self.store = store
         self.pending: Dict[str, Optional[Dict[str, Any]]] = {}  # id -> record, None = released
-        self._flushing: Optional[asyncio.Lock] = None
+        self._flushing = asyncio.Lock()
 
     async def owner(self, object_id: str) -> Optional[str]:
         record = (self.pending[object_id] if object_id in self.pending
@@ -1820,8 +1808,6 @@ class Ownership:
         self.pending[object_id] = None
 
     async def flush(self, durable: bool = True) -> None:
-        if self._flushing is None:
-            self._flushing = asyncio.Lock()
         async with self._flushing:  # (so a last flush at exit sees what one in the air kept)
             batch, self.pending = self.pending, {}
             if not batch:
@@ -2826,11 +2812,7 @@ class ProxyHandler(BaseHandler):
         if not data:
             return None
         self.write(data)
-        flushed = self.flush()
-        if not self.request.connection.stream.writing():
-            flushed.add_done_callback(_retrieve)  # a client gone is on_connection_close's business
-            return None  # all of it went to the socket: read on at once
-        return _quietly(flushed)  # the client is behind: wait for it
+        return unless_taken(self.flush(), self.request.connection.stream)
 
     async def _pass_through(self, *args: str) -> None:
         self.body_complete = True
@@ -2946,12 +2928,24 @@ def _retrieve(future: "asyncio.Future[Any]") -> None:
         future.exception()
 
 
-async def _quietly(flushed: "asyncio.Future[None]") -> None:
-    """Wait for a write to the client; one that has gone is the disconnect path's business."""
+def unless_taken(written: "asyncio.Future[None]",
+                 stream: tornado.iostream.IOStream) -> Optional[Awaitable[bool]]:
+    """None if all of a write to the client went to its socket (read the
+    upstream on at once); else what to wait for before reading on: the client
+    is behind. A client gone is the disconnect path's business."""
+    if not stream.writing():
+        written.add_done_callback(_retrieve)
+        return None
+    return _quietly(written)
+
+
+async def _quietly(written: "asyncio.Future[None]") -> bool:
+    """Wait for a write to the client: whether it took it (False: it has gone)."""
     try:
-        await flushed
-    except tornado.iostream.StreamClosedError:
-        pass
+        await written
+    except (tornado.iostream.StreamClosedError, tornado.websocket.WebSocketClosedError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -3106,15 +3100,14 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             written = self.on_upstream_message(message)
             if message is None:
                 return
-            if written is not None and self.ws_connection is not None \
-                    and self.ws_connection.stream.writing():
-                try:
-                    await written
-                except (tornado.websocket.WebSocketClosedError,
-                        tornado.iostream.StreamClosedError):
-                    return
-            elif written is not None:
+            if written is None:
+                continue
+            if self.ws_connection is None:
                 written.add_done_callback(_retrieve)
+                continue
+            behind = unless_taken(written, self.ws_connection.stream)
+            if behind is not None and not await behind:
+                return
 
     async def on_message(self, message: Union[str, bytes]) -> None:
         if isinstance(message, str):
@@ -3480,7 +3473,7 @@ class App:
         await self.owners.flush()
 
     def unwritten(self) -> bool:
-        return bool(self.usage.all_pending() or self.owners.pending)
+        return bool(self.usage.unwritten() or self.owners.pending)
 
     def cors_origin(self, origin: Optional[str]) -> Optional[str]:
         allowed = self.settings.cors_origins
@@ -3644,7 +3637,6 @@ def fork_workers(count: int) -> bool:
     children: Dict[int, int] = {}  # pid -> worker number
     stopping: List[int] = []
     restarts: "collections.deque[float]" = collections.deque(maxlen=5)
-
     stop_signals = {signal.SIGTERM, signal.SIGINT}
 
     def start(number: int) -> bool:
@@ -3669,8 +3661,8 @@ def fork_workers(count: int) -> bool:
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGTERM, pass_on)
-    signal.signal(signal.SIGINT, pass_on)
+    for signum in stop_signals:
+        signal.signal(signum, pass_on)
     for number in range(count):
         if stopping:
             break
@@ -3709,7 +3701,7 @@ async def flush_before_exit(app: App) -> None:
             break
         await asyncio.sleep(0.5)
     log.error("stopping: the store is unavailable; usage of %d requests is not written",
-              sum(row[0] for row in app.usage.all_pending()))
+              sum(row[0] for _, row in app.usage.unwritten()))
 
 
 async def wait_for_in_flight(app: App) -> None:
