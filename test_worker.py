@@ -5430,6 +5430,8 @@ class TestRedisSettings:
         ({"WORKERS": "2"}, "WORKERS"),
         ({"WORKERS": "0"}, "WORKERS"),
         ({"KV_URL": "redis://127.0.0.1:1/0?db=x"}, "KV_URL"),
+        ({"KV_URL": "redis://:pw@[::1/0"}, "KV_URL"),
+        ({"KV_URL": "redis://:pw@127.0.0.1:port/0"}, "KV_URL"),
     ])
     def test_bad_values_exit_2_with_one_line(self, tmp_root, upstream, env, names):
         w = Worker(tmp_root, upstream.url, **env)
@@ -5437,6 +5439,7 @@ class TestRedisSettings:
         assert done.returncode == 2, done
         lines = done.stderr.decode().strip().splitlines()
         assert len(lines) == 1 and names in lines[0], lines
+        assert ":pw@" not in lines[0], lines  # never the password
 
     def test_kv_url_without_the_redis_package_exits_2(self, tmp_root, upstream, redis_server):
         fake = tempfile.mkdtemp(prefix="no-redis-", dir=tmp_root)

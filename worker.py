@@ -253,7 +253,11 @@ def _optional(value: str, name: str) -> str:
 
 
 def _kv_url(value: str, name: str) -> str:
-    if value and urllib.parse.urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+    try:
+        scheme = urllib.parse.urlsplit(value).scheme
+    except ValueError:  # an unclosed [IPv6 address
+        scheme = None
+    if value and scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"{name} must be a redis://, rediss:// or unix:// URL")
     return value
 
