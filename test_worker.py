@@ -3941,6 +3941,212 @@ class TestUpstreamKeepAlive:
         assert usage_by_model(lone_worker, name)["gpt-4o-mini"]["total_tokens"] == 17
 
 
+class ScriptedUpstream:
+    """An upstream that answers ``/v1/raw/CASE`` with the bytes ``ANSWERS[CASE]``
+    on the bare socket, then reads the next request on the same connection
+    (unless the case closes it). ``seen`` lists (connection number, method, path,
+    body) for every request: which connection a request came on is what the
+    tests below look at."""
+
+    ANSWERS = {
+        "ok": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        "continue": b"HTTP/1.1 100 Continue\r\n\r\n"
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        "no-content": b"HTTP/1.1 204 No Content\r\nX-Up: 1\r\n\r\n",
+        "not-modified": b"HTTP/1.1 304 Not Modified\r\nContent-Length: 99\r\n\r\n",
+        "head": b"HTTP/1.1 200 OK\r\nContent-Length: 12345\r\n\r\n",
+        "same-length-twice": b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\n{}",
+        "extra-bytes": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}XX",
+        "chunked-extra": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"2\r\n{}\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n",
+        "connection-close": b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+        "http10": b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        "until-close": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"a\": 1}",
+        "bare-lf": b"HTTP/1.1 200 OK\nContent-Length: 2\nX-Up: lf\n\n{}",
+        "length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        "gzip-encoding": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n{}",
+        "two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\n{}",
+        "bad-length": b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\n{}",
+        "no-colon": b"HTTP/1.1 200 OK\r\nContent-Length 2\r\n\r\n{}",
+        "continue-with-body": b"HTTP/1.1 100 Continue\r\nContent-Length: 2\r\n\r\n{}",
+        "no-content-with-body": b"HTTP/1.1 204 No Content\r\nContent-Length: 2\r\n\r\n{}",
+        "cut-length": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}",
+    }
+    CLOSES = {"connection-close", "http10", "until-close", "cut-length"}
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.seen: List[Tuple[int, str, str, bytes]] = []
+        self.connections = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                number = self.connections
+            threading.Thread(target=self.serve, args=(conn, number), daemon=True).start()
+
+    def serve(self, conn: socket.socket, number: int) -> None:
+        buffer = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    part = conn.recv(65536)
+                    if not part:
+                        return
+                    buffer += part
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ")
+                fields = dict(line.split(": ", 1) for line in lines[1:])
+                if fields.get("Transfer-Encoding") == "chunked":
+                    body = b""
+                    while True:
+                        while b"\r\n" not in buffer:
+                            buffer += conn.recv(65536)
+                        size_line, _, buffer = buffer.partition(b"\r\n")
+                        size = int(size_line, 16)
+                        while len(buffer) < size + 2:
+                            buffer += conn.recv(65536)
+                        body, buffer = body + buffer[:size], buffer[size + 2:]
+                        if not size:
+                            break
+                else:
+                    length = int(fields.get("Content-Length", "0"))
+                    while len(buffer) < length:
+                        buffer += conn.recv(65536)
+                    body, buffer = buffer[:length], buffer[length:]
+                with self.lock:
+                    self.seen.append((number, method, path, body))
+                case = path.rpartition("/")[2]
+                conn.sendall(self.ANSWERS.get(case, self.ANSWERS["ok"]))
+                if case in self.CLOSES:
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def since(self, count: int) -> List[Tuple[int, str, str, bytes]]:
+        with self.lock:
+            return self.seen[count:]
+
+
+class TestUpstreamConnection:
+    """worker.py's own upstream connections (asyncio protocols, issue 6): every
+    way an HTTP/1.1 answer can be framed passes whole, and a connection goes
+    back to the pool only when its answer ended exactly where its framing said."""
+
+    @pytest.fixture(scope="class")
+    def scripted(self) -> Iterator[ScriptedUpstream]:
+        upstream = ScriptedUpstream()
+        yield upstream
+        upstream.close()
+
+    @pytest.fixture(scope="class")
+    def proxy(self, scripted, tmp_root) -> Iterator[Worker]:
+        with running_worker(tmp_root, scripted.url) as w:
+            yield w
+
+    @pytest.fixture(scope="class")
+    def key(self, proxy) -> str:
+        return proxy.register(unique("framing"))
+
+    def two(self, proxy: Worker, scripted: ScriptedUpstream, key: str, case: str,
+            method: str = "GET") -> Tuple[Answer, List[int]]:
+        """CASE, then an ordinary request: the answer to CASE, and the upstream
+        connection each of the two came on."""
+        count = len(scripted.since(0))
+        answer = request(method, proxy.url + "/v1/raw/" + case, headers=bearer(key))
+        assert request("GET", proxy.url + "/v1/raw/ok", headers=bearer(key)).status == 200
+        seen = scripted.since(count)
+        assert [path for _, _, path, _ in seen] == ["/v1/raw/" + case, "/v1/raw/ok"], seen
+        return answer, [number for number, _, _, _ in seen]
+
+    @pytest.mark.parametrize("case, method, status, body", [
+        ("ok", "GET", 200, b"{}"),
+        ("continue", "GET", 200, b"{}"),
+        ("no-content", "DELETE", 204, b""),
+        ("not-modified", "GET", 304, b""),
+        ("head", "HEAD", 200, b""),
+        ("same-length-twice", "GET", 200, b"{}"),
+        ("ok", "POST", 200, b"{}"),
+        ("bare-lf", "GET", 200, b"{}"),
+    ])
+    def test_a_whole_answer_leaves_the_connection_for_the_next(self, proxy, scripted, key,
+                                                                case, method, status, body):
+        answer, connections = self.two(proxy, scripted, key, case, method)
+        assert (answer.status, answer.body) == (status, body), answer
+        assert connections[0] == connections[1], "the connection was not reused"
+
+    @pytest.mark.parametrize("case, body", [
+        ("extra-bytes", b"{}"),  # bytes past the end: the next answer's start? never trusted
+        ("chunked-extra", b"{}"),
+        ("connection-close", b"{}"),
+        ("http10", b"{}"),
+        ("until-close", b'{"a": 1}'),  # no length: the body ends when the upstream closes
+    ])
+    def test_an_answer_that_ends_otherwise_takes_its_connection_along(self, proxy, scripted, key,
+                                                                      case, body):
+        answer, connections = self.two(proxy, scripted, key, case)
+        assert (answer.status, answer.body) == (200, body), answer
+        assert connections[0] != connections[1], "a connection was reused that must not be"
+
+    @pytest.mark.parametrize("case", ["length-and-chunked", "gzip-encoding", "two-lengths",
+                                      "bad-length", "no-colon", "continue-with-body",
+                                      "no-content-with-body"])
+    def test_an_answer_framed_wrongly_is_502_and_its_connection_dropped(self, proxy, scripted,
+                                                                        key, case):
+        answer, connections = self.two(proxy, scripted, key, case)
+        assert answer.status == 502, answer
+        assert answer.json()["error"]["code"] == "upstream_unreachable"
+        assert connections[0] != connections[1]
+
+    def test_an_answer_cut_short_is_cut_for_the_client_too(self, proxy, scripted, key):
+        count = len(scripted.since(0))
+        with socket.create_connection(("127.0.0.1", int(proxy.env["PORT"])), timeout=10) as s:
+            s.sendall(raw_request("GET", "/v1/raw/cut-length", key))
+            got = b""
+            while True:
+                part = s.recv(65536)
+                if not part:
+                    break
+                got += part
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 10" in head, got
+        assert body == b"{}", "the client got a whole answer for a cut one"
+        assert len(scripted.since(count)) == 1
+
+    def test_a_streamed_upload_with_no_length_goes_chunked(self, proxy, scripted, key):
+        count = len(scripted.since(0))
+        data = det_bytes(600_000, "chunked-upload")  # streamed, not read whole first
+        conn = connect(proxy.url)
+        try:
+            conn.putrequest("PUT", "/v1/raw/ok")
+            conn.putheader("Authorization", "Bearer " + key)
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+            for at in range(0, len(data), 100_000):
+                piece = data[at:at + 100_000]
+                conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+            conn.send(b"0\r\n\r\n")
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, b"{}")
+        finally:
+            conn.close()
+        (_, method, _, body), = scripted.since(count)
+        assert method == "PUT" and body == data
+
+
 # ---------------------------------------------------------------------------
 # 20. Browser GUI apps: a real headless Chromium on another origin
 # ---------------------------------------------------------------------------

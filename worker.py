@@ -91,7 +91,6 @@ try:
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
-import tornado.http1connection
 import tornado.httpclient
 import tornado.httpserver
 import tornado.httputil
@@ -100,7 +99,6 @@ import tornado.iostream
 import tornado.netutil
 import tornado.routing
 import tornado.simple_httpclient
-import tornado.tcpclient
 import tornado.web
 import tornado.websocket
 
@@ -167,7 +165,7 @@ JOURNAL_CHECKPOINT_BYTES = 4 << 20
 SNAPSHOT_CACHE_ENTRIES = 20000  # reads of the immutable dbm snapshot kept in memory
 WS_MAX_MESSAGE_BYTES = 64 << 20  # a realtime message with a long audio chunk
 STREAMED_BODY_METHODS = ("POST", "PUT", "PATCH")
-IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")  # the ones Tornado's client frames chunked
+IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")  # safe to send twice (RFC 9110 §9.2.2)
 SMALL_BODY_BYTES = 256 << 10  # request bodies up to this are read whole, then sent
 IO_CHUNK_BYTES = 256 << 10  # bodies move in pieces of up to this (Tornado's default: 64 KB)
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
@@ -1975,7 +1973,10 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
     of them, closed after ``IDLE_SECONDS``), honours a ``streaming_callback``
     that returns an awaitable (reading pauses until it is done: back-pressure
     from a slow client), and can ``cancel`` a request at once, also before
-    the upstream has sent a byte (tornado issue #157). Installed with
+    the upstream has sent a byte (tornado issue #157). Its connections are
+    asyncio protocols (``UpstreamConnection``), not Tornado IOStreams: an
+    IOStream pays a future and a reader toggle for every read, which cost
+    more than the rest of a small request. Installed with
     ``AsyncHTTPClient.configure(UpstreamClient)``.
     """
 
@@ -1984,11 +1985,10 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
 
     def initialize(self, defaults: Optional[Dict[str, Any]] = None) -> None:  # type: ignore[override]
         super().initialize(defaults)
-        self.tcp = tornado.tcpclient.TCPClient()
         self.tls = ssl.create_default_context()
-        self.idle: Dict[Tuple[str, str, int], List[Tuple[tornado.iostream.IOStream, float]]] = {}
+        self.idle: Dict[Tuple[str, str, int], List["UpstreamConnection"]] = {}
         # Requests in flight, by id(request): their connection once they have one.
-        self.in_flight: Dict[int, Optional[tornado.iostream.IOStream]] = {}
+        self.in_flight: Dict[int, Optional["UpstreamConnection"]] = {}
         self.cancelled: set = set()
         self.sweeper = tornado.ioloop.PeriodicCallback(self._close_idle, 5000)
         self.sweeper.start()
@@ -1996,8 +1996,8 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
     def close(self) -> None:
         self.sweeper.stop()
         for idle in self.idle.values():
-            for stream, _ in idle:
-                stream.close()
+            for connection in idle:
+                connection.close()
         self.idle.clear()
         super().close()
 
@@ -2006,9 +2006,9 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         if id(request) not in self.in_flight:
             return  # done already (and its id may soon be another request's)
         self.cancelled.add(id(request))
-        stream = self.in_flight[id(request)]
-        if stream is not None:
-            stream.close()
+        connection = self.in_flight[id(request)]
+        if connection is not None:
+            connection.abort()
 
     # Beyond AsyncHTTPClient's interface: a request's ``on_headers(code, reason,
     # headers)``, if set, gets the parsed headers instead of header_callback lines.
@@ -2017,6 +2017,12 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
                    callback: Callable[[tornado.httpclient.HTTPResponse], None]) -> None:
         task = asyncio.ensure_future(self._fetch(request))
         task.add_done_callback(lambda done: callback(done.result()))
+
+    def start(self, request: tornado.httpclient.HTTPRequest) -> "asyncio.Future[Any]":
+        """``fetch(request, raise_error=False)`` for the proxy's own requests,
+        without fetch's copy of the headers and its wrapper: ``request`` has
+        every setting it needs, and its headers are made for it alone."""
+        return asyncio.ensure_future(self._fetch(request))
 
     async def _fetch(self, request: tornado.httpclient.HTTPRequest) -> tornado.httpclient.HTTPResponse:
         original = getattr(request, "request", request)  # fetch() wraps it in a proxy
@@ -2028,7 +2034,8 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
             timed_out.append(True)
             self.cancel(original)
 
-        deadline = self.io_loop.call_later(request.request_timeout or 1e9, on_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_later(request.request_timeout or 1e9, on_timeout)
         try:
             return await self._exchange(request, original, start)
         except Exception as error:
@@ -2037,59 +2044,40 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
             return tornado.httpclient.HTTPResponse(
                 request, 599, error=error, request_time=time.monotonic() - start)
         finally:
-            self.io_loop.remove_timeout(deadline)
+            deadline.cancel()
             self.cancelled.discard(id(original))
             self.in_flight.pop(id(original), None)
 
     async def _exchange(self, request: tornado.httpclient.HTTPRequest, original: Any,
                         start: float) -> tornado.httpclient.HTTPResponse:
         url = urllib.parse.urlsplit(request.url)
-        host = url.hostname or ""
-        key = (url.scheme, host, url.port or (443 if url.scheme == "https" else 80))
+        key = (url.scheme, url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+        head, chunked = request_head(request, url)
         # A streamed body cannot be sent twice, so it never risks a stale connection.
         replayable = request.body_producer is None
         for attempt in range(2):
-            stream = self._idle_stream(key) if replayable else None
-            reused = stream is not None
-            if stream is None:
-                stream = await self._connect(key, request)
-            self.in_flight[id(original)] = stream
+            connection = self._idle_connection(key) if replayable else None
+            reused = connection is not None
+            if connection is None:
+                connection = await self._connect(key, request)
+            self.in_flight[id(original)] = connection
             if id(original) in self.cancelled:
-                stream.close()
+                connection.abort()
             answer = _UpstreamAnswer(request)
-            sent = False
-            connection = _UpstreamConnection(
-                stream, True, tornado.http1connection.HTTP1ConnectionParameters(
-                    max_body_size=1 << 62, decompress=False, chunk_size=IO_CHUNK_BYTES))
             try:
-                await self._send(connection, request, url, host)
-                sent = True
-                if not await connection.read_response(answer):
-                    # Tornado answers False for a malformed answer: never pass
-                    # a broken body on as a whole one.
-                    stream.close()
-                    raise tornado.iostream.StreamClosedError()
+                await connection.exchange(head, request, chunked, answer)
             except (tornado.iostream.StreamClosedError, OSError):
-                # The upstream had closed the idle connection: once more, on a
-                # new one, if that cannot run the request twice.
+                # The upstream had closed the idle connection as this request
+                # went out: once more, on a new one, if that cannot run it twice.
                 if (reused and not answer.started and attempt == 0
                         and id(original) not in self.cancelled
-                        and (not sent or request.method in IDEMPOTENT_METHODS)):
+                        and request.method in IDEMPOTENT_METHODS):
                     continue
-                stream.close()
                 raise
-            except BaseException:
-                stream.close()
-                raise
-            if answer.code is None:
-                raise tornado.iostream.StreamClosedError()
-            # Reused only when nothing more than this answer came (a byte more
-            # would be taken as the start of the next request's answer).
-            if (answer.keep_alive and not stream.closed() and not connection.overread
-                    and not getattr(stream, "_read_buffer_size", 0)):
-                self._release(key, connection.detach())
+            if connection.reusable:
+                self._release(key, connection)
             else:
-                stream.close()
+                connection.close()
             return tornado.httpclient.HTTPResponse(
                 request, answer.code, reason=answer.reason, headers=answer.headers,
                 buffer=io.BytesIO(b"".join(answer.body)),
@@ -2097,140 +2085,395 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         raise AssertionError("unreachable")
 
     async def _connect(self, key: Tuple[str, str, int],
-                       request: tornado.httpclient.HTTPRequest) -> tornado.iostream.IOStream:
+                       request: tornado.httpclient.HTTPRequest) -> "UpstreamConnection":
         scheme, host, port = key
         timeout = min(request.connect_timeout or 1e9, request.request_timeout or 1e9)
+        tls = self.tls if scheme == "https" else None
         try:
-            stream = await self.tcp.connect(
-                host, port, ssl_options=self.tls if scheme == "https" else None,
-                timeout=timeout, max_buffer_size=1 << 27)
-            stream.read_chunk_size = IO_CHUNK_BYTES
+            _, connection = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                UpstreamConnection, host, port, ssl=tls, server_hostname=host if tls else None,
+                happy_eyeballs_delay=0.3), timeout)
         except (TimeoutError, asyncio.TimeoutError):  # distinct types before Python 3.11
             raise tornado.simple_httpclient.HTTPTimeoutError("Timeout while connecting")
-        stream.set_nodelay(True)
-        return stream
+        return connection
 
-    async def _send(self, connection: Any, request: tornado.httpclient.HTTPRequest,
-                    url: urllib.parse.SplitResult, host: str) -> None:
-        headers = request.headers  # the caller's to give: no copy
-        headers.setdefault("Host", url.netloc.rpartition("@")[2])
-        body = request.body if request.body is not None else None
-        if body is not None or (request.body_producer is None and request.method in STREAMED_BODY_METHODS):
-            headers["Content-Length"] = str(len(body or b""))
-        elif (request.body_producer is not None and "Content-Length" not in headers
-              and request.method not in STREAMED_BODY_METHODS):
-            raise ValueError(f"a streamed {request.method} body needs a Content-Length")
-        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        start_line = tornado.httputil.RequestStartLine(request.method, target, "HTTP/1.1")
-        await connection.write_headers(start_line, headers, body or None)
-        if request.body_producer is not None:
-            await request.body_producer(connection.write)
-        connection.finish()
-
-    def _idle_stream(self, key: Tuple[str, str, int]) -> Optional[tornado.iostream.IOStream]:
-        idle = self.idle.get(key, [])
+    def _idle_connection(self, key: Tuple[str, str, int]) -> Optional["UpstreamConnection"]:
+        idle = self.idle.get(key)
+        now = time.monotonic()
         while idle:
-            stream, since = idle.pop()
-            if not stream.closed() and time.monotonic() - since < self.IDLE_SECONDS \
-                    and not _peer_has_closed(stream):
-                return stream
-            stream.close()
+            connection = idle.pop()
+            if now - connection.idle_since < self.IDLE_SECONDS and connection.usable():
+                return connection
+            connection.close()
         return None
 
-    def _release(self, key: Tuple[str, str, int], stream: tornado.iostream.IOStream) -> None:
+    def _release(self, key: Tuple[str, str, int], connection: "UpstreamConnection") -> None:
         idle = self.idle.setdefault(key, [])
         if len(idle) < self.MAX_IDLE_PER_HOST:
-            idle.append((stream, time.monotonic()))
+            connection.idle_since = time.monotonic()
+            idle.append(connection)
         else:
-            stream.close()
+            connection.close()
 
     def _close_idle(self) -> None:
         now = time.monotonic()
         for key, idle in self.idle.items():
-            keep = [(s, t) for s, t in idle if now - t < self.IDLE_SECONDS and not s.closed()]
-            for stream, since in idle:
-                if (stream, since) not in keep:
-                    stream.close()
+            keep = [c for c in idle if now - c.idle_since < self.IDLE_SECONDS and not c.ended]
+            for connection in idle:
+                if connection not in keep:
+                    connection.close()
             self.idle[key] = keep
 
 
-def _peer_has_closed(stream: tornado.iostream.IOStream) -> bool:
-    """An idle connection with something to read has been closed by the peer
-    (or sent what it should not have): either way, not one to reuse."""
-    try:
-        readable, _, _ = select.select([stream.socket], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
+def request_head(request: tornado.httpclient.HTTPRequest,
+                 url: urllib.parse.SplitResult) -> Tuple[bytes, bool]:
+    """The request line and headers to send, and whether the body goes chunked
+    (a streamed POST, PUT or PATCH body of unknown length)."""
+    headers = request.headers  # the caller's to give: no copy
+    if "Host" not in headers:
+        headers["Host"] = url.netloc.rpartition("@")[2]
+    body, producer, method = request.body, request.body_producer, request.method
+    chunked = False
+    if body is not None or (producer is None and method in STREAMED_BODY_METHODS):
+        headers["Content-Length"] = str(len(body or b""))
+    elif producer is not None and "Content-Length" not in headers:
+        if method not in STREAMED_BODY_METHODS:
+            raise ValueError(f"a streamed {method} body needs a Content-Length")
+        headers["Transfer-Encoding"] = chunked = "chunked"
+    target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    lines = [f"{method} {target} HTTP/1.1"]
+    lines.extend(f"{name}: {value}" for name, value in headers.get_all())
+    text = "\r\n".join(lines)
+    if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
+        raise ValueError("a line break inside a request header")
+    return (text + "\r\n\r\n").encode("latin-1"), bool(chunked)
 
 
+HEAD_END = re.compile(rb"\r?\n\r?\n")
+HEAD_LIMIT = 65536  # an upstream answer's status line and headers
 CHUNK_SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,15})(?:[ \t]*;[^\r\n]*)?\r\n")
 
 
-class _UpstreamConnection(tornado.http1connection.HTTP1Connection):
-    """Tornado's HTTP/1.1 connection, with a chunked body read one socket read
-    at a time: Tornado awaits three reads per chunk (size line, data, CRLF),
-    which an event stream of small chunks pays for every event. Whatever has
-    arrived is parsed at once and passed on in one piece; nothing past the
-    body's end is taken (``overread`` says if the peer sent any)."""
+FIELD_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\Z")
 
-    overread = False
 
-    async def _read_chunked_body(self, delegate: tornado.httputil.HTTPMessageDelegate) -> None:
-        buffer = b""
-        left = 0  # bytes of the current chunk's data still to come
-        crlf = False  # the current chunk's data is done: its CRLF comes next
+def parse_fields(text: str) -> tornado.httputil.HTTPHeaders:
+    """Header fields as the upstream sent them (Tornado's ``HTTPHeaders.parse``
+    checks the same in three steps a line, and an OpenAI answer has twenty)."""
+    headers = tornado.httputil.HTTPHeaders()
+    for line in text.split("\n"):
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        field = FIELD_LINE.match(line)
+        if field is None:
+            if line[0] in " \t":  # a folded line (obsolete): Tornado knows it
+                return tornado.httputil.HTTPHeaders.parse(text)
+            raise tornado.httputil.HTTPInputError("a malformed header line from the upstream")
+        headers.add(*field.groups())
+    return headers
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One upstream connection: a request written, its answer parsed as bytes
+    arrive and handed to an ``_UpstreamAnswer``, then the next request.
+
+    Reading pauses while the answer's consumer is behind (its callback
+    returned an awaitable) and the connection stays registered for reading
+    while idle, so an upstream that closes it is noticed at once. Nothing
+    past an answer's end is taken as the next one's start: a connection with
+    bytes left over is not reused."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.fileno = -1
+        self.buffer = b""
+        self.answer: Optional[_UpstreamAnswer] = None  # the exchange in progress
+        self.done: Optional["asyncio.Future[None]"] = None
+        self.step: Callable[[], bool] = self._read_head  # what the next bytes are
+        self.left = 0  # body bytes (or the current chunk's) still to come
+        self.crlf = False  # a chunk's data is done: its CRLF comes next
+        self.waiting = False  # on the answer's consumer: reading paused
+        self.ended = False  # the upstream closed its side (or all of it)
+        self.aborted = False
+        self.sending = False
+        self.reusable = False
+        self.writable: Optional["asyncio.Future[None]"] = None  # while the socket is full
+        self.idle_since = 0.0
+
+    # -- asyncio's calls ------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        self.fileno = sock.fileno() if sock is not None else -1
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer is None:
+            self.abort()  # between exchanges: a peer talking out of turn
+            return
+        self.buffer = self.buffer + data if self.buffer else data
+        if not self.waiting:
+            self._advance()
+
+    def eof_received(self) -> Optional[bool]:
+        self._end()
+        return None  # (the transport closes)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._end()
+
+    def pause_writing(self) -> None:
+        self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
+
+    # -- used by UpstreamClient -----------------------------------------------
+
+    def usable(self) -> bool:
+        """Idle, open, and with nothing to read (the upstream may have closed it
+        a moment ago: its FIN would be waiting in the socket)."""
+        if self.ended or self.transport.is_closing():
+            return False
+        try:
+            readable, _, _ = select.select([self.fileno], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    async def exchange(self, head: bytes, request: tornado.httpclient.HTTPRequest,
+                       chunked: bool, answer: "_UpstreamAnswer") -> None:
+        """Send ``request`` (``head`` made by ``request_head``); its answer goes to
+        ``answer``. Raises StreamClosedError (or HTTPInputError) if it does not
+        come whole."""
+        self.answer, self.step, self.reusable = answer, self._read_head, False
+        done = self.done = asyncio.get_running_loop().create_future()
+        if self.ended or self.aborted:
+            self._fail(tornado.iostream.StreamClosedError())
+        body = request.body
+        if request.body_producer is not None:
+            self.transport.write(head)
+            self.sending = True
+            try:
+                await request.body_producer(self.write_chunked if chunked else self.write)
+                if chunked:
+                    await self.write(b"0\r\n\r\n")
+            except Exception:
+                if done.done() and done.exception() is None:
+                    return  # answered before the whole body was sent (not reused)
+                self.abort()
+                raise
+            finally:
+                self.sending = False
+        elif body and len(body) > 65536:
+            self.transport.write(head)
+            self.transport.write(body)
+        else:
+            self.transport.write(head + body if body else head)
+        await done
+
+    async def write(self, data: bytes) -> None:
+        """A piece of a streamed body; returns once the socket has taken it."""
+        if self.answer is None or self.ended or self.transport.is_closing():
+            raise tornado.iostream.StreamClosedError()
+        self.transport.write(data)
+        if self.writable is not None:
+            await self.writable
+
+    async def write_chunked(self, data: bytes) -> None:
+        if data:
+            await self.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, mid-answer or not."""
+        self.aborted = True
+        if self.transport is not None:
+            self.transport.abort()  # (connection_lost follows, on the next loop turn)
+        self._fail(tornado.iostream.StreamClosedError())
+
+    # -- reading an answer ------------------------------------------------------
+
+    def _end(self) -> None:
+        self.ended = True
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_exception(tornado.iostream.StreamClosedError())
+            self.writable.exception()  # (seen: no warning if no one waits)
+        if self.answer is not None and not self.waiting:
+            self._advance()
+
+    def _advance(self) -> None:
+        """Parse what has arrived, as far as it goes."""
+        try:
+            while self.answer is not None and not self.waiting:
+                if not self.step():
+                    if self.ended:  # no more is coming
+                        self._at_end()
+                    return
+        except Exception as error:
+            self._fail(error)
+
+    def _deliver(self, data: bytes) -> None:
+        waited = self.answer.data_received(data)
+        if waited is not None:
+            self.waiting = True
+            self.transport.pause_reading()
+            asyncio.ensure_future(waited).add_done_callback(self._resume)
+
+    def _resume(self, waited: "asyncio.Future[Any]") -> None:
+        _retrieve(waited)
+        self.waiting = False
+        if self.answer is not None:
+            self.transport.resume_reading()
+            self._advance()
+
+    def _read_head(self) -> bool:
+        found = HEAD_END.search(self.buffer, 0, HEAD_LIMIT)
+        if found is None:
+            if len(self.buffer) >= HEAD_LIMIT:
+                raise tornado.httputil.HTTPInputError("the upstream's answer head is too long")
+            return False
+        text = self.buffer[:found.start()].decode("latin-1").lstrip("\r\n")
+        self.buffer = self.buffer[found.end():]
+        line, _, fields = text.partition("\n")
+        start_line = tornado.httputil.parse_response_start_line(line.rstrip("\r"))
+        headers = parse_fields(fields)
+        self.answer.started = True
+        code = start_line.code
+        if code < 200:  # 100 Continue and friends: the answer follows
+            if "Content-Length" in headers or "Transfer-Encoding" in headers:
+                raise tornado.httputil.HTTPInputError(f"an answer {code} with a body")
+            return True
+        self.step = self._body_reader(code, headers)
+        self.answer.headers_received(start_line, headers)
+        return True
+
+    def _body_reader(self, code: int, headers: tornado.httputil.HTTPHeaders) -> Callable[[], bool]:
+        """How this answer's body is framed (RFC 9112 §6.3)."""
+        length = headers.get("Content-Length")
+        encoding = headers.get("Transfer-Encoding")
+        if self.answer.request.method == "HEAD" or code == 304:
+            return self._complete
+        if code == 204:
+            if encoding is not None or length not in (None, "0"):
+                raise tornado.httputil.HTTPInputError("an answer 204 with a body")
+            return self._complete
+        if encoding is not None:
+            if length is not None:
+                raise tornado.httputil.HTTPInputError("both Transfer-Encoding and Content-Length")
+            if encoding.strip().lower() != "chunked":
+                raise tornado.httputil.HTTPInputError(f"Transfer-Encoding {encoding!r}")
+            self.left, self.crlf = 0, False
+            return self._read_chunks
+        if length is not None:
+            values = {value.strip() for value in length.split(",")}
+            if len(values) != 1 or not next(iter(values)).isdigit():
+                raise tornado.httputil.HTTPInputError(f"Content-Length {length!r}")
+            self.left = int(values.pop())
+            headers["Content-Length"] = str(self.left)  # ("2, 2" is 2)
+            return self._read_length if self.left else self._complete
+        return self._read_until_close
+
+    def _read_length(self) -> bool:
+        if not self.buffer:
+            return False
+        piece, self.buffer = self.buffer[:self.left], self.buffer[self.left:]
+        self.left -= len(piece)
+        if not self.left:
+            self.step = self._complete
+        self._deliver(piece)
+        return True
+
+    def _read_until_close(self) -> bool:
+        if not self.buffer:
+            return False
+        piece, self.buffer = self.buffer, b""
+        self._deliver(piece)
+        return True
+
+    def _read_chunks(self) -> bool:
+        """Every whole piece of chunk data that has arrived, passed on as one."""
+        buffer, at, pieces, error = self.buffer, 0, [], None
         while True:
-            buffer += await self.stream.read_bytes(IO_CHUNK_BYTES, partial=True)
-            pieces, at, error, last = [], 0, None, False
-            while True:
-                if left:
-                    piece = buffer[at:at + left]
-                    pieces.append(piece)
-                    at += len(piece)
-                    left -= len(piece)
-                    if left:
-                        break
-                    crlf = True
-                if crlf:
-                    if len(buffer) - at < 2:
-                        break
-                    if not buffer.startswith(b"\r\n", at):
-                        error = "improperly terminated chunk"
-                        break
-                    at, crlf = at + 2, False
-                line = CHUNK_SIZE_LINE.match(buffer, at)
-                if line is None:
-                    if b"\r\n" in buffer[at:at + 256] or len(buffer) - at > 256:
-                        error = "invalid chunk size"
+            if self.left:
+                piece = buffer[at:at + self.left]
+                pieces.append(piece)
+                at += len(piece)
+                self.left -= len(piece)
+                if self.left:
                     break
-                at, left = line.end(), int(line.group(1), 16)
-                last = left == 0
-                if last:
+                self.crlf = True
+            if self.crlf:
+                if len(buffer) - at < 2:
                     break
-            if pieces:  # (what came whole before an error too)
-                await _deliver(delegate, b"".join(pieces) if len(pieces) > 1 else pieces[0])
-            if error:
-                raise tornado.httputil.HTTPInputError(error)
-            buffer = buffer[at:]
-            if last:
-                await self._read_trailers(buffer)
-                return
+                if not buffer.startswith(b"\r\n", at):
+                    error = "improperly terminated chunk"
+                    break
+                at, self.crlf = at + 2, False
+            line = CHUNK_SIZE_LINE.match(buffer, at)
+            if line is None:
+                if b"\r\n" in buffer[at:at + 256] or len(buffer) - at > 256:
+                    error = "invalid chunk size"
+                break
+            at, self.left = line.end(), int(line.group(1), 16)
+            if not self.left:
+                self.step = self._read_trailers
+                break
+        self.buffer = buffer[at:] if at else buffer
+        data = b"".join(pieces) if len(pieces) > 1 else pieces[0] if pieces else b""
+        if data:  # (what came whole before an error too)
+            self._deliver(data)
+        if error:
+            raise tornado.httputil.HTTPInputError(error)
+        return at > 0
 
-    async def _read_trailers(self, buffer: bytes) -> None:
+    def _read_trailers(self) -> bool:
         """After the last chunk: trailer fields (skipped), then an empty line."""
-        while not (buffer.startswith(b"\r\n") or b"\r\n\r\n" in buffer):
-            if len(buffer) > 65536:
-                raise tornado.httputil.HTTPInputError("chunked trailers too long")
-            buffer += await self.stream.read_bytes(65536, partial=True)
-        end = 2 if buffer.startswith(b"\r\n") else buffer.index(b"\r\n\r\n") + 4
-        self.overread = end < len(buffer)
+        buffer = self.buffer
+        if buffer.startswith(b"\r\n"):
+            end = 2
+        elif b"\r\n\r\n" in buffer:
+            end = buffer.index(b"\r\n\r\n") + 4
+        elif len(buffer) > HEAD_LIMIT:
+            raise tornado.httputil.HTTPInputError("chunked trailers too long")
+        else:
+            return False
+        self.buffer = buffer[end:]
+        self.step = self._complete
+        return True
 
+    def _complete(self) -> bool:
+        answer, done = self.answer, self.done
+        # Reused only when nothing more than this answer came (a byte more
+        # would be taken as the start of the next request's answer).
+        self.reusable = (answer.keep_alive and not self.buffer and not self.ended
+                         and not self.aborted and not self.sending)
+        self.answer = self.done = None
+        if done is not None and not done.done():
+            done.set_result(None)
+        return True
 
-async def _deliver(delegate: tornado.httputil.HTTPMessageDelegate, data: bytes) -> None:
-    waited = delegate.data_received(data)
-    if waited is not None:
-        await waited
+    def _at_end(self) -> None:
+        """The upstream closed: the end of an answer framed by closing, else a cut one."""
+        if self.step == self._read_until_close and not self.buffer:
+            self._complete()
+        else:
+            raise tornado.iostream.StreamClosedError()
+
+    def _fail(self, error: BaseException) -> None:
+        done = self.done
+        self.answer = self.done = None
+        self.reusable = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+        if done is not None and not done.done():
+            done.set_exception(error)
 
 
 class _UpstreamAnswer(tornado.httputil.HTTPMessageDelegate):
@@ -2402,7 +2645,7 @@ class ProxyHandler(BaseHandler):
     user: Optional[Dict[str, Any]] = None
     fetch: Optional["asyncio.Future[Any]"] = None
     body_complete = client_gone = isolated = False
-    upload_watch: Optional[object] = None
+    uploading = False  # watched by App.cut_stalled_uploads
     request_bytes = 0  # the body's size, when it was read whole
 
     async def prepare(self) -> None:
@@ -2430,7 +2673,6 @@ class ProxyHandler(BaseHandler):
         await self.check_limits(self.user)
         self.isolated = self.user.get("scope", "own") != "all"
         await self.check_ownership()
-        self.request.connection.stream.set_nodelay(True)
         if self.has_body():
             self.watch_upload()
         if self.must_read_body():
@@ -2709,34 +2951,24 @@ class ProxyHandler(BaseHandler):
         )
         request.on_headers = self.on_upstream_headers  # type: ignore[attr-defined]
         self.upstream_request = request
-        self.fetch = self.app.http_client.fetch(request, raise_error=False)
+        self.fetch = self.app.http_client.start(request)
         self.fetch.add_done_callback(self._on_fetch_done)
 
     def watch_upload(self) -> None:
         """An upload may take as long as it needs, but not stop: one that sends
         nothing for CLIENT_BODY_SECONDS (while not held back by the upstream) is
-        cut, so a slow or stalled client cannot hold a connection forever."""
+        cut (by ``App.cut_stalled_uploads``, once a second for all: no timer per
+        request), so a slow or stalled client cannot hold a connection forever."""
         self.request.connection.set_body_timeout(None)  # a 512 MB upload may take hours
         self.body_seen, self.body_held = time.monotonic(), False
-
-        def check() -> None:
-            if self.body_complete or self.client_gone or self._finished:
-                return
-            silent = time.monotonic() - self.body_seen
-            if silent < CLIENT_BODY_SECONDS or self.body_held:
-                tornado.ioloop.IOLoop.current().call_later(
-                    max(0.1, CLIENT_BODY_SECONDS - silent), check)
-                return
-            log.info("closing an upload that sent nothing for %g s", CLIENT_BODY_SECONDS)
-            self.request.connection.stream.close()  # on_connection_close: 499, upstream ended
-
-        self.upload_watch = tornado.ioloop.IOLoop.current().call_later(CLIENT_BODY_SECONDS, check)
+        self.uploading = True
 
     def stop_watching_upload(self) -> None:
-        """The body is in (or the client gone): the timer, which holds this handler, goes."""
-        if self.upload_watch is not None:
-            tornado.ioloop.IOLoop.current().remove_timeout(self.upload_watch)
-            self.upload_watch = None
+        self.uploading = False
+
+    def upload_stalled(self, now: float) -> bool:
+        return (self.uploading and not self.body_held and now - self.body_seen >= CLIENT_BODY_SECONDS
+                and not (self.body_complete or self.client_gone or self._finished))
 
     async def data_received(self, chunk: bytes) -> None:
         self.body_seen = time.monotonic()
@@ -2779,9 +3011,7 @@ class ProxyHandler(BaseHandler):
         if self.fetch is not None and not self.fetch.done():
             self._drain_body_queue()
             self.body_queue.put_nowait(ABORT)
-            cancel = getattr(self.app.http_client, "cancel", None)
-            if cancel is not None:
-                cancel(self.upstream_request)
+            self.app.http_client.cancel(self.upstream_request)
 
     # -- response: upstream → client ------------------------------------------
 
@@ -2797,6 +3027,10 @@ class ProxyHandler(BaseHandler):
             lower = name.lower()
             if lower not in NOT_FORWARDED_DOWN and lower not in named_by_connection:
                 self.add_header(name, value)
+        if "Content-Length" not in headers:
+            # A stream: each piece goes out as it comes (with a length, Tornado
+            # sends the last piece unheld when the answer finishes).
+            self.request.connection.stream.set_nodelay(True)
         self.reader = UsageReader(headers.get("Content-Type", ""),
                                   headers.get("Content-Encoding", ""), strip=self.ask_usage)
         if self.reader.strip or (self.filter_models and code == 200):
@@ -3471,6 +3705,13 @@ class App:
         self.active: "set[BaseHandler]" = set()  # requests in flight, for a graceful stop
         self.redactor = Redactor(settings.access_token, settings.openapi_api_key)
 
+    def cut_stalled_uploads(self) -> None:
+        now = time.monotonic()
+        for handler in list(self.active):
+            if isinstance(handler, ProxyHandler) and handler.upload_stalled(now):
+                log.info("closing an upload that sent nothing for %g s", CLIENT_BODY_SECONDS)
+                handler.request.connection.stream.close()  # on_connection_close: 499, upstream ended
+
     async def flush(self) -> None:
         """Write what the request path only noted: usage and object ownership."""
         await self.usage.flush()
@@ -3590,6 +3831,9 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
     flusher.start()
     purger = tornado.ioloop.PeriodicCallback(app.store.purge_expired_objects, 3600 * 1000)
     purger.start()
+    upload_watch = tornado.ioloop.PeriodicCallback(app.cut_stalled_uploads,
+                                                   min(1.0, CLIENT_BODY_SECONDS / 4) * 1000)
+    upload_watch.start()
     server.add_sockets(sockets)
     log.info("listening on %s://%s:%d", settings.scheme, settings.host, settings.port)
 
@@ -3615,6 +3859,7 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
         log.warning("stopping: some connections did not close")
     flusher.stop()
     purger.stop()
+    upload_watch.stop()
     await flush_before_exit(app)
     await kv.aclose()
     log.info("stopped")
