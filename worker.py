@@ -1838,9 +1838,13 @@ class BaseHandler(tornado.web.RequestHandler):
         self.log_model = "-"
         self.log_tokens = "-"
         self.app.active.add(self)
+        self.app.idle_clients.pop(self.request.connection.stream, None)  # busy now
 
     def on_finish(self) -> None:
         self.app.active.discard(self)
+        stream = getattr(self.request.connection, "stream", None)  # (None once a WebSocket)
+        if stream is not None and not stream.closed():  # kept alive for its next request
+            self.app.idle_clients[stream] = time.monotonic()
 
     def on_connection_close(self) -> None:
         self.app.active.discard(self)
@@ -1989,6 +1993,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         self.idle: Dict[Tuple[str, str, int], List["UpstreamConnection"]] = {}
         # Requests in flight, by id(request): their connection once they have one.
         self.in_flight: Dict[int, Optional["UpstreamConnection"]] = {}
+        self.connecting: Dict[int, "asyncio.Future[Any]"] = {}  # ... those still connecting
         self.cancelled: set = set()
         self.sweeper = tornado.ioloop.PeriodicCallback(self._close_idle, 5000)
         self.sweeper.start()
@@ -2009,6 +2014,8 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         connection = self.in_flight[id(request)]
         if connection is not None:
             connection.abort()
+        elif id(request) in self.connecting:
+            self.connecting[id(request)].cancel()
 
     # Beyond AsyncHTTPClient's interface: a request's ``on_headers(code, reason,
     # headers)``, if set, gets the parsed headers instead of header_callback lines.
@@ -2059,7 +2066,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
             connection = self._idle_connection(key) if replayable else None
             reused = connection is not None
             if connection is None:
-                connection = await self._connect(key, request)
+                connection = await self._connect(key, request, original)
             self.in_flight[id(original)] = connection
             if id(original) in self.cancelled:
                 connection.abort()
@@ -2077,24 +2084,34 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
             if connection.reusable:
                 self._release(key, connection)
             else:
-                connection.close()
+                connection.abort()  # (nothing left to say on it, nor to send)
             return tornado.httpclient.HTTPResponse(
                 request, answer.code, reason=answer.reason, headers=answer.headers,
                 buffer=io.BytesIO(b"".join(answer.body)),
                 effective_url=request.url, request_time=time.monotonic() - start)
         raise AssertionError("unreachable")
 
-    async def _connect(self, key: Tuple[str, str, int],
-                       request: tornado.httpclient.HTTPRequest) -> "UpstreamConnection":
+    async def _connect(self, key: Tuple[str, str, int], request: tornado.httpclient.HTTPRequest,
+                       original: Any) -> "UpstreamConnection":
+        """A new connection; ``cancel(original)`` stops the attempt at once."""
         scheme, host, port = key
         timeout = min(request.connect_timeout or 1e9, request.request_timeout or 1e9)
         tls = self.tls if scheme == "https" else None
+        attempt = asyncio.ensure_future(asyncio.get_running_loop().create_connection(
+            UpstreamConnection, host, port, ssl=tls, server_hostname=host if tls else None,
+            happy_eyeballs_delay=0.3))
+        self.connecting[id(original)] = attempt
         try:
-            _, connection = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                UpstreamConnection, host, port, ssl=tls, server_hostname=host if tls else None,
-                happy_eyeballs_delay=0.3), timeout)
-        except (TimeoutError, asyncio.TimeoutError):  # distinct types before Python 3.11
+            done, _ = await asyncio.wait([attempt], timeout=timeout)
+        finally:
+            self.connecting.pop(id(original), None)
+        if not done:
+            attempt.cancel()
+            attempt.add_done_callback(_close_late_connection)
             raise tornado.simple_httpclient.HTTPTimeoutError("Timeout while connecting")
+        if attempt.cancelled():
+            raise tornado.iostream.StreamClosedError()  # cancel()
+        _, connection = attempt.result()
         return connection
 
     def _idle_connection(self, key: Tuple[str, str, int]) -> Optional["UpstreamConnection"]:
@@ -2123,6 +2140,12 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
                 if connection not in keep:
                     connection.close()
             self.idle[key] = keep
+
+
+def _close_late_connection(attempt: "asyncio.Future[Any]") -> None:
+    """A connection that came after its request gave up on it."""
+    if not attempt.cancelled() and attempt.exception() is None:
+        attempt.result()[0].abort()
 
 
 def request_head(request: tornado.httpclient.HTTPRequest,
@@ -2238,11 +2261,12 @@ class UpstreamConnection(asyncio.Protocol):
         a moment ago: its FIN would be waiting in the socket)."""
         if self.ended or self.transport.is_closing():
             return False
+        poll = select.poll()  # (select.select refuses descriptors past 1023)
+        poll.register(self.fileno, select.POLLIN)
         try:
-            readable, _, _ = select.select([self.fileno], [], [], 0)
-        except (OSError, ValueError):
+            return not poll.poll(0)
+        except OSError:
             return False
-        return not readable
 
     async def exchange(self, head: bytes, request: tornado.httpclient.HTTPRequest,
                        chunked: bool, answer: "_UpstreamAnswer") -> None:
@@ -2251,8 +2275,9 @@ class UpstreamConnection(asyncio.Protocol):
         come whole."""
         self.answer, self.step, self.reusable = answer, self._read_head, False
         done = self.done = asyncio.get_running_loop().create_future()
-        if self.ended or self.aborted:
+        if self.ended or self.aborted:  # (cancelled while connecting, or lost since)
             self._fail(tornado.iostream.StreamClosedError())
+            await done
         body = request.body
         if request.body_producer is not None:
             self.transport.write(head)
@@ -2265,6 +2290,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if done.done() and done.exception() is None:
                     return  # answered before the whole body was sent (not reused)
                 self.abort()
+                _retrieve(done)  # (the producer's error is the one to raise)
                 raise
             finally:
                 self.sending = False
@@ -2313,7 +2339,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             while self.answer is not None and not self.waiting:
                 if not self.step():
-                    if self.ended:  # no more is coming
+                    if self.ended and not self.waiting:  # no more is coming
                         self._at_end()
                     return
         except Exception as error:
@@ -2323,15 +2349,25 @@ class UpstreamConnection(asyncio.Protocol):
         waited = self.answer.data_received(data)
         if waited is not None:
             self.waiting = True
-            self.transport.pause_reading()
+            self._reading(False)
             asyncio.ensure_future(waited).add_done_callback(self._resume)
 
     def _resume(self, waited: "asyncio.Future[Any]") -> None:
         _retrieve(waited)
         self.waiting = False
         if self.answer is not None:
-            self.transport.resume_reading()
+            self._reading(True)
             self._advance()
+
+    def _reading(self, on: bool) -> None:
+        """Resume or pause reading, if there is still something to read (the
+        TLS transport of Python 3.9 and 3.10 raises once its socket is gone)."""
+        if self.ended:
+            return
+        try:
+            self.transport.resume_reading() if on else self.transport.pause_reading()
+        except (AttributeError, RuntimeError):
+            pass
 
     def _read_head(self) -> bool:
         found = HEAD_END.search(self.buffer, 0, HEAD_LIMIT)
@@ -2388,7 +2424,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.left:
             self.step = self._complete
         self._deliver(piece)
-        return True
+        return not self.left or bool(self.buffer)  # (False: all read, more to come)
 
     def _read_until_close(self) -> bool:
         if not self.buffer:
@@ -2431,7 +2467,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._deliver(data)
         if error:
             raise tornado.httputil.HTTPInputError(error)
-        return at > 0
+        return at > 0 and (bool(self.buffer) or self.step != self._read_chunks)
 
     def _read_trailers(self) -> bool:
         """After the last chunk: trailer fields (skipped), then an empty line."""
@@ -2645,7 +2681,7 @@ class ProxyHandler(BaseHandler):
     user: Optional[Dict[str, Any]] = None
     fetch: Optional["asyncio.Future[Any]"] = None
     body_complete = client_gone = isolated = False
-    uploading = False  # watched by App.cut_stalled_uploads
+    uploading = False  # watched by App.watch_clients
     request_bytes = 0  # the body's size, when it was read whole
 
     async def prepare(self) -> None:
@@ -2957,7 +2993,7 @@ class ProxyHandler(BaseHandler):
     def watch_upload(self) -> None:
         """An upload may take as long as it needs, but not stop: one that sends
         nothing for CLIENT_BODY_SECONDS (while not held back by the upstream) is
-        cut (by ``App.cut_stalled_uploads``, once a second for all: no timer per
+        cut (by ``App.watch_clients``, once a second for all: no timer per
         request), so a slow or stalled client cannot hold a connection forever."""
         self.request.connection.set_body_timeout(None)  # a 512 MB upload may take hours
         self.body_seen, self.body_held = time.monotonic(), False
@@ -3050,7 +3086,8 @@ class ProxyHandler(BaseHandler):
         if not data:
             return None
         self.write(data)
-        return unless_taken(self.flush(), self.request.connection.stream)
+        # (Tornado's HTTP write futures never hold an error no one has seen.)
+        return unless_taken(self.flush(), self.request.connection.stream, seen=True)
 
     async def _pass_through(self, *args: str) -> None:
         self.body_complete = True
@@ -3166,13 +3203,15 @@ def _retrieve(future: "asyncio.Future[Any]") -> None:
         future.exception()
 
 
-def unless_taken(written: "asyncio.Future[None]",
-                 stream: tornado.iostream.IOStream) -> Optional[Awaitable[bool]]:
+def unless_taken(written: "asyncio.Future[None]", stream: tornado.iostream.IOStream,
+                 seen: bool = False) -> Optional[Awaitable[bool]]:
     """None if all of a write to the client went to its socket (read the
     upstream on at once); else what to wait for before reading on: the client
-    is behind. A client gone is the disconnect path's business."""
+    is behind. A client gone is the disconnect path's business. ``seen``: the
+    write's error, if any, needs no marking as seen."""
     if not stream.writing():
-        written.add_done_callback(_retrieve)
+        if not seen:
+            written.add_done_callback(_retrieve)
         return None
     return _quietly(written)
 
@@ -3703,10 +3742,19 @@ class App:
         self.owners = Ownership(store)
         self.limiter = RateLimiter(store)
         self.active: "set[BaseHandler]" = set()  # requests in flight, for a graceful stop
+        # Client connections between requests, and since when: see watch_clients.
+        self.idle_clients: Dict[tornado.iostream.IOStream, float] = {}
         self.redactor = Redactor(settings.access_token, settings.openapi_api_key)
 
-    def cut_stalled_uploads(self) -> None:
+    def watch_clients(self) -> None:
+        """Once a second: close client connections idle (between requests, or
+        sending headers) for CLIENT_IDLE_SECONDS, and uploads that sent nothing
+        for CLIENT_BODY_SECONDS. (Tornado would arm a timer for every request.)"""
         now = time.monotonic()
+        for stream, since in list(self.idle_clients.items()):
+            if stream.closed() or now - since >= CLIENT_IDLE_SECONDS:
+                del self.idle_clients[stream]
+                stream.close()
         for handler in list(self.active):
             if isinstance(handler, ProxyHandler) and handler.upload_stalled(now):
                 log.info("closing an upload that sent nothing for %g s", CLIENT_BODY_SECONDS)
@@ -3810,6 +3858,21 @@ def tls_context(settings: Settings) -> Optional[ssl.SSLContext]:
     return context
 
 
+class Server(tornado.httpserver.HTTPServer):
+    """Tornado's HTTP server for ``app``, with client connections timed out by
+    ``App.watch_clients`` (from when they are accepted, and again after each
+    answer) instead of a timer per request."""
+
+    def initialize(self, app: "App", **kwargs: Any) -> None:  # type: ignore[override]
+        self.app = app
+        super().initialize(make_app(app), **kwargs)
+        self.conn_params.header_timeout = None  # (else Tornado arms its own)
+
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: Tuple) -> None:
+        self.app.idle_clients[stream] = time.monotonic()
+        super().handle_stream(stream, address)
+
+
 async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = None) -> None:
     """Serve on ``sockets`` until SIGTERM or SIGINT (or, for a forked worker,
     until its ``parent`` process is gone), then stop gracefully."""
@@ -3817,13 +3880,12 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
     await kv.check()
     tornado.httpclient.AsyncHTTPClient.configure(UpstreamClient)
     app = App(settings, Store(kv))
-    server = tornado.httpserver.HTTPServer(
-        make_app(app),
+    server = Server(
+        app,
         ssl_options=tls_context(settings),
         # Routes answered here take small bodies; the proxy raises its own
         # limit per request (prepare), so no one else can make us hold 512 MB.
         max_body_size=SMALL_BODY_BYTES,
-        idle_connection_timeout=CLIENT_IDLE_SECONDS,
         body_timeout=CLIENT_BODY_SECONDS,  # the proxy's uploads: ProxyHandler.watch_upload
         chunk_size=IO_CHUNK_BYTES,
     )
@@ -3831,9 +3893,9 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
     flusher.start()
     purger = tornado.ioloop.PeriodicCallback(app.store.purge_expired_objects, 3600 * 1000)
     purger.start()
-    upload_watch = tornado.ioloop.PeriodicCallback(app.cut_stalled_uploads,
-                                                   min(1.0, CLIENT_BODY_SECONDS / 4) * 1000)
-    upload_watch.start()
+    watcher = tornado.ioloop.PeriodicCallback(
+        app.watch_clients, min(1.0, CLIENT_IDLE_SECONDS / 4, CLIENT_BODY_SECONDS / 4) * 1000)
+    watcher.start()
     server.add_sockets(sockets)
     log.info("listening on %s://%s:%d", settings.scheme, settings.host, settings.port)
 
@@ -3859,7 +3921,7 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
         log.warning("stopping: some connections did not close")
     flusher.stop()
     purger.stop()
-    upload_watch.stop()
+    watcher.stop()
     await flush_before_exit(app)
     await kv.aclose()
     log.info("stopped")
