@@ -1989,7 +1989,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
 
     def initialize(self, defaults: Optional[Dict[str, Any]] = None) -> None:  # type: ignore[override]
         super().initialize(defaults)
-        self.tls = ssl.create_default_context()
+        self.tls: Optional[ssl.SSLContext] = None  # made when first needed: loading CAs takes 30 ms
         self.idle: Dict[Tuple[str, str, int], List["UpstreamConnection"]] = {}
         # Requests in flight, by id(request): their connection once they have one.
         self.in_flight: Dict[int, Optional["UpstreamConnection"]] = {}
@@ -2096,6 +2096,8 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         """A new connection; ``cancel(original)`` stops the attempt at once."""
         scheme, host, port = key
         timeout = min(request.connect_timeout or 1e9, request.request_timeout or 1e9)
+        if scheme == "https" and self.tls is None:
+            self.tls = ssl.create_default_context()
         tls = self.tls if scheme == "https" else None
         attempt = asyncio.ensure_future(asyncio.get_running_loop().create_connection(
             UpstreamConnection, host, port, ssl=tls, server_hostname=host if tls else None,
