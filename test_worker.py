@@ -3824,6 +3824,65 @@ class TestHangUp:
             f"log lines for a client that left ({how}): {logged}"
 
 
+USAGE_READER_CHUNKINGS = r'''
+import json, random, sys
+sys.path.insert(0, sys.argv[1])
+import worker
+
+def stream(rng):
+    events = []
+    for i in range(rng.randint(1, 8)):
+        line = rng.choice([b"\n\n", b"\r\n\r\n", b"\n\r\n"]) if rng.random() < 0.2 else b"\n\n"
+        body = {"choices": [{"delta": {"content": "x" * rng.randint(0, 300)}}], "usage": None}
+        events.append(b"data: " + json.dumps(body, separators=(",", ":")).encode() + line)
+    usage = {"prompt_tokens": 3, "completion_tokens": len(events), "total_tokens": 3 + len(events)}
+    events.append(b"data: " + json.dumps({"choices": [], "usage": usage}, separators=(",", ":")).encode()
+                  + b"\n\n")
+    if rng.random() < 0.5:
+        events.append(b"data: [DONE]\n\n")
+    return events
+
+def pieces(rng, events):
+    data, out, at = b"".join(events), [], 0
+    how = rng.choice(["events", "random", "mixed"])
+    if how == "events":
+        return list(events)
+    while at < len(data):
+        step = rng.randint(1, 400) if how == "random" else rng.choice([1, 2, 3, 50, 1000])
+        out.append(data[at:at + step])
+        at += step
+    return out
+
+def read(chunks, strip):
+    reader = worker.UsageReader("text/event-stream", "", strip)
+    out = b"".join(reader.feed(chunk) for chunk in chunks) + reader.flush()
+    return out, reader.result(), reader.deltas
+
+rng = random.Random(6)
+for case in range(3000):
+    events = stream(rng)
+    data = b"".join(events)
+    for strip in (False, True):
+        reference = read([data[i:i + 1] for i in range(len(data))], strip)
+        got = read(pieces(rng, events), strip)
+        assert got == reference, (case, strip, got, reference)
+        if not strip:
+            assert got[0] == data
+print("ok")
+'''
+
+
+def test_usage_reader_reads_any_chunking_as_byte_by_byte(tmp_path):
+    """The usage reader takes a whole event in one piece by a shorter way than a
+    stream cut anywhere (issue 6): both read the same usage and pass on the same
+    bytes, with the proxy's own usage chunk stripped or not."""
+    script = tmp_path / "chunkings.py"
+    script.write_text(USAGE_READER_CHUNKINGS)
+    done = subprocess.run([sys.executable, str(script), HERE], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 class TestChunkedAnswers:
     """Chunked upstream answers however they are cut or dressed: the client gets
     the events byte for byte and the usage is counted; a broken one is cut."""

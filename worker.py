@@ -1408,7 +1408,7 @@ try:  # optional: with it, brotli-compressed answers are counted too
 except ImportError:
     brotli = None
 
-USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+USAGE_OBJECT = re.compile(rb'"usage": ?\{')  # (and not "usage":null)
 SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
@@ -1450,7 +1450,7 @@ def sse_data(event: bytes) -> Any:
 
 def is_usage_only_chunk(event: bytes) -> bool:
     """A chat completion's last chunk when include_usage was asked for: no choices."""
-    return b'"choices":[]' in event and any(m in event for m in USAGE_MARKERS)
+    return b'"choices":[]' in event and USAGE_OBJECT.search(event) is not None
 
 
 def decoder_for(content_encoding: str) -> Any:
@@ -1525,6 +1525,13 @@ class UsageReader:
         if not self.sse:
             self.tail = (self.tail + data)[-self.TAIL:]
             return data
+        if not self.held and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2 \
+                and b"\r" not in data:
+            # One whole event, as an upstream usually sends them: nothing to split
+            # (and nothing held, so no seam to look at next time).
+            self.seam = b""
+            kept = self._keep(data)
+            return data if not self.strip else strip_usage_nulls(data) if kept else b""
         # Pieces are joined only once an event ends among them: each byte is
         # looked at twice at most, however long the event.
         ended = SSE_EVENT_END.search(data) or SSE_EVENT_END.search(self.seam + data[:3])
@@ -1556,7 +1563,7 @@ class UsageReader:
 
     def _keep(self, event: bytes) -> bool:
         self.deltas += b'"delta"' in event
-        if any(marker in event for marker in USAGE_MARKERS):
+        if USAGE_OBJECT.search(event):
             self.usage_event = event
             if self.strip and is_usage_only_chunk(event):
                 return False
