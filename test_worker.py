@@ -4172,17 +4172,9 @@ class TestUpstreamConnection:
 
     def test_an_answer_cut_short_is_cut_for_the_client_too(self, proxy, scripted, key):
         count = len(scripted.since(0))
-        with socket.create_connection(("127.0.0.1", int(proxy.env["PORT"])), timeout=10) as s:
-            s.sendall(raw_request("GET", "/v1/raw/cut-length", key))
-            got = b""
-            while True:
-                part = s.recv(65536)
-                if not part:
-                    break
-                got += part
-        head, _, body = got.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 10" in head, got
-        assert body == b"{}", "the client got a whole answer for a cut one"
+        answer = raw_exchange(int(proxy.env["PORT"]), raw_request("GET", "/v1/raw/cut-length", key))
+        assert answer.status == 200 and b"Content-Length: 10" in answer.head, answer
+        assert (answer.ending, answer.body) == ("cut", b"{}"), "a whole answer for a cut one"
         assert len(scripted.since(count)) == 1
 
     def test_a_streamed_upload_with_no_length_goes_chunked(self, proxy, scripted, key):
