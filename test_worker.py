@@ -4004,8 +4004,9 @@ class ScriptedUpstream:
     """An upstream that answers ``/v1/raw/CASE`` with the bytes ``ANSWERS[CASE]``
     on the bare socket, then reads the next request on the same connection
     (unless the case closes it). ``seen`` lists (connection number, method, path,
-    body) for every request: which connection a request came on is what the
-    tests below look at."""
+    body) for every request, ``closed`` the connections that have ended: which
+    connection a request came on, and when it ended, is what the tests below
+    look at."""
 
     ANSWERS = {
         "ok": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
@@ -4031,6 +4032,7 @@ class ScriptedUpstream:
         "continue-with-body": b"HTTP/1.1 100 Continue\r\nContent-Length: 2\r\n\r\n{}",
         "no-content-with-body": b"HTTP/1.1 204 No Content\r\nContent-Length: 2\r\n\r\n{}",
         "cut-length": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}",
+        "half": b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial",  # and waits
     }
     CLOSES = {"connection-close", "http10", "until-close", "cut-length"}
 
@@ -4040,6 +4042,7 @@ class ScriptedUpstream:
         self.listener.listen(64)
         self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
         self.seen: List[Tuple[int, str, str, bytes]] = []
+        self.closed: set = set()  # connections the proxy closed (or that this server did)
         self.connections = 0
         self.lock = threading.Lock()
         threading.Thread(target=self.accept, daemon=True).start()
@@ -4056,41 +4059,50 @@ class ScriptedUpstream:
             threading.Thread(target=self.serve, args=(conn, number), daemon=True).start()
 
     def serve(self, conn: socket.socket, number: int) -> None:
+        try:
+            self.answer(conn, number)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with self.lock:
+                self.closed.add(number)
+
+    def answer(self, conn: socket.socket, number: int) -> None:
         buffer = b""
-        with conn:
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    part = conn.recv(65536)
-                    if not part:
-                        return
-                    buffer += part
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = lines[0].split(" ")
-                fields = dict(line.split(": ", 1) for line in lines[1:])
-                if fields.get("Transfer-Encoding") == "chunked":
-                    body = b""
-                    while True:
-                        while b"\r\n" not in buffer:
-                            buffer += conn.recv(65536)
-                        size_line, _, buffer = buffer.partition(b"\r\n")
-                        size = int(size_line, 16)
-                        while len(buffer) < size + 2:
-                            buffer += conn.recv(65536)
-                        body, buffer = body + buffer[:size], buffer[size + 2:]
-                        if not size:
-                            break
-                else:
-                    length = int(fields.get("Content-Length", "0"))
-                    while len(buffer) < length:
-                        buffer += conn.recv(65536)
-                    body, buffer = buffer[:length], buffer[length:]
-                with self.lock:
-                    self.seen.append((number, method, path, body))
-                case = path.rpartition("/")[2]
-                conn.sendall(self.ANSWERS.get(case, self.ANSWERS["ok"]))
-                if case in self.CLOSES:
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                part = conn.recv(65536)
+                if not part:
                     return
+                buffer += part
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ")
+            fields = dict(line.split(": ", 1) for line in lines[1:])
+            if fields.get("Transfer-Encoding") == "chunked":
+                body = b""
+                while True:
+                    while b"\r\n" not in buffer:
+                        buffer += conn.recv(65536)
+                    size_line, _, buffer = buffer.partition(b"\r\n")
+                    size = int(size_line, 16)
+                    while len(buffer) < size + 2:
+                        buffer += conn.recv(65536)
+                    body, buffer = body + buffer[:size], buffer[size + 2:]
+                    if not size:
+                        break
+            else:
+                length = int(fields.get("Content-Length", "0"))
+                while len(buffer) < length:
+                    buffer += conn.recv(65536)
+                body, buffer = buffer[:length], buffer[length:]
+            with self.lock:
+                self.seen.append((number, method, path, body))
+            case = path.rpartition("/")[2]
+            conn.sendall(self.ANSWERS.get(case, self.ANSWERS["ok"]))
+            if case in self.CLOSES:
+                return
 
     def close(self) -> None:
         self.listener.close()
@@ -4176,6 +4188,23 @@ class TestUpstreamConnection:
         assert answer.status == 200 and b"Content-Length: 10" in answer.head, answer
         assert (answer.ending, answer.body) == ("cut", b"{}"), "a whole answer for a cut one"
         assert len(scripted.since(count)) == 1
+
+    def test_a_client_gone_mid_answer_takes_the_half_read_connection_along(self, proxy, scripted,
+                                                                             key):
+        count = len(scripted.since(0))
+        with socket.create_connection(("127.0.0.1", int(proxy.env["PORT"])), timeout=10) as s:
+            s.sendall(raw_request("GET", "/v1/raw/half", key))
+            got = b""
+            while b"partial" not in got:
+                got += s.recv(65536)
+        (half, _, _, _), = scripted.since(count)
+        deadline = time.monotonic() + 2
+        while half not in scripted.closed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert half in scripted.closed, "the upstream connection outlived its client"
+        assert request("GET", proxy.url + "/v1/raw/ok", headers=bearer(key)).status == 200
+        (_, _, _, _), (after, _, path, _) = scripted.since(count)
+        assert path == "/v1/raw/ok" and after != half
 
     def test_a_streamed_upload_with_no_length_goes_chunked(self, proxy, scripted, key):
         count = len(scripted.since(0))
