@@ -5747,10 +5747,14 @@ class TestRedisSettings:
                 name = unique("pw")
                 key = w.register(name)
                 assert chat_through(w, key).status == 200
+                # Even where a client puts it in what is logged (a model name):
+                answer = post_json(w, "/v1/chat/completions", key, chat_json(model=password))
+                assert answer.status == 200, answer  # (the upstream's answer names it: passed on)
                 client = server.client(7, password)
                 assert client.get(f"cfw:user:{name}") is not None
                 assert server.client(0, password).dbsize() == 0
             assert password not in w.log()
+            assert "model=***" in w.log(), w.log()[-2000:]
             wrong = Worker(tmp_root, upstream.url, KV_URL=server.url(7, "wrong"))
             done = wrong.command("export", timeout=30)
             assert done.returncode == 1 and password not in done.stderr.decode(), done

@@ -260,6 +260,17 @@ def _kv_url(value: str, name: str) -> str:
     return value
 
 
+def url_passwords(url: str) -> Tuple[str, ...]:
+    """The password in a URL, as written and as meant (percent-decoded)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        written = parts.password or ""
+        query = urllib.parse.parse_qs(parts.query).get("password", [])
+    except ValueError:
+        return ()
+    return tuple({written, urllib.parse.unquote(written), *query} - {""})
+
+
 # (variable, default, parser, help): the one table behind Settings and --help.
 SETTINGS_TABLE = (
     ("OPENAPI_API_KEY", "", _required, "the owner's upstream key (alias: OPENAI_API_KEY); required"),
@@ -3753,7 +3764,8 @@ class App:
         self.active: "set[BaseHandler]" = set()  # requests in flight, for a graceful stop
         # Client connections between requests, and since when: see watch_clients.
         self.idle_clients: Dict[tornado.iostream.IOStream, float] = {}
-        self.redactor = Redactor(settings.access_token, settings.openapi_api_key)
+        self.redactor = Redactor(settings.access_token, settings.openapi_api_key,
+                                 *url_passwords(settings.kv_url))
 
     def watch_clients(self) -> None:
         """Once a second: close client connections idle (between requests, or
