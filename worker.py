@@ -1551,8 +1551,8 @@ class UsageReader:
         self.held_size += len(data)
         if ended is None:
             if self.held_size > self.EVENT_LIMIT:
-                held = self._let_go()
-                return held if self.strip else data
+                held = self._let_go()  # (stripped like any event the proxy asked usage for)
+                return strip_usage_nulls(held) if self.strip else data
             return b"" if self.strip else data
         text = b"".join(self.held)
         ends = [match.end() for match in SSE_EVENT_END.finditer(text)]
