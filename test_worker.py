@@ -5655,6 +5655,30 @@ class TestWorkers:
                 if alive(pid):
                     os.kill(pid, signal.SIGKILL)
 
+    def test_workers_that_keep_dying_stop_the_server(self, tmp_root, upstream, redis_server):
+        """Replaced at most 5 times a minute: past that, a crash loop is not hidden
+        behind new processes; the parent logs it, stops the rest and exits 1."""
+        w = Worker(tmp_root, upstream.url, KV_URL=redis_server.url(next(_redis_dbs)),
+                   WORKERS="2").start()
+        killed: set = set()
+        try:
+            deadline = time.monotonic() + 30
+            while w.proc.poll() is None and time.monotonic() < deadline:
+                for pid in {int(p) for p in re.findall(r"\[(\d+)\] listening", w.log())} - killed:
+                    killed.add(pid)
+                    if alive(pid):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.05)
+            assert w.proc.wait(10) == 1, w.log()[-2000:]
+            assert w.log().count("starting another") == 5, w.log()[-2000:]
+            assert "6 deaths within a minute, stopping them all" in w.log()
+            wait_until(lambda: not any(alive(pid) for pid in killed), 15, "a worker outlived it")
+        finally:
+            for pid in killed:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            w.kill()
+
 
 class TestMovingBetweenBackends:
     """export on one backend, import on the other: same users, keys, limits,

@@ -4010,12 +4010,13 @@ def fork_workers(count: int) -> bool:
         code = os.waitstatus_to_exitcode(status)
         if number is None or stopping or code == 0:
             continue
-        log.warning("worker %d (pid %d) stopped with status %d; starting another",
-                    number, pid, code)
         if len(restarts) == restarts.maxlen and time.monotonic() - restarts[0] < 60:
-            log.error("workers keep dying: stopping")
+            log.error("worker %d (pid %d) stopped with status %d: %d deaths within a "
+                      "minute, stopping them all", number, pid, code, len(restarts) + 1)
             pass_on(signal.SIGTERM, None)
             raise SystemExit(1)
+        log.warning("worker %d (pid %d) stopped with status %d; starting another",
+                    number, pid, code)
         restarts.append(time.monotonic())
         if not stopping and start(number):
             return True
