@@ -1420,7 +1420,7 @@ except ImportError:
     brotli = None
 
 USAGE_OBJECT = re.compile(rb'"usage": ?\{')  # (and not "usage":null)
-SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")
+BLANK_LINE = re.compile(rb"\r?\n\r?\n")  # ends an event of a stream, and an HTTP head
 
 
 def token_counts(usage: Any) -> List[int]:
@@ -1545,7 +1545,7 @@ class UsageReader:
             return data if not self.strip else strip_usage_nulls(data) if kept else b""
         # Pieces are joined only once an event ends among them: each byte is
         # looked at twice at most, however long the event.
-        ended = SSE_EVENT_END.search(data) or SSE_EVENT_END.search(self.seam + data[:3])
+        ended = BLANK_LINE.search(data) or BLANK_LINE.search(self.seam + data[:3])
         self.seam = (self.seam + data[-3:])[-3:]
         self.held.append(data)
         self.held_size += len(data)
@@ -1555,7 +1555,7 @@ class UsageReader:
                 return strip_usage_nulls(held) if self.strip else data
             return b"" if self.strip else data
         text = b"".join(self.held)
-        ends = [match.end() for match in SSE_EVENT_END.finditer(text)]
+        ends = [match.end() for match in BLANK_LINE.finditer(text)]
         rest = text[ends[-1]:]
         self.held, self.held_size = ([rest], len(rest)) if rest else ([], 0)
         self.seam = rest[-3:]
@@ -1916,6 +1916,7 @@ class ForbiddenHandler(BaseHandler):
     @property
     def log_path(self) -> str:
         return "/***"  # it may be the admin token, near-missed or not
+
     def prepare(self) -> None:
         self.set_status(403)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -2155,11 +2156,12 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
     def _close_idle(self) -> None:
         now = time.monotonic()
         for key, idle in self.idle.items():
-            keep = [c for c in idle if now - c.idle_since < self.IDLE_SECONDS and not c.ended]
+            self.idle[key] = []
             for connection in idle:
-                if connection not in keep:
+                if now - connection.idle_since < self.IDLE_SECONDS and not connection.ended:
+                    self.idle[key].append(connection)
+                else:
                     connection.close()
-            self.idle[key] = keep
 
 
 def _close_late_connection(attempt: "asyncio.Future[Any]") -> None:
@@ -2182,17 +2184,17 @@ def request_head(request: tornado.httpclient.HTTPRequest,
     elif producer is not None and "Content-Length" not in headers:
         if method not in STREAMED_BODY_METHODS:
             raise ValueError(f"a streamed {method} body needs a Content-Length")
-        headers["Transfer-Encoding"] = chunked = "chunked"
+        headers["Transfer-Encoding"] = "chunked"
+        chunked = True
     target = (url.path or "/") + (f"?{url.query}" if url.query else "")
     lines = [f"{method} {target} HTTP/1.1"]
     lines.extend(f"{name}: {value}" for name, value in headers.get_all())
     text = "\r\n".join(lines)
     if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
         raise ValueError("a line break inside a request header")
-    return (text + "\r\n\r\n").encode("latin-1"), bool(chunked)
+    return (text + "\r\n\r\n").encode("latin-1"), chunked
 
 
-HEAD_END = re.compile(rb"\r?\n\r?\n")
 HEAD_LIMIT = 65536  # an upstream answer's status line and headers
 CHUNK_SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,15})(?:[ \t]*;[^\r\n]*)?\r\n")
 
@@ -2390,7 +2392,7 @@ class UpstreamConnection(asyncio.Protocol):
             pass
 
     def _read_head(self) -> bool:
-        found = HEAD_END.search(self.buffer, 0, HEAD_LIMIT)
+        found = BLANK_LINE.search(self.buffer, 0, HEAD_LIMIT)
         if found is None:
             if len(self.buffer) >= HEAD_LIMIT:
                 raise tornado.httputil.HTTPInputError("the upstream's answer head is too long")
@@ -2411,29 +2413,24 @@ class UpstreamConnection(asyncio.Protocol):
         return True
 
     def _body_reader(self, code: int, headers: tornado.httputil.HTTPHeaders) -> Callable[[], bool]:
-        """How this answer's body is framed (RFC 9112 §6.3)."""
-        length = headers.get("Content-Length")
-        encoding = headers.get("Transfer-Encoding")
+        """What reads this answer's body (RFC 9112 §6.3)."""
         if self.answer.request.method == "HEAD" or code == 304:
             return self._complete
+        try:
+            chunked, length = body_framing(headers)
+        except ValueError as e:
+            raise tornado.httputil.HTTPInputError(f"the upstream's answer: {e}") from None
         if code == 204:
-            if encoding is not None or length not in (None, "0"):
+            if chunked or length:
                 raise tornado.httputil.HTTPInputError("an answer 204 with a body")
             return self._complete
-        if encoding is not None:
-            if length is not None:
-                raise tornado.httputil.HTTPInputError("both Transfer-Encoding and Content-Length")
-            if encoding.strip().lower() != "chunked":
-                raise tornado.httputil.HTTPInputError(f"Transfer-Encoding {encoding!r}")
+        if chunked:
             self.left, self.crlf = 0, False
             return self._read_chunks
         if length is not None:
-            values = {value.strip() for value in length.split(",")}
-            if len(values) != 1 or not next(iter(values)).isdigit():
-                raise tornado.httputil.HTTPInputError(f"Content-Length {length!r}")
-            self.left = int(values.pop())
-            headers["Content-Length"] = str(self.left)  # ("2, 2" is 2)
-            return self._read_length if self.left else self._complete
+            self.left = length
+            headers["Content-Length"] = str(length)  # ("2, 2" is passed on as 2)
+            return self._read_length if length else self._complete
         return self._read_until_close
 
     def _read_length(self) -> bool:
@@ -2608,6 +2605,30 @@ async def check_limits(app: "App", user: Dict[str, Any], models: List[str]) -> N
             raise model_not_found(model)
 
 
+async def check_path_access(app: "App", user: Dict[str, Any], route: str,
+                            method: str) -> Optional["re.Match[str]"]:
+    """The path rules of both proxies, for a user who sees only their own
+    objects: no administration endpoints, no one else's object (answered as
+    OpenAI answers an unknown id). Returns the path's collection, if any."""
+    isolated = user.get("scope", "own") != "all"
+    if isolated and (ADMIN_ONLY_PATH.match(route)
+                     or (method == "DELETE" and MODEL_IN_PATH.match(route))):
+        raise ApiError(403, "This key may not use the account's administration endpoints.",
+                       code="forbidden")
+    match = COLLECTION_PATH.match(route)
+    if match is not None and isolated and names_object(match):
+        collection, object_id, _ = match.groups()
+        if await app.owners.owner(object_id) != user["name"]:
+            raise no_such_object(object_id, OWNED_COLLECTIONS[collection])
+    return match
+
+
+def names_object(match: "re.Match[str]") -> bool:
+    """Whether a COLLECTION_PATH match names an object (not a sub-collection)."""
+    collection, object_id, _ = match.groups()
+    return object_id is not None and (collection, object_id) not in NOT_AN_ID
+
+
 def refuse_ephemeral_keys(user: Dict[str, Any], path: str) -> None:
     limited = user.get("quota") or user.get("rpm") or "*" not in (user.get("models") or ["*"])
     if limited and EPHEMERAL_KEYS.match(path):
@@ -2621,16 +2642,29 @@ def connection_tokens(headers: tornado.httputil.HTTPHeaders) -> set:
     return {token.strip().lower() for token in headers.get("Connection", "").split(",")}
 
 
+def body_framing(headers: tornado.httputil.HTTPHeaders) -> Tuple[bool, Optional[int]]:
+    """How a message's body is framed (RFC 9112 §6.1, §6.3): whether chunked,
+    else its length (None: not given). ValueError for a framing that is neither."""
+    encoding = headers.get("Transfer-Encoding")
+    if encoding is not None:
+        if encoding.strip().lower() != "chunked" or "Content-Length" in headers:
+            raise ValueError("Transfer-Encoding must be chunked alone (without Content-Length).")
+        return True, None
+    if "Content-Length" not in headers:
+        return False, None
+    lengths = {value.strip() for value in headers["Content-Length"].split(",")}  # ("2, 2" is 2)
+    if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+        raise ValueError("Content-Length must be one whole number.")
+    return False, int(lengths.pop())
+
+
 def refuse_bad_framing(headers: tornado.httputil.HTTPHeaders) -> None:
     """400 for a body framing Tornado would refuse only once this handler has
-    started (RFC 9112 §6.1, §6.3): before anything goes upstream, not after."""
-    encoding = headers.get("Transfer-Encoding")
-    lengths = {value.strip() for value in ",".join(headers.get_list("Content-Length")).split(",")}
-    if encoding is not None and (encoding.strip().lower() != "chunked"
-                                 or "Content-Length" in headers):
-        raise ApiError(400, "Transfer-Encoding must be chunked alone (without Content-Length).")
-    if "Content-Length" in headers and (len(lengths) != 1 or not lengths.pop().isdigit()):
-        raise ApiError(400, "Content-Length must be one whole number.")
+    started: before anything goes upstream, not after."""
+    try:
+        body_framing(headers)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
 
 
 def model_not_found(model: str) -> ApiError:
@@ -2766,18 +2800,12 @@ class ProxyHandler(BaseHandler):
 
     async def check_ownership(self) -> None:
         """Note what the request does to owned objects; refuse another user's."""
-        path, method = self.route, self.request.method
-        if self.isolated and (ADMIN_ONLY_PATH.match(path)
-                              or (method == "DELETE" and MODEL_IN_PATH.match(path))):
-            raise ApiError(403, "This key may not use the account's administration endpoints.",
-                           code="forbidden")
-        match = COLLECTION_PATH.match(path)
+        method = self.request.method
+        match = await check_path_access(self.app, self.user, self.route, method)
         if match is None:
             return
         collection, object_id, rest = match.groups()
-        if object_id is not None and (collection, object_id) not in NOT_AN_ID:
-            if self.isolated and await self.app.owners.owner(object_id) != self.user["name"]:
-                raise no_such_object(object_id, OWNED_COLLECTIONS[collection])
+        if names_object(match):
             self.object_id = object_id
             self.deletes_object = method == "DELETE" and rest is None
             self.makes_files = collection in ("batches", "fine_tuning/jobs", "uploads")
@@ -3289,7 +3317,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                                            self.subprotocol_key())
             self.log_user = self.user["name"]
             await check_limits(self.app, self.user, self.get_query_arguments("model"))
-            await self.check_path()
+            await check_path_access(self.app, self.user, route_path(self.request.path), "GET")
             self.upstream = await self.connect_upstream()
         except ApiError as error:
             self.send_error(error.status_code, exc_info=(ApiError, error, None))
@@ -3298,17 +3326,6 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     def isolated(self) -> bool:
         return self.user is not None and self.user.get("scope", "own") != "all"
-
-    async def check_path(self) -> None:
-        """The same path rules as the HTTP proxy: administration closed, objects the caller's."""
-        route = route_path(self.request.path)
-        if self.isolated() and ADMIN_ONLY_PATH.match(route):
-            raise ApiError(403, "This key may not use the account's administration endpoints.",
-                           code="forbidden")
-        match = COLLECTION_PATH.match(route)
-        if match and match.group(2) and (match.group(1), match.group(2)) not in NOT_AN_ID:
-            if self.isolated() and await self.app.owners.owner(match.group(2)) != self.user["name"]:
-                raise no_such_object(match.group(2), OWNED_COLLECTIONS[match.group(1)])
 
     async def refusal(self, message: str) -> Optional[ApiError]:
         """What a client event may not do: name a model outside the key's list, another
@@ -3907,7 +3924,7 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
         # Routes answered here take small bodies; the proxy raises its own
         # limit per request (prepare), so no one else can make us hold 512 MB.
         max_body_size=SMALL_BODY_BYTES,
-        body_timeout=CLIENT_BODY_SECONDS,  # the proxy's uploads: ProxyHandler.watch_upload
+        body_timeout=CLIENT_BODY_SECONDS,  # (the proxy's own uploads: ProxyHandler.watch_upload)
         chunk_size=IO_CHUNK_BYTES,
     )
     flusher = tornado.ioloop.PeriodicCallback(app.flush, kv.flush_seconds * 1000)
