@@ -4025,6 +4025,16 @@ class ScriptedUpstream:
         "no-content-with-body": b"HTTP/1.1 204 No Content\r\nContent-Length: 2\r\n\r\n{}",
         "cut-length": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}",
         "half": b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial",  # and waits
+        # Says it will close among other tokens, and then (for the test) does not.
+        "close-among-tokens": b"HTTP/1.1 200 OK\r\nConnection: x-trace, close\r\nX-Trace: 1\r\n"
+                              b"Content-Length: 2\r\n\r\n{}",
+        "many-fields": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Up: 1\r\n"
+                       b"x-request-id:req_1\r\nX-Up: 2  \r\nOpenAI-Version: \t2020-10-01\r\n"
+                       b"X-Empty:\r\nContent-Length: 2\r\n\r\n{}",
+        # Obsolete line folding: a proxy may answer 502 for it (RFC 9112 §5.2).
+        "folded": b"HTTP/1.1 200 OK\r\nX-Up: a\r\n  b\r\nContent-Length: 2\r\n\r\n{}",
+        "space-before-colon": b"HTTP/1.1 200 OK\r\nX-Up : 1\r\nContent-Length: 2\r\n\r\n{}",
+        "control-character": b"HTTP/1.1 200 OK\r\nX-Up: a\x01b\r\nContent-Length: 2\r\n\r\n{}",
     }
     CLOSES = {"connection-close", "http10", "until-close", "cut-length"}
 
@@ -4168,16 +4178,27 @@ class TestUpstreamConnection:
         ("connection-close", b"{}"),
         ("http10", b"{}"),
         ("until-close", b'{"a": 1}'),  # no length: the body ends when the upstream closes
+        ("close-among-tokens", b"{}"),  # (and X-Trace, which Connection names, is not passed on)
     ])
     def test_an_answer_that_ends_otherwise_takes_its_connection_along(self, proxy, scripted, key,
                                                                       case, body):
         answer, connections = self.two(proxy, scripted, key, case)
         assert (answer.status, answer.body) == (200, body), answer
         assert connections[0] != connections[1], "a connection was reused that must not be"
+        assert "X-Trace" not in answer.headers
+
+    def test_header_fields_pass_as_sent_repeated_or_empty(self, proxy, scripted, key):
+        answer, connections = self.two(proxy, scripted, key, "many-fields")
+        assert answer.status == 200 and connections[0] == connections[1], answer
+        assert answer.headers.get_all("X-Up") == ["1", "2"]  # both, in order, trimmed
+        assert answer.headers["x-request-id"] == "req_1"
+        assert answer.headers["OpenAI-Version"] == "2020-10-01"
+        assert answer.headers["X-Empty"] == ""
 
     @pytest.mark.parametrize("case", ["length-and-chunked", "gzip-encoding", "two-lengths",
                                       "bad-length", "no-colon", "continue-with-body",
-                                      "no-content-with-body"])
+                                      "no-content-with-body", "space-before-colon",
+                                      "control-character", "folded"])
     def test_an_answer_framed_wrongly_is_502_and_its_connection_dropped(self, proxy, scripted,
                                                                         key, case):
         answer, connections = self.two(proxy, scripted, key, case)

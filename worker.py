@@ -1419,7 +1419,9 @@ try:  # optional: with it, brotli-compressed answers are counted too
 except ImportError:
     brotli = None
 
-USAGE_OBJECT = re.compile(rb'"usage": ?\{')  # (and not "usage":null)
+USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')  # (and not "usage":null)
+MODEL_NEAR_START = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+JSON_DECODER = json.JSONDecoder()
 BLANK_LINE = re.compile(rb"\r?\n\r?\n")  # ends an event of a stream, and an HTTP head
 
 
@@ -1599,15 +1601,15 @@ class UsageReader:
 
 def usage_in_tail(tail: bytes, head: bytes) -> Optional[Tuple[Optional[str], List[int]]]:
     """The last ``"usage": {…}`` in ``tail``, and the first ``"model"`` in ``head``."""
-    starts = [m.start() for m in re.finditer(rb'"usage"\s*:\s*\{', tail)]
+    starts = [m.start() for m in USAGE_OBJECT.finditer(tail)]
     if not starts:
         return None
     text = tail[starts[-1]:].decode("utf-8", "replace")
     try:
-        usage, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
+        usage, _ = JSON_DECODER.raw_decode(text[text.index("{"):])
     except ValueError:
         return None
-    match = re.search(rb'"model"\s*:\s*"([^"\\]{1,200})"', head)
+    match = MODEL_NEAR_START.search(head)
     return (match.group(1).decode() if match else None), token_counts(usage)
 
 
@@ -1630,13 +1632,21 @@ class UsageBook:
         self.pending: Dict[Tuple[str, str, str], List[int]] = {}
         self.unsent: Optional[Tuple[str, Dict[Tuple[str, str, str], List[int]]]] = None
         self._flushing = asyncio.Lock()
+        self.day, self.day_ends = "", 0.0
 
     def record(self, name: str, model: str, counts: List[int]) -> None:
-        day = utcnow().strftime("%Y-%m-%d")
-        row = self.pending.setdefault((name, day, model), [0, 0, 0, 0])
+        row = self.pending.setdefault((name, self.today(), model), [0, 0, 0, 0])
         row[0] += 1
         for i, value in enumerate(counts, 1):
             row[i] += value
+
+    def today(self) -> str:
+        """The UTC date rows are counted under, made once a day (POSIX days are 86,400 s)."""
+        now = time.time()
+        if now >= self.day_ends:
+            self.day = time.strftime("%Y-%m-%d", time.gmtime(now))
+            self.day_ends = (now // 86400 + 1) * 86400
+        return self.day
 
     def unwritten(self) -> List[Tuple[Tuple[str, str, str], List[int]]]:
         """The rows counted but not yet written: pending, and a batch that failed."""
@@ -1794,9 +1804,12 @@ def route_path(path: str) -> str:
     return without_doubled_version(posixpath.normpath("/" + urllib.parse.unquote(path).lstrip("/")))
 
 
+DOUBLED_VERSION = re.compile(r"/v\d+/v\d+(/|\Z)")
+
+
 def without_doubled_version(path: str) -> str:
     """``/v1/v1/…`` (a base URL that had /v1 and got it again) as ``/v1/…``."""
-    while re.match(r"/v\d+/v\d+(/|\Z)", path):
+    while DOUBLED_VERSION.match(path):
         path = path[path.index("/", 1):]
     return path
 
@@ -1870,7 +1883,8 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")
-        origin = self.app.cors_origin(self.request.headers.get("Origin"))
+        origin = self.app.cors_origin(self.request.headers["Origin"]
+                                      if "Origin" in self.request.headers else None)
         if origin:
             self.set_header("Access-Control-Allow-Origin", origin)
             self.set_header("Access-Control-Expose-Headers", "*")
@@ -2199,24 +2213,36 @@ HEAD_LIMIT = 65536  # an upstream answer's status line and headers
 CHUNK_SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,15})(?:[ \t]*;[^\r\n]*)?\r\n")
 
 
-FIELD_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\Z")
+# One header field line: its name, and its value without the spaces around it.
+FIELD_LINES = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\r*\n")
 
 
 def parse_fields(text: str) -> tornado.httputil.HTTPHeaders:
-    """Header fields as the upstream sent them (Tornado's ``HTTPHeaders.parse``
-    checks the same in three steps a line, and an OpenAI answer has twenty)."""
+    """Header fields as the upstream sent them. Each line is checked once, here
+    (Tornado's ``HTTPHeaders.parse`` checks each in three steps, and ``add``
+    twice more: an OpenAI answer has twenty-odd fields)."""
     headers = tornado.httputil.HTTPHeaders()
-    for line in text.split("\n"):
-        line = line.rstrip("\r")
-        if not line:
-            continue
-        field = FIELD_LINE.match(line)
-        if field is None:
-            if line[0] in " \t":  # a folded line (obsolete): Tornado knows it
-                return tornado.httputil.HTTPHeaders.parse(text)
-            raise tornado.httputil.HTTPInputError("a malformed header line from the upstream")
-        headers.add(*field.groups())
+    if not text:
+        return headers
+    text += "\n"
+    at = 0
+    for field in FIELD_LINES.finditer(text):
+        if field.start() != at:
+            break
+        at = field.end()
+        add_checked_field(headers, *field.groups())
+    if at != len(text):  # (a folded line too: RFC 9112 §5.2 lets a proxy answer 502 for it)
+        raise tornado.httputil.HTTPInputError("a malformed header line from the upstream")
     return headers
+
+
+def add_checked_field(headers: tornado.httputil.HTTPHeaders, name: str, value: str) -> None:
+    """``headers.add`` for a field already checked as it was parsed (by Tornado,
+    or by parse_fields), without ``add``'s second check of it."""
+    if name in headers:
+        headers.add(name, value)  # (a repeated field, as Set-Cookie may be)
+    else:
+        headers[name] = value
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -2546,10 +2572,11 @@ class _UpstreamAnswer(tornado.httputil.HTTPMessageDelegate):
         if start_line.code < 200:
             return  # 100 Continue and friends: the answer follows
         self.code, self.reason, self.headers = start_line.code, start_line.reason, headers
-        delimited = ("Content-Length" in headers or "chunked" in headers.get("Transfer-Encoding", "")
+        # (Transfer-Encoding can only be chunked here: _body_reader saw to it.)
+        delimited = ("Content-Length" in headers or "Transfer-Encoding" in headers
                      or self.request.method == "HEAD" or start_line.code in (204, 304))
         self.keep_alive = (start_line.version == "HTTP/1.1" and delimited
-                           and headers.get("Connection", "").lower() != "close")
+                           and "close" not in connection_tokens(headers))
         on_headers = getattr(self.request, "on_headers", None)  # parsed already: no round trip
         if on_headers is not None:
             on_headers(start_line.code, start_line.reason, headers)
@@ -2639,15 +2666,16 @@ def refuse_ephemeral_keys(user: Dict[str, Any], path: str) -> None:
 
 def connection_tokens(headers: tornado.httputil.HTTPHeaders) -> set:
     """Headers a message's ``Connection`` names: hop-by-hop too (RFC 9110 §7.6.1)."""
-    return {token.strip().lower() for token in headers.get("Connection", "").split(",")}
+    if "Connection" not in headers:  # (HTTPHeaders.get raises and catches for an absent field)
+        return set()
+    return {token.strip().lower() for token in headers["Connection"].split(",")}
 
 
 def body_framing(headers: tornado.httputil.HTTPHeaders) -> Tuple[bool, Optional[int]]:
     """How a message's body is framed (RFC 9112 §6.1, §6.3): whether chunked,
     else its length (None: not given). ValueError for a framing that is neither."""
-    encoding = headers.get("Transfer-Encoding")
-    if encoding is not None:
-        if encoding.strip().lower() != "chunked" or "Content-Length" in headers:
+    if "Transfer-Encoding" in headers:
+        if headers["Transfer-Encoding"].strip().lower() != "chunked" or "Content-Length" in headers:
             raise ValueError("Transfer-Encoding must be chunked alone (without Content-Length).")
         return True, None
     if "Content-Length" not in headers:
@@ -2710,9 +2738,6 @@ def _models_in_json(body: bytes) -> Tuple[List[str], Any]:
     if isinstance(obj.get("session"), dict):  # realtime client secrets: session.model
         models.append(obj["session"].get("model"))
     return [str(m) for m in models if m is not None], obj
-
-
-MODEL_NEAR_START = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 
 
 @tornado.web.stream_request_body
@@ -3000,7 +3025,7 @@ class ProxyHandler(BaseHandler):
         for name, value in self.request.headers.get_all():
             lower = name.lower()
             if lower not in NOT_FORWARDED_UP and lower not in named_by_connection:
-                headers.add(name, value)
+                add_checked_field(headers, name, value)
         headers["Authorization"] = "Bearer " + self.app.settings.openapi_api_key
         if "Accept-Encoding" in headers:  # only what the usage reader can decode
             headers["Accept-Encoding"] = readable_encodings(headers["Accept-Encoding"])
@@ -3110,7 +3135,7 @@ class ProxyHandler(BaseHandler):
         for name, value in headers.get_all():
             lower = name.lower()
             if lower not in NOT_FORWARDED_DOWN and lower not in named_by_connection:
-                self.add_header(name, value)
+                add_checked_field(self._headers, name, value)  # (add_header checks it again)
         if "Content-Length" not in headers:
             # A stream: each piece goes out as it comes (with a length, Tornado
             # sends the last piece unheld when the answer finishes).
