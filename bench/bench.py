@@ -87,8 +87,34 @@ def _canned_chat() -> bytes:
                   "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0}},
         "system_fingerprint": "fp_bench",
     }, separators=(",", ":")).encode()
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"openai-processing-ms: 1\r\n\r\n%s" % (len(body), body))
+    return (b"HTTP/1.1 200 OK\r\nDate: Fri, 04 Dec 2026 18:00:00 GMT\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: keep-alive\r\n%s\r\n%s"
+            % (len(body), OPENAI_ANSWER_FIELDS, body))
+
+
+# What OpenAI sends with an answer, and the official Python SDK with a request:
+# a proxy reads and passes on every one of these fields.
+OPENAI_ANSWER_FIELDS = (
+    b"access-control-expose-headers: X-Request-ID\r\nopenai-organization: user-bench\r\n"
+    b"openai-processing-ms: 1\r\nopenai-project: proj_bench\r\nopenai-version: 2020-10-01\r\n"
+    b"x-ratelimit-limit-requests: 10000\r\nx-ratelimit-limit-tokens: 2000000\r\n"
+    b"x-ratelimit-remaining-requests: 9999\r\nx-ratelimit-remaining-tokens: 1999990\r\n"
+    b"x-ratelimit-reset-requests: 6ms\r\nx-ratelimit-reset-tokens: 0s\r\n"
+    b"x-request-id: req_0123456789abcdef0123456789abcdef\r\n"
+    b"strict-transport-security: max-age=31536000; includeSubDomains; preload\r\n"
+    b"cf-cache-status: DYNAMIC\r\n"
+    b"set-cookie: __cf_bm=bench; path=/; domain=.api.openai.com; HttpOnly; Secure; SameSite=None\r\n"
+    b"set-cookie: _cfuvid=bench; path=/; domain=.api.openai.com; HttpOnly; Secure; SameSite=None\r\n"
+    b"x-content-type-options: nosniff\r\nServer: cloudflare\r\ncf-ray: 8f0000000000abcd-FRA\r\n"
+    b'alt-svc: h3=":443"; ma=86400\r\n')
+SDK_FIELDS = (
+    ("Accept", "application/json"), ("User-Agent", "OpenAI/Python 1.99.0"),
+    ("X-Stainless-Lang", "python"), ("X-Stainless-Package-Version", "1.99.0"),
+    ("X-Stainless-OS", "Linux"), ("X-Stainless-Arch", "x64"), ("X-Stainless-Runtime", "CPython"),
+    ("X-Stainless-Runtime-Version", "3.11.7"), ("X-Stainless-Async", "false"),
+    ("X-Stainless-Retry-Count", "0"), ("X-Stainless-Read-Timeout", "600"),
+    ("Accept-Encoding", "gzip, deflate"),
+)
 
 
 def _json_response(status: str, obj: Any, close: bool = False) -> bytes:
@@ -537,7 +563,8 @@ class Target:
                 content_type: str = "application/json", key: Optional[str] = None) -> bytes:
         return (f"{method} {path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
                 f"Authorization: Bearer {key or self.key}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nUser-Agent: bench.py\r\n\r\n").encode() + body
+                f"Content-Length: {len(body)}\r\n"
+                + "".join(f"{name}: {value}\r\n" for name, value in SDK_FIELDS) + "\r\n").encode() + body
 
 
 async def open_conn(target: Target, timeout: float = 10.0) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -747,6 +774,8 @@ def wrk_script(tmp: str, target: Target, max_requests: int) -> str:
         f.write("wrk.body = '%s'\n" % CHAT_REQUEST.decode())
         f.write('wrk.headers["Content-Type"] = "application/json"\n')
         f.write('wrk.headers["Authorization"] = "Bearer %s"\n' % target.key)
+        for name, value in SDK_FIELDS:
+            f.write('wrk.headers["%s"] = "%s"\n' % (name, value))
         # The count bound: each thread stops after its share of requests.
         f.write("local n = 0\nfunction response(status, headers, body)\n"
                 "  n = n + 1\n  if n >= %d then wrk.thread:stop() end\nend\n" % max_requests)
