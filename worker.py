@@ -1883,8 +1883,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")
-        origin = self.app.cors_origin(self.request.headers["Origin"]
-                                      if "Origin" in self.request.headers else None)
+        origin = self.app.cors_origin(self.request.headers.get("Origin"))
         if origin:
             self.set_header("Access-Control-Allow-Origin", origin)
             self.set_header("Access-Control-Expose-Headers", "*")
@@ -2666,16 +2665,15 @@ def refuse_ephemeral_keys(user: Dict[str, Any], path: str) -> None:
 
 def connection_tokens(headers: tornado.httputil.HTTPHeaders) -> set:
     """Headers a message's ``Connection`` names: hop-by-hop too (RFC 9110 §7.6.1)."""
-    if "Connection" not in headers:  # (HTTPHeaders.get raises and catches for an absent field)
-        return set()
-    return {token.strip().lower() for token in headers["Connection"].split(",")}
+    return {token.strip().lower() for token in headers.get("Connection", "").split(",")}
 
 
 def body_framing(headers: tornado.httputil.HTTPHeaders) -> Tuple[bool, Optional[int]]:
     """How a message's body is framed (RFC 9112 §6.1, §6.3): whether chunked,
     else its length (None: not given). ValueError for a framing that is neither."""
-    if "Transfer-Encoding" in headers:
-        if headers["Transfer-Encoding"].strip().lower() != "chunked" or "Content-Length" in headers:
+    encoding = headers.get("Transfer-Encoding")
+    if encoding is not None:
+        if encoding.strip().lower() != "chunked" or "Content-Length" in headers:
             raise ValueError("Transfer-Encoding must be chunked alone (without Content-Length).")
         return True, None
     if "Content-Length" not in headers:
