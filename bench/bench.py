@@ -1267,17 +1267,20 @@ class Bench:
         if args.many_users:
             workers.append((f"worker-{args.many_users // 1000}k-users", many_users(args.many_users)))
         for name, users in workers:
-            port = free_port()
-            env = worker_env(os.path.join(self.tmp, name + ".db"), port, upstream_url, cert)
-            took = import_users(self.worker, env, users, self.tmp, name)
-            log(f"bench: imported {len(users):,} users for {name} in {took:.2f} s")
-            target = Target(name, port)
-            target.start_fn = lambda name=name, env=env: Proc(
-                name, [sys.executable, self.worker], env=env, cwd=os.path.dirname(self.worker),
-                log_path=os.path.join(self.tmp, name + ".log"))
-            self.targets.append(target)
+            env = worker_env(os.path.join(self.tmp, name + ".db"), free_port(), upstream_url, cert)
+            self.add_worker(name, env, users)
         if args.redis:
             self.add_redis_workers(upstream_url, cert)
+
+    def add_worker(self, name: str, env: Dict[str, str], users: Dict[str, Any]) -> None:
+        """A worker.py target: its users imported now, started (and restarted) by start_all."""
+        took = import_users(self.worker, env, users, self.tmp, name)
+        log(f"bench: imported {len(users):,} users for {name} in {took:.2f} s")
+        target = Target(name, int(env["PORT"]))
+        target.start_fn = lambda: Proc(name, [sys.executable, self.worker], env=env,
+                                       cwd=os.path.dirname(self.worker),
+                                       log_path=os.path.join(self.tmp, name + ".log"))
+        self.targets.append(target)
 
     def add_redis_workers(self, upstream_url: str, cert: str) -> None:
         """worker.py with KV_URL (one process, then WORKERS=2) on a redis-server of its own."""
@@ -1306,12 +1309,7 @@ class Bench:
         for db, (name, processes) in enumerate((("worker-redis", 1), ("worker-redis-2p", 2)), 1):
             env = worker_env(os.path.join(self.tmp, name + ".db"), free_port(), upstream_url, cert)
             env.update({"KV_URL": f"redis://{HOST}:{port}/{db}", "WORKERS": str(processes)})
-            import_users(self.worker, env, {"bench": {"key": CLIENT_KEY}}, self.tmp, name)
-            target = Target(name, int(env["PORT"]))
-            target.start_fn = lambda name=name, env=env: Proc(
-                name, [sys.executable, self.worker], env=env, cwd=os.path.dirname(self.worker),
-                log_path=os.path.join(self.tmp, name + ".log"))
-            self.targets.append(target)
+            self.add_worker(name, env, {"bench": {"key": CLIENT_KEY}})
 
     async def start_all(self) -> None:
         """(d): start-up time and idle RSS, each rep on a fresh process; the last one stays."""
