@@ -4041,6 +4041,9 @@ class ScriptedUpstream:
         "folded": b"HTTP/1.1 200 OK\r\nX-Up: a\r\n  b\r\nContent-Length: 2\r\n\r\n{}",
         "space-before-colon": b"HTTP/1.1 200 OK\r\nX-Up : 1\r\nContent-Length: 2\r\n\r\n{}",
         "control-character": b"HTTP/1.1 200 OK\r\nX-Up: a\x01b\r\nContent-Length: 2\r\n\r\n{}",
+        # Heads a backtracking pattern would take hours over (its loop, everyone's).
+        "spaces-then-control": b"HTTP/1.1 200 OK\r\nX-Up:" + b" " * 60000 + b"\x01\r\n\r\n{}",
+        "one-long-name": b"HTTP/1.1 200 OK\r\n" + b"x" * 60000 + b"\r\n\r\n{}",
     }
     CLOSES = {"connection-close", "http10", "until-close", "cut-length"}
 
@@ -4204,7 +4207,8 @@ class TestUpstreamConnection:
     @pytest.mark.parametrize("case", ["length-and-chunked", "gzip-encoding", "two-lengths",
                                       "bad-length", "no-colon", "continue-with-body",
                                       "no-content-with-body", "space-before-colon",
-                                      "control-character", "folded"])
+                                      "control-character", "folded", "spaces-then-control",
+                                      "one-long-name"])
     def test_an_answer_framed_wrongly_is_502_and_its_connection_dropped(self, proxy, scripted,
                                                                         key, case):
         answer, connections = self.two(proxy, scripted, key, case)
