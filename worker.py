@@ -69,6 +69,7 @@ import collections
 import dataclasses
 import datetime
 import dbm
+import gc
 import hashlib
 import hmac
 import io
@@ -2080,6 +2081,9 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         except Exception as error:
             if timed_out:
                 error = tornado.simple_httpclient.HTTPTimeoutError("Timeout")
+            # Its traceback's frames hold the futures that hold it: a cycle, left
+            # to the cyclic GC. Only the error's kind is ever shown, so let go.
+            error.__traceback__ = error.__context__ = None
             return tornado.httpclient.HTTPResponse(
                 request, 599, error=error, request_time=time.monotonic() - start)
         finally:
@@ -3106,6 +3110,11 @@ class ProxyHandler(BaseHandler):
     def _on_fetch_done(self, fetch: "asyncio.Future[Any]") -> None:
         _retrieve(fetch)  # an abandoned fetch logs no warning
         self._drain_body_queue()
+        # The upstream request's callbacks are this handler's methods, and the
+        # handler keeps the request: a cycle that left this request's whole graph
+        # (~56 objects) to the cyclic GC, whose passes then held every stream.
+        request = self.upstream_request
+        request.on_headers = request.streaming_callback = request.body_producer = None
 
     def _drain_body_queue(self) -> None:
         """Unblock a data_received waiting on a full queue."""
@@ -3956,6 +3965,9 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
     watcher = tornado.ioloop.PeriodicCallback(
         app.watch_clients, min(1.0, CLIENT_IDLE_SECONDS / 4, CLIENT_BODY_SECONDS / 4) * 1000)
     watcher.start()
+    # What is made by now lives as long as the process: out of the cyclic GC's
+    # sight, its full passes take 5 ms instead of 20 (every stream waits for them).
+    gc.freeze()
     server.add_sockets(sockets)
     log.info("listening on %s://%s:%d", settings.scheme, settings.host, settings.port)
 
