@@ -4323,7 +4323,7 @@ class TestRequestsAreFreedAtOnce:
             assert w.models("sk-cfw" + "x" * 45).status == 401
             big = b'{"input": "' + b"x" * (400 << 10) + b'"}'  # streamed up, not read whole
             assert post_json(w, "/v1/moderations", key, big).status == 200
-            too_big = raw_exchange(int(w.env["PORT"]), raw_request(  # cut mid-upload: 413
+            too_big = raw_exchange(int(w.env["PORT"]), raw_request(  # refused before reading: 413
                 "POST", "/v1/moderations", key, b"x" * (2 << 20), **{
                     "Content-Type": "application/json"}))
             assert too_big.status == 413, too_big
