@@ -2055,16 +2055,19 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
 
     def fetch_impl(self, request: tornado.httpclient.HTTPRequest,
                    callback: Callable[[tornado.httpclient.HTTPResponse], None]) -> None:
-        task = asyncio.ensure_future(self._fetch(request))
+        task = asyncio.ensure_future(self.send(request))
         task.add_done_callback(lambda done: callback(done.result()))
 
     def start(self, request: tornado.httpclient.HTTPRequest) -> "asyncio.Future[Any]":
-        """``fetch(request, raise_error=False)`` for the proxy's own requests,
-        without fetch's copy of the headers and its wrapper: ``request`` has
-        every setting it needs, and its headers are made for it alone."""
-        return asyncio.ensure_future(self._fetch(request))
+        """``send(request)`` in a task of its own, for a request whose body is
+        sent as it arrives, while its caller goes on receiving it."""
+        return asyncio.ensure_future(self.send(request))
 
-    async def _fetch(self, request: tornado.httpclient.HTTPRequest) -> tornado.httpclient.HTTPResponse:
+    async def send(self, request: tornado.httpclient.HTTPRequest) -> tornado.httpclient.HTTPResponse:
+        """``fetch(request, raise_error=False)`` for the proxy's own requests,
+        without fetch's copy of the headers, its wrapper and its task (awaited
+        in the caller's: two loop turns fewer): ``request`` has every setting it
+        needs, and its headers are made for it alone."""
         original = getattr(request, "request", request)  # fetch() wraps it in a proxy
         start = time.monotonic()
         self.in_flight[id(original)] = None
@@ -2759,7 +2762,8 @@ class ProxyHandler(BaseHandler):
     BODY_QUEUE_CHUNKS = 4  # body chunks in flight between client and upstream
     # Set again in prepare; here for a connection that closes before it runs.
     user: Optional[Dict[str, Any]] = None
-    fetch: Optional["asyncio.Future[Any]"] = None
+    fetch: Optional["asyncio.Future[Any]"] = None  # a streamed body's exchange
+    upstream_request: Optional[tornado.httpclient.HTTPRequest] = None  # once sent
     body_complete = client_gone = isolated = False
     uploading = False  # watched by App.watch_clients
     request_bytes = 0  # the body's size, when it was read whole
@@ -2768,6 +2772,7 @@ class ProxyHandler(BaseHandler):
         self.upstream_headers_sent = self.client_gone = self.accounted = False
         self.body_complete = False
         self.fetch: Optional[asyncio.Future] = None
+        self.upstream_request = None
         self.user: Optional[Dict[str, Any]] = None
         self.reader: Optional[UsageReader] = None
         self.ask_usage = self.filter_models = False
@@ -2793,8 +2798,8 @@ class ProxyHandler(BaseHandler):
             self.watch_upload()
         if self.must_read_body():
             self.body_chunks = []
-        elif not self.answers_own_list():
-            self.start_upstream(None)
+        elif self.has_body() and not self.answers_own_list():
+            self.start_streamed_upstream()
 
     def _check_body_size(self) -> None:
         length = self.request.headers.get("Content-Length", "")
@@ -3040,9 +3045,15 @@ class ProxyHandler(BaseHandler):
             return length.strip() != "0"
         return "chunked" in self.request.headers.get("Transfer-Encoding", "").lower()
 
-    def start_upstream(self, body: Optional[bytes]) -> None:
-        """Send the request upstream: ``body`` if it was read whole, else streamed."""
+    def start_streamed_upstream(self) -> None:
+        """Send the request upstream now, its body as it arrives (through
+        ``body_queue``), in a task of its own."""
         self.body_queue: "asyncio.Queue[Optional[bytes]]" = asyncio.Queue(self.BODY_QUEUE_CHUNKS)
+        self.fetch = self.app.http_client.start(self.new_upstream_request(None))
+        self.fetch.add_done_callback(self._on_fetch_done)
+
+    def new_upstream_request(self, body: Optional[bytes]) -> tornado.httpclient.HTTPRequest:
+        """The request to send upstream: ``body`` if it was read whole, else streamed."""
         headers = self.upstream_request_headers()
         if body is not None:
             headers.pop("Content-Length", None)  # set again from the body sent
@@ -3061,8 +3072,7 @@ class ProxyHandler(BaseHandler):
         )
         request.on_headers = self.on_upstream_headers  # type: ignore[attr-defined]
         self.upstream_request = request
-        self.fetch = self.app.http_client.start(request)
-        self.fetch.add_done_callback(self._on_fetch_done)
+        return request
 
     def watch_upload(self) -> None:
         """An upload may take as long as it needs, but not stop: one that sends
@@ -3110,9 +3120,13 @@ class ProxyHandler(BaseHandler):
     def _on_fetch_done(self, fetch: "asyncio.Future[Any]") -> None:
         _retrieve(fetch)  # an abandoned fetch logs no warning
         self._drain_body_queue()
-        # The upstream request's callbacks are this handler's methods, and the
-        # handler keeps the request: a cycle that left this request's whole graph
-        # (~56 objects) to the cyclic GC, whose passes then held every stream.
+        self._let_go_of_upstream_request()
+
+    def _let_go_of_upstream_request(self) -> None:
+        """Once its exchange ends. The upstream request's callbacks are this
+        handler's methods, and the handler keeps the request: a cycle that left
+        this request's whole graph (~56 objects) to the cyclic GC, whose passes
+        then held every stream."""
         request = self.upstream_request
         request.on_headers = request.streaming_callback = request.body_producer = None
 
@@ -3126,7 +3140,8 @@ class ProxyHandler(BaseHandler):
         if self.fetch is not None and not self.fetch.done():
             self._drain_body_queue()
             self.body_queue.put_nowait(ABORT)
-            self.app.http_client.cancel(self.upstream_request)
+        if self.upstream_request is not None:
+            self.app.http_client.cancel(self.upstream_request)  # (nothing if it has ended)
 
     # -- response: upstream → client ------------------------------------------
 
@@ -3176,17 +3191,24 @@ class ProxyHandler(BaseHandler):
         if self.answers_own_list():
             await self.answer_own_list()
             return
-        if self.body_chunks is not None:
-            self.request_bytes = sum(map(len, self.body_chunks))
-            self.start_upstream(await self.inspect_body(b"".join(self.body_chunks)))
-            self.body_chunks = None
-        elif not self.fetch.done():
-            await self.body_queue.put(None)  # the client's body is complete
+        if self.fetch is None:  # no body, or one read whole: sent now, awaited in this task
+            body = None
+            if self.body_chunks is not None:
+                self.request_bytes = sum(map(len, self.body_chunks))
+                body = await self.inspect_body(b"".join(self.body_chunks))
+                self.body_chunks = None
+            exchange = self.app.http_client.send(self.new_upstream_request(body))
+        else:
+            if not self.fetch.done():
+                await self.body_queue.put(None)  # the client's body is complete
+            exchange = self.fetch
         try:
-            response = await self.fetch
+            response = await exchange
             failure = response.error if response.code == 599 else None
         except Exception as e:  # raise_error=False still raises for a failed connection
             failure = e
+        finally:
+            self._let_go_of_upstream_request()
         if self.client_gone:
             self.set_status(499, "Client Closed Request")  # as nginx logs it
             return
@@ -3239,7 +3261,7 @@ class ProxyHandler(BaseHandler):
 
     def on_log(self) -> None:
         """Count the request once, with the usage its answer reported."""
-        if self.accounted or self.user is None or self.fetch is None:
+        if self.accounted or self.user is None or self.upstream_request is None:
             return
         self.accounted = True
         found = self.reader.result() if self.reader is not None else None
