@@ -3150,13 +3150,7 @@ class ProxyHandler(BaseHandler):
         if self.client_gone:
             return
         self.set_status(code, reason or None)
-        for ours in ("Content-Type", "Date"):  # the upstream's own, if any, instead
-            self.clear_header(ours)
-        named_by_connection = connection_tokens(headers)
-        for name, value in headers.get_all():
-            lower = name.lower()
-            if lower not in NOT_FORWARDED_DOWN and lower not in named_by_connection:
-                add_checked_field(self._headers, name, value)  # (add_header checks it again)
+        self._headers = self.made_ours(headers)
         if "Content-Length" not in headers:
             # A stream: each piece goes out as it comes (with a length, Tornado
             # sends the last piece unheld when the answer finishes).
@@ -3168,6 +3162,20 @@ class ProxyHandler(BaseHandler):
         if self.filter_models and code == 200:
             self.models_list: List[bytes] = []
         self.upstream_headers_sent = True
+
+    def made_ours(self, headers: tornado.httputil.HTTPHeaders) -> tornado.httputil.HTTPHeaders:
+        """The upstream's answer fields as the client's answer fields, in place
+        (an OpenAI answer has twenty-odd, each copied and checked again
+        otherwise): without the hop-by-hop ones and the upstream's CORS fields,
+        with this proxy's own (CORS, Vary) but not its Content-Type and Date."""
+        named_by_connection = connection_tokens(headers)
+        for name in [name for name in headers
+                     if name.lower() in NOT_FORWARDED_DOWN or name.lower() in named_by_connection]:
+            del headers[name]
+        for name, value in self._headers.get_all():
+            if name != "Content-Type" and name != "Date":
+                add_checked_field(headers, name, value)
+        return headers
 
     def on_upstream_chunk(self, chunk: bytes) -> Optional[Awaitable[None]]:
         """Pass a chunk on; the upstream is read again once the client took it."""
