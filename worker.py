@@ -3049,11 +3049,13 @@ class ProxyHandler(BaseHandler):
         """Send the request upstream now, its body as it arrives (through
         ``body_queue``), in a task of its own."""
         self.body_queue: "asyncio.Queue[Optional[bytes]]" = asyncio.Queue(self.BODY_QUEUE_CHUNKS)
-        self.fetch = self.app.http_client.start(self.new_upstream_request(None))
+        self.fetch = self.app.http_client.start(self.new_upstream_request(None, streamed=True))
         self.fetch.add_done_callback(self._on_fetch_done)
 
-    def new_upstream_request(self, body: Optional[bytes]) -> tornado.httpclient.HTTPRequest:
-        """The request to send upstream: ``body`` if it was read whole, else streamed."""
+    def new_upstream_request(self, body: Optional[bytes],
+                             streamed: bool = False) -> tornado.httpclient.HTTPRequest:
+        """The request to send upstream: ``body`` read whole, none, or ``streamed``
+        from ``body_queue`` as it arrives."""
         headers = self.upstream_request_headers()
         if body is not None:
             headers.pop("Content-Length", None)  # set again from the body sent
@@ -3062,7 +3064,7 @@ class ProxyHandler(BaseHandler):
             method=self.request.method,
             headers=headers,
             body=body,
-            body_producer=self.produce_body if body is None and self.has_body() else None,
+            body_producer=self.produce_body if streamed else None,
             streaming_callback=self.on_upstream_chunk,
             decompress_response=False,
             follow_redirects=False,
