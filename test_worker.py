@@ -678,6 +678,12 @@ class FakeUpstream:
             # RFC 9110 §7.6.1: connection-specific, never to be forwarded.
             headers.update({"Keep-Alive": "timeout=99", "X-Hop-Down": "1",
                             "Connection": "X-Hop-Down", "Proxy-Authenticate": "Basic realm=up"})
+        if h.request.headers.get("x-fake-cors"):
+            # What a CDN in front of an API may add: the proxy's own CORS answer
+            # stands instead, and a cookie is for the proxy's connection alone.
+            headers.update({"Access-Control-Allow-Origin": "*", "Set-Cookie": "__cf_bm=up",
+                            "Access-Control-Allow-Credentials": "true",
+                            "Vary": "Accept-Encoding"})
         await self.send(h, record, status, headers, [data])
 
     async def error(self, h: UpstreamHandler, record: Dict[str, Any], status: int, type_: str,
@@ -2448,6 +2454,16 @@ class TestCORS:
                 "Origin": "http://b.example", "Access-Control-Request-Method": "POST"})
             assert preflight.headers.get("Access-Control-Allow-Origin") not in (
                 "*", "http://b.example")
+            # The upstream's own CORS fields and cookie never reach the client.
+            allowed = w.models(key, Origin="http://a.example", **{"x-fake-cors": "1"})
+            assert allowed.headers.get_all("Access-Control-Allow-Origin") == ["http://a.example"]
+            assert sorted(allowed.headers.get_all("Vary")) == ["Accept-Encoding", "Origin"]
+            other = w.models(key, Origin="http://b.example", **{"x-fake-cors": "1"})
+            assert other.status == 200 and other.json()["object"] == "list"
+            for answer in (allowed, other):
+                assert answer.headers.get("Access-Control-Allow-Credentials") is None
+                assert answer.headers.get("Set-Cookie") is None
+            assert other.headers.get("Access-Control-Allow-Origin") in (None, ""), other.headers
 
 
 # ---------------------------------------------------------------------------
