@@ -29,40 +29,6 @@ Other commands::
     python worker.py export          # every user as JSON (key hashes, never keys)
 """
 
-import os
-import sys
-
-# Imports this file (its path is argv[1]) as the module "worker", then runs main.
-_AS_MODULE = """if 1:
-    import importlib.machinery, importlib.util, os, sys
-    path = sys.argv.pop(1)
-    if sys.path and sys.path[0] == "":
-        sys.path[0] = os.path.dirname(path)  # as for a script
-    loader = importlib.machinery.SourceFileLoader("worker", path)  # (any file name)
-    worker = importlib.util.module_from_spec(importlib.util.spec_from_loader("worker", loader))
-    sys.modules["worker"] = worker
-    loader.exec_module(worker)
-    sys.exit(worker.main(sys.argv))
-"""
-
-if __name__ == "__main__" and hasattr(os, "execv") and sys.executable:
-    # CPython keeps a script's whole syntax tree in memory until the script
-    # ends: for this file, 6 MB, a fifth of an idle worker.py. Imported as a
-    # module, its tree is freed once compiled (and the bytecode cached beside
-    # it, where it may be). So `python worker.py` hands over at once to this
-    # file imported as a module, in the same process.
-    try:
-        import subprocess
-        _flags = subprocess._args_from_interpreter_flags()  # -u, -X …, -W …
-    except Exception:
-        _flags = []
-    try:
-        os.execv(sys.executable, [sys.executable, *_flags, "-c", _AS_MODULE,
-                                  os.path.abspath(__file__), *sys.argv[1:]])
-    except OSError:
-        pass  # then run as the script it is
-
-
 import asyncio
 import binascii
 import collections
@@ -76,12 +42,14 @@ import io
 import json
 import logging
 import math
+import os
 import posixpath
 import re
 import secrets
 import select
 import signal
 import ssl
+import sys
 import time
 import urllib.parse
 import zlib
