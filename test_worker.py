@@ -2719,14 +2719,14 @@ class TestCrash:
         acknowledged = cut = sent = 0
         ended: List[float] = []  # when each proxied request that answered whole had ended
         traffic_key = None
-        started = time.monotonic()
+        started = killed_at = time.monotonic()
         try:
             for round_ in range(self.ROUNDS + 1):
                 where = f"{backend} round {round_} (seed {seed})"
                 try:
                     worker.start(port=free_port())
                 except AssertionError as e:
-                    raise AssertionError(f"{where}: the store did not open after SIGKILL: {e}")
+                    raise AssertionError(f"{where}: the store did not open after SIGKILL: {e}") from e
                 if in_flight is not None:
                     self.settle(worker, state, dead, in_flight, where)
                     in_flight = None
@@ -5568,7 +5568,7 @@ class TestSharedStore:
         for _ in range(5):
             name = unique("race")
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                answers = list(pool.map(lambda w: request("GET", f"{w.admin}/register/{name}"),
+                answers = list(pool.map(lambda w, name=name: request("GET", f"{w.admin}/register/{name}"),
                                         (a, b, a, b)))
             assert sorted(x.status for x in answers) == [200, 409, 409, 409], answers
             key = next(x.text.strip() for x in answers if x.status == 200)
@@ -6171,7 +6171,7 @@ def raw_exchange(port: int, data: bytes, timeout: float = CLIENT_TIMEOUT,
             except ConnectionResetError:
                 got = b""
             except socket.timeout:
-                raise AssertionError(f"no end within {timeout:g} s (a hang): {raw[:300]!r}")
+                raise AssertionError(f"no end within {timeout:g} s (a hang): {raw[:300]!r}") from None
             answer = parse_answer(raw + got, not got, head_only)
             raw += got
             if answer is not None:
@@ -6727,7 +6727,7 @@ class TestSlowClients:
         head = raw_request("GET", "/v1/models", "sk-cfw" + "x" * 45) + b"x" * 1000
         try:
             started = time.monotonic()
-            for i, byte in enumerate(head):
+            for byte in head:
                 try:
                     sock.sendall(bytes([byte]))
                 except (BrokenPipeError, ConnectionResetError):

@@ -1044,7 +1044,7 @@ def make_cert(tmp: str) -> Tuple[str, str]:
         from cryptography.hazmat.primitives.asymmetric import rsa
         from cryptography.x509.oid import NameOID
     except ImportError:
-        raise SystemExit("--https needs `openssl` on PATH or the `cryptography` package")
+        raise SystemExit("--https needs `openssl` on PATH or the `cryptography` package") from None
     pkey = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -1304,7 +1304,7 @@ class Bench:
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise SystemExit("redis-server did not start")
+                    raise SystemExit("redis-server did not start") from None
                 time.sleep(0.05)
         for db, (name, processes) in enumerate((("worker-redis", 1), ("worker-redis-2p", 2)), 1):
             env = worker_env(os.path.join(self.tmp, name + ".db"), free_port(), upstream_url, cert)
