@@ -2232,6 +2232,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: Any = None
         self.fileno = -1
         self.buffer = b""
+        self.searched = 0  # how much of the buffer holds no head's (or trailers') end
         self.answer: Optional[_UpstreamAnswer] = None  # the exchange in progress
         self.done: Optional["asyncio.Future[None]"] = None
         self.step: Callable[[], bool] = self._read_head  # what the next bytes are
@@ -2294,7 +2295,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Send ``request`` (``head`` made by ``request_head``); its answer goes to
         ``answer``. Raises StreamClosedError (or HTTPInputError) if it does not
         come whole."""
-        self.answer, self.step, self.reusable = answer, self._read_head, False
+        self.answer, self.step, self.reusable, self.searched = answer, self._read_head, False, 0
         done = self.done = asyncio.get_running_loop().create_future()
         if self.ended or self.aborted:  # (cancelled while connecting, or lost since)
             self._fail(tornado.iostream.StreamClosedError())
@@ -2391,11 +2392,16 @@ class UpstreamConnection(asyncio.Protocol):
             pass
 
     def _read_head(self) -> bool:
-        found = BLANK_LINE.search(self.buffer, 0, HEAD_LIMIT)
+        # Searched from where the last search stopped (less the 3 bytes an end
+        # could have begun in): a head that arrives a byte at a time is read in
+        # linear time, not searched from its start on every byte.
+        found = BLANK_LINE.search(self.buffer, max(0, self.searched - 3), HEAD_LIMIT)
         if found is None:
             if len(self.buffer) >= HEAD_LIMIT:
                 raise tornado.httputil.HTTPInputError("the upstream's answer head is too long")
+            self.searched = len(self.buffer)
             return False
+        self.searched = 0
         text = self.buffer[:found.start()].decode("latin-1").lstrip("\r\n")
         self.buffer = self.buffer[found.end():]
         line, _, fields = text.partition("\n")
@@ -2488,14 +2494,17 @@ class UpstreamConnection(asyncio.Protocol):
     def _read_trailers(self) -> bool:
         """After the last chunk: trailer fields (skipped), then an empty line."""
         buffer = self.buffer
+        found = buffer.find(b"\r\n\r\n", max(0, self.searched - 3))  # (linear, as for the head)
         if buffer.startswith(b"\r\n"):
             end = 2
-        elif b"\r\n\r\n" in buffer:
-            end = buffer.index(b"\r\n\r\n") + 4
+        elif found >= 0:
+            end = found + 4
         elif len(buffer) > HEAD_LIMIT:
             raise tornado.httputil.HTTPInputError("chunked trailers too long")
         else:
+            self.searched = len(buffer)
             return False
+        self.searched = 0
         self.buffer = buffer[end:]
         self.step = self._complete
         return True
