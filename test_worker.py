@@ -5498,6 +5498,16 @@ class TestPriceTable:
         expected = round(usd_per_million_sum * PER_MILLION)
         assert table.cost(model, worker.TokenCounts(**counts)) == expected
 
+    @pytest.mark.parametrize("input_tokens, usd_per_million_sum", [
+        (272_000, 262_000 * 5 + 10_000 * 0.50 + 1000 * 30),
+        (272_001, 262_001 * 10 + 10_000 * 1 + 1000 * 45),  # the whole request at the long price
+    ])
+    def test_long_context_costs_more(self, table, input_tokens, usd_per_million_sum):
+        worker = import_worker()
+        counts = worker.TokenCounts(input=input_tokens, cached=10_000, output=1000)
+        assert table.cost("gpt-5.5", counts) == round(usd_per_million_sum * PER_MILLION)
+        assert table.cost("gpt-5.5-2026-04-23", counts) == round(usd_per_million_sum * PER_MILLION)
+
     @pytest.mark.parametrize("model, priced_as", [
         ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
         ("gpt-4o-2024-08-06", "gpt-4o"),
@@ -5607,6 +5617,12 @@ class TestPricesFile:
                                        "output_cost_per_token": 1.5e-05,
                                        "litellm_provider": "anthropic", "mode": "chat"},
         "claude-3-5-sonnet": {"input_cost_per_token": 1e-06, "litellm_provider": "anthropic"},
+        "gpt-next": {"input_cost_per_token": 2e-06, "output_cost_per_token": 8e-06,
+                     "cache_read_input_token_cost": 2e-07,
+                     "input_cost_per_token_above_200k_tokens": 4e-06,
+                     "output_cost_per_token_above_200k_tokens": 1.2e-05,
+                     "input_cost_per_token_above_500k_tokens": 9e-06,
+                     "output_cost_per_token_batches": 4e-06, "litellm_provider": "openai"},
         "rerank-english-v3.0": {"input_cost_per_query": 0.002, "litellm_provider": "cohere",
                                 "mode": "rerank"},
     }
@@ -5632,6 +5648,17 @@ class TestPricesFile:
         assert table.cost("gpt-realtime", counts) == round(
             (50 * 4 + 50 * 0.40 + 300 * 32 + 400 * 0.40 + 50 * 5 + 50 * 0.40 + 20 * 16 + 80 * 64)
             * PER_MILLION)  # (no cached image price in the file: the cached text price)
+
+    def test_long_context_tier(self, tmp_path):
+        worker = import_worker()
+        table = worker.load_prices(write_json(str(tmp_path), self.LITELLM))
+        price = table.lookup("gpt-next")
+        assert price.long == (200_000, worker.Price(input=4_000_000, cached=200_000,
+                                                    output=12_000_000))
+        counts = worker.TokenCounts(input=200_000, output=10)
+        assert table.cost("gpt-next", counts) == 200_000 * 2_000_000 + 10 * 8_000_000
+        counts = worker.TokenCounts(input=200_001, cached=1, output=10)
+        assert table.cost("gpt-next", counts) == 200_000 * 4_000_000 + 200_000 + 10 * 12_000_000
 
     def test_other_providers_only_by_exact_name(self, tmp_path):
         table = import_worker().load_prices(write_json(str(tmp_path), self.LITELLM))
@@ -5664,6 +5691,8 @@ class TestPricesFile:
         ('{"m": {"input_cost_per_token": NaN}}', "is not JSON"),
         ('{"m": {"input_cost_per_token": Infinity}}', "is not JSON"),
         ('{"m": {"input_cost_per_token": "Infinity"}}', "must be a number"),
+        ('{"m": {"input_cost_per_token": 1e-6, "input_cost_per_token_above_200k_tokens": -2}}',
+         "'m': input_cost_per_token_above_200k_tokens must be a number"),
         (b"\xff\xfe\x00garbage", "is not JSON"),
     ])
     def test_bad_files(self, tmp_path, content, says):
@@ -5704,6 +5733,8 @@ class TestPricesCommand:
         assert "32.00/0.40/64.00" in realtime and "5.00/0.50/-" in realtime
         whisper = next(line for line in out.splitlines() if line.split()[:1] == ["whisper-1"])
         assert whisper.split()[-1] == "0.006"  # per minute
+        gpt_5_5 = next(line for line in out.splitlines() if line.split()[:1] == ["gpt-5.5"])
+        assert gpt_5_5.split()[-2:] == ["over-272K", "10.00/1.00/45.00"]
 
     def test_with_a_prices_file(self, tmp_path):
         path = write_json(str(tmp_path), {"gpt-4o-mini": {"input_cost_per_token": 2e-07,
