@@ -5617,6 +5617,11 @@ class TestPricesFile:
                                        "output_cost_per_token": 1.5e-05,
                                        "litellm_provider": "anthropic", "mode": "chat"},
         "claude-3-5-sonnet": {"input_cost_per_token": 1e-06, "litellm_provider": "anthropic"},
+        "gpt-image-1": {"input_cost_per_token": 5e-06, "cache_read_input_token_cost": 1.25e-06,
+                        "input_cost_per_image_token": 1e-05,
+                        "cache_read_input_image_token_cost": 2.5e-06,
+                        "output_cost_per_image_token": 4e-05, "litellm_provider": "openai",
+                        "mode": "image_generation"},
         "gpt-next": {"input_cost_per_token": 2e-06, "output_cost_per_token": 8e-06,
                      "cache_read_input_token_cost": 2e-07,
                      "input_cost_per_token_above_200k_tokens": 4e-06,
@@ -5648,6 +5653,22 @@ class TestPricesFile:
         assert table.cost("gpt-realtime", counts) == round(
             (50 * 4 + 50 * 0.40 + 300 * 32 + 400 * 0.40 + 50 * 5 + 50 * 0.40 + 20 * 16 + 80 * 64)
             * PER_MILLION)  # (no cached image price in the file: the cached text price)
+
+    @pytest.mark.parametrize("usage", [
+        {"input_tokens": 50, "output_tokens": 4160,
+         "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}},
+        {"input_tokens": 50, "output_tokens": 4160,
+         "input_tokens_details": {"text_tokens": 10, "image_tokens": 40},
+         "output_tokens_details": {"text_tokens": 0, "image_tokens": 4160}},
+    ])
+    def test_output_without_a_text_price(self, tmp_path, usage):
+        """LiteLLM prices gpt-image-1's output only as image tokens: output
+        tokens without their details are image tokens then, never free."""
+        worker = import_worker()
+        table = worker.load_prices(write_json(str(tmp_path), self.LITELLM))
+        assert table.lookup("gpt-image-1").output is None
+        assert table.cost("gpt-image-1", worker.token_counts_of(usage)) == round(
+            (10 * 5 + 40 * 10 + 4160 * 40) * PER_MILLION)
 
     def test_long_context_tier(self, tmp_path):
         worker = import_worker()

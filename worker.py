@@ -1886,9 +1886,10 @@ def token_counts_of(usage: Any) -> TokenCounts:
         return TokenCounts()
     if usage.get("type") == "duration":
         seconds = usage.get("seconds")
-        good = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) \
-            and 0 <= seconds < float("inf")
-        return TokenCounts(seconds=seconds if good else 0)
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) \
+                and 0 <= seconds < float("inf"):
+            return TokenCounts(seconds=float(seconds))
+        return TokenCounts()
     inputs = _part(usage, "prompt_tokens_details", "input_tokens_details", "input_token_details")
     outputs = _part(usage, "completion_tokens_details", "output_tokens_details",
                     "output_token_details")
@@ -1957,13 +1958,15 @@ class Price(NamedTuple):
         cached_image += min(spare - more, image - cached_image)
         audio_out = min(counts.audio_output, counts.output)
         image_out = min(counts.image_output, counts.output - audio_out)
-        cost = ((text - cached_text) * _first(p_input)
-                + cached_text * _first(p_cached, p_input)
+        # A model without a price for text prices its unlabelled tokens as its
+        # other kind (LiteLLM's gpt-image-1 has only output_cost_per_image_token).
+        cost = ((text - cached_text) * _first(p_input, p_image, p_audio)
+                + cached_text * _first(p_cached, p_input, p_image, p_audio)
                 + (audio - cached_audio) * _first(p_audio, p_input)
                 + cached_audio * _first(p_cached_audio, p_cached, p_audio, p_input)
                 + (image - cached_image) * _first(p_image, p_input)
                 + cached_image * _first(p_cached_image, p_cached, p_image, p_input)
-                + (counts.output - audio_out - image_out) * _first(p_output)
+                + (counts.output - audio_out - image_out) * _first(p_output, p_image_out, p_audio_out)
                 + audio_out * _first(p_audio_out, p_output)
                 + image_out * _first(p_image_out, p_output)
                 + counts.characters * _first(p_character)
@@ -2208,8 +2211,8 @@ def read_price_file(path: str) -> Dict[str, Any]:
 def _sharing(price: Price, shared: Dict[int, int]) -> Price:
     """``price`` with its ints taken from ``shared``: one object per distinct price."""
     long = price.long and (price.long[0], _sharing(price.long[1], shared))
-    return Price(*(None if value is None else shared.setdefault(value, value)
-                   for value in price[:-1]), long=long)
+    return Price._make([None if value is None else shared.setdefault(value, value)
+                        for value in price[:-1]] + [long])
 
 
 def load_prices(path: Optional[str]) -> PriceTable:
