@@ -5727,6 +5727,41 @@ class TestPricesFile:
         message = str(caught.value)
         assert message.startswith("PRICES_FILE") and says in message and "\n" not in message
 
+    def test_a_large_file_costs_little_memory(self, tmp_path):
+        """2,500 entries shaped like LiteLLM's (capabilities, regions, tiers…):
+        what stays in memory is the prices, a few hundred bytes a model."""
+        import gc
+        import tracemalloc
+        worker = import_worker()
+        providers = ["openai", "azure", "bedrock", "vertex_ai", "anthropic", "openrouter"]
+        entries: Dict[str, Any] = {}
+        for i in range(2500):
+            provider = providers[i % len(providers)]
+            entries[f"model-{i}" if provider == "openai" else f"{provider}/model-{i}"] = {
+                "input_cost_per_token": [1.5e-07, 2.5e-06, 3e-06][i % 3],
+                "output_cost_per_token": [6e-07, 1e-05, 1.5e-05, 4.4e-06][i % 4],
+                "cache_read_input_token_cost": 7.5e-08, "input_cost_per_token_batches": 7.5e-08,
+                "litellm_provider": provider, "mode": "chat", "max_tokens": 16384,
+                "max_input_tokens": 128000, "max_output_tokens": 16384,
+                "supports_function_calling": True, "supports_vision": True,
+                "supports_prompt_caching": True, "supports_response_schema": True,
+                "supported_endpoints": ["/v1/chat/completions", "/v1/batch", "/v1/responses"],
+                "supported_modalities": ["text", "image"], "source": f"https://example.com/{i}",
+                "search_context_cost_per_query": {"search_context_size_low": 0.03}}
+        path = write_json(str(tmp_path), entries)
+        assert os.path.getsize(path) > 1_500_000
+        gc.collect()
+        tracemalloc.start()
+        try:
+            table = worker.load_prices(path)
+            gc.collect()
+            kept, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(table) == 2500 + len(worker.load_prices(None))
+        assert kept < 1_000_000, kept  # (measured: ~0.6 MB; the parsed JSON would be ~2.5 MB)
+        assert peak < 4 * os.path.getsize(path), peak  # (measured: 2.5 times the file)
+
     def test_a_setting_read_once_into_settings(self, tmp_path):
         worker = import_worker()
         env = {"OPENAPI_API_KEY": "sk-x", "ACCESS_TOKEN": "a-long-token",

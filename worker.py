@@ -330,7 +330,7 @@ def load_settings(environ: Dict[str, str]) -> Settings:
     environ = dict(environ)
     if not environ.get("OPENAPI_API_KEY") and environ.get("OPENAI_API_KEY"):
         environ["OPENAPI_API_KEY"] = environ["OPENAI_API_KEY"]
-    values = {}
+    values: Dict[str, Any] = {}
     for name, default, parse, _ in SETTINGS_TABLE:
         raw = environ.get(name, "").strip() or default
         values[name.lower()] = parse(raw, name)
