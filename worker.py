@@ -1738,7 +1738,8 @@ class RateLimiter:
 COST_UNITS_PER_USD = 10 ** 12
 
 PRICES_DATE = "2026-12-05"
-PRICES_SOURCE = "https://developers.openai.com/api/docs/pricing (Standard tier)"
+PRICES_SOURCE = ("https://developers.openai.com/api/docs/pricing (Standard tier); the "
+                 "newest models from LiteLLM's model_prices_and_context_window.json")
 
 # USD per 1M tokens: input, cached input, output ("-": no price of its own, so
 # cached input costs as input); then, where the model has them, audio and image
@@ -1746,13 +1747,16 @@ PRICES_SOURCE = "https://developers.openai.com/api/docs/pricing (Standard tier)"
 # per minute of audio (a transcription that reports its duration), per 1M
 # characters (tts-1), per image (DALL-E, by quality/size as LiteLLM names them);
 # over-272K: a request with more input tokens costs these prices instead (all of it).
+# The models after DALL-E-2 are newer than the copies of OpenAI's page at hand:
+# their prices are LiteLLM's (model_prices_and_context_window.json of litellm
+# 1.110.2), as read on PRICES_DATE.
 BUILTIN_PRICES = """
 gpt-5.5                             5       0.50    30                                                over-272K 10/1/45
-gpt-5.5-pro                         30      -       180
+gpt-5.5-pro                         30      -       180                                               over-272K 60/-/270
 gpt-5.4                             2.50    0.25    15                                                over-272K 5/0.50/22.50
 gpt-5.4-mini                        0.75    0.075   4.50
 gpt-5.4-nano                        0.20    0.02    1.25
-gpt-5.4-pro                         30      -       180
+gpt-5.4-pro                         30      -       180                                               over-272K 60/-/270
 gpt-5.2                             1.75    0.175   14
 gpt-5.1                             1.25    0.125   10
 gpt-5.1-codex                       1.25    0.125   10
@@ -1825,6 +1829,26 @@ dall-e-2                            -       -       -       per-image 0.02
 256-x-256/dall-e-2                  -       -       -       per-image 0.016
 512-x-512/dall-e-2                  -       -       -       per-image 0.018
 1024-x-1024/dall-e-2                -       -       -       per-image 0.02
+gpt-6.1-sol                         2       0.10    10                                                over-272K 4/0.20/15
+gpt-6.1-terra                       1       0.05    5                                                 over-272K 2/0.10/7.50
+gpt-6-sol                           2       0.20    10                                                over-272K 4/0.40/15
+gpt-6-luna                          0.10    0.01    0.50                                              over-272K 0.20/0.02/0.75
+gpt-6-astra                         10      1       50                                                over-272K 20/2/75
+gpt-5.6                             4       0.40    20                                                over-272K 8/0.80/30
+gpt-5.6-sol                         4       0.40    20                                                over-272K 8/0.80/30
+gpt-5.6-terra                       2       0.20    12                                                over-272K 4/0.40/18
+gpt-5.6-luna                        0.20    0.02    1.20                                              over-272K 0.40/0.04/1.80
+gpt-5.3-codex                       1.75    0.175   14
+gpt-5.2-codex                       1.75    0.175   14
+gpt-5.2-pro                         21      -       168
+gpt-5.1-codex-max                   1.25    0.125   10
+gpt-realtime-2                      4       0.40    24      audio 32/0.40/64     image 5/0.50/-
+gpt-realtime-2.1                    4       0.40    24      audio 32/0.40/64     image 5/0.50/-
+gpt-realtime-2.1-mini               0.60    0.06    2.40    audio 10/0.30/20     image 0.80/0.08/-
+gpt-audio-1.5                       2.50    -       10      audio 32/-/64
+gpt-image-1.5                       5       1.25    10      image 8/2/32
+gpt-image-2                         5       1.25    -       image 8/2/30
+gpt-transcribe                      -       -       -       per-minute 0.0045
 """
 
 # A dated snapshot's suffix: gpt-4o-2024-08-06, gpt-4-0613, claude-…-20240620.
