@@ -1718,15 +1718,20 @@ class RateLimiter:
 # The interface the rest of worker.py uses (extend it, do not rename):
 #
 #   COST_UNITS_PER_USD           costs are ints of 1e-12 USD (picodollars): exact,
-#                                fine enough for $0.0025 per 1M tokens, and a
-#                                lifetime of spend fits a 64-bit Redis counter
-#   TokenCounts                  what one answer used, by kind (frozen; the kinds
-#                                are PARTS of input/output, as OpenAI reports them)
+#                                fine enough for $0.0025 per 1M tokens; a 64-bit
+#                                Redis counter holds up to $9.2 million of them
+#   TokenCounts(input, cached, audio_input, image_input, output, audio_output,
+#               image_output, seconds, characters, images, cached_audio, cached_image)
+#                                what one answer used, by kind (frozen; the kinds
+#                                are PARTS of input/output, as OpenAI reports them;
+#                                characters and images are set by the caller)
 #   token_counts_of(usage)       -> TokenCounts, from any OpenAI usage object; never raises
+#   Settings.prices              the PriceTable in effect (load_settings loads it once)
 #   PriceTable.lookup(model)     -> Optional[Price]: a dated snapshot falls back to
 #                                its model, "openai/gpt-4o" to "gpt-4o"
 #   PriceTable.cost(model, counts) -> Optional[int]: None if the model has no price
 #   PriceTable.has_price(model)  -> bool
+#   Price.cost(counts)           -> int, for a Price already looked up
 #   load_prices(path)            -> PriceTable: the built-in table, extended and
 #                                overridden by a LiteLLM price file; ConfigError
 #                                naming PRICES_FILE on a bad one
