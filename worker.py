@@ -180,6 +180,7 @@ SHARED_CACHE_SECONDS = 1.0  # the longest a key read from Redis is trusted unask
 REDIS_CONNECTIONS = 64  # per process
 EXIT_FLUSH_SECONDS = 5.0  # at exit, how long to keep trying to write the last usage
 RATE_WINDOW_SECONDS = 60.0
+ACCEPT_BACKOFF_SECONDS = 0.5  # out of file descriptors: how long to stop accepting
 LINGER_SECONDS = 30.0  # a client refused mid-upload: how long its body is read and dropped …
 LINGER_IDLE_SECONDS = 5.0  # … and how long without a byte of it (as nginx's lingering_*)
 
@@ -4176,6 +4177,70 @@ def tls_context(settings: Settings) -> Optional[ssl.SSLContext]:
     return context
 
 
+def raise_open_file_limit() -> None:
+    """The soft limit on open files up to the hard one: every client connection
+    is one (a proxied request two), and Debian's default soft limit is 1024."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.debug("open-file limit: %d, cannot raise it to %d: %s", soft, target, e)
+        return
+    log.debug("open-file limit: raised from %d to %d", soft, target)
+
+
+OUT_OF_FILES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Listener(socket.socket):
+    """A listening socket that, out of file descriptors, stops accepting for a
+    moment. Tornado's accept loop (``add_accept_handler``, 6.2 to 6.6) lets
+    EMFILE through to the IOLoop, which logs it and, the socket being readable
+    still, calls the loop again at once: a busy loop writing megabytes of log.
+    Here the socket is unwatched for ACCEPT_BACKOFF_SECONDS (``update_handler``,
+    public, leaves Tornado's handler in place), the episode logged once."""
+
+    out_of_files_since: Optional[float] = None
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> "Listener":
+        return cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+
+    def accept(self) -> Tuple[socket.socket, Any]:
+        try:
+            accepted = super().accept()
+        except OSError as e:
+            if e.errno not in OUT_OF_FILES:
+                raise
+            self.back_off(e)
+            raise BlockingIOError(errno.EAGAIN, "backing off") from None  # (ends Tornado's loop)
+        if self.out_of_files_since is not None:
+            log.warning("accepting connections again, after %.1f s out of file descriptors",
+                        time.monotonic() - self.out_of_files_since)
+            self.out_of_files_since = None
+        return accepted
+
+    def back_off(self, error: OSError) -> None:
+        if self.out_of_files_since is None:
+            self.out_of_files_since = time.monotonic()
+            log.warning("cannot accept connections: %s (the open-file limit, ulimit -n); "
+                        "new clients wait until some close", error.strerror)
+        io_loop = tornado.ioloop.IOLoop.current()
+        io_loop.update_handler(self, 0)
+        io_loop.call_later(ACCEPT_BACKOFF_SECONDS, self.resume)
+
+    def resume(self) -> None:
+        if self.fileno() != -1:  # (else closed by server.stop meanwhile)
+            tornado.ioloop.IOLoop.current().update_handler(self, tornado.ioloop.IOLoop.READ)
+
+
 class Server(tornado.httpserver.HTTPServer):
     """Tornado's HTTP server for ``app``, with client connections timed out by
     ``App.watch_clients`` (from when they are accepted, and again after each
@@ -4217,7 +4282,7 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
     # What is made by now lives as long as the process: out of the cyclic GC's
     # sight, its full passes take ~6 ms instead of 20-27 (every stream waits for them).
     gc.freeze()
-    server.add_sockets(sockets)
+    server.add_sockets([Listener.of(sock) for sock in sockets])
     log.info("listening on %s://%s:%d", settings.scheme, settings.host, settings.port)
 
     stopping = asyncio.Event()
@@ -4253,6 +4318,7 @@ def run_server(settings: Settings) -> None:
     if settings.kv_url:
         RedisKV(settings.kv_url).open()  # a missing package or bad URL is said before any fork
     tls_context(settings)  # (so is a bad certificate)
+    raise_open_file_limit()
     sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=1024)
     parent = os.getpid() if settings.workers > 1 else None
     if parent is not None and not fork_workers(settings.workers):
