@@ -3460,7 +3460,11 @@ class TestTrustedProxies:
                                  **{"X-Forwarded-For": f"203.0.113.{100 + n}"}).status == 403
             assert admin_try(port, ACCESS_TOKEN, "127.0.10.40",
                              **{"X-Forwarded-For": "203.0.113.200"}).status == 429
-            assert "203.0.113.66" in w.log(), "the log does not name the locked-out client"
+            log = w.log()
+            assert "203.0.113.66" in log, "the log does not name the locked-out client"
+            assert "client=203.0.113.67" in log, "the access log does not name the client"
+            assert "client=127.0.10.40" in log and "203.0.113.200" not in log, \
+                "the access log believed an untrusted peer"
 
 
 def proxy_log_lines(worker: Worker, name: str) -> List[str]:

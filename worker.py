@@ -4090,9 +4090,10 @@ class App:
         status = handler.get_status()
         level = logging.WARNING if status >= 500 else logging.INFO
         if log.isEnabledFor(level):
-            log.log(level, "%s %s %d user=%s model=%s tokens=%s %.1fms",
+            log.log(level, "%s %s %d user=%s model=%s tokens=%s %.1fms client=%s",
                     handler.request.method, handler.log_path, status, handler.log_user,
-                    handler.log_model, handler.log_tokens, 1000 * handler.request.request_time())
+                    handler.log_model, handler.log_tokens, 1000 * handler.request.request_time(),
+                    self.client_address(handler.request))
 
 
 def client_address(peer: str, headers: tornado.httputil.HTTPHeaders,
@@ -4269,6 +4270,7 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
         # Routes answered here take small bodies; the proxy raises its own
         # limit per request (prepare), so no one else can make us hold 512 MB.
         max_body_size=SMALL_BODY_BYTES,
+        xheaders=False,  # (Tornado's would believe X-Forwarded-For from anyone: client_address)
         body_timeout=CLIENT_BODY_SECONDS,  # (the proxy's own uploads: ProxyHandler.watch_upload)
         chunk_size=IO_CHUNK_BYTES,
     )
