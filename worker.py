@@ -3409,10 +3409,12 @@ class WithBody(tornado.routing.PathMatches):
 
 
 def has_body(headers: tornado.httputil.HTTPHeaders) -> bool:
+    """Whether a request says it has a body (any Transfer-Encoding does: one
+    other than chunked is refused in ProxyHandler.prepare, in OpenAI's shape)."""
+    if "Transfer-Encoding" in headers:
+        return True
     length = headers.get("Content-Length")
-    if length is not None:
-        return length.strip() != "0"
-    return "chunked" in headers.get("Transfer-Encoding", "").lower()
+    return length is not None and length.strip() != "0"
 
 
 async def linger(sock: socket.socket, written: "asyncio.Future[None]", max_bytes: int) -> None:
