@@ -95,6 +95,7 @@ WORKER_VARIABLES = (
     "OPENAPI_API_KEY", "ACCESS_TOKEN", "UPSTREAM_URL", "HOST", "PORT", "DB_PATH",
     "KV_URL", "WORKERS", "TLS_CERT", "TLS_KEY", "CORS_ORIGINS", "MAX_BODY_MB",
     "UPSTREAM_TIMEOUT", "LOG_LEVEL", "PRICES_FILE",
+    "TRUSTED_PROXIES",
 )
 
 READY_SECONDS = 10.0
@@ -3226,15 +3227,16 @@ class TestLimits:
             model="gpt-4o-mini", messages=CHAT_MESSAGES).usage.total_tokens == 17
         set_limits(worker, name, "quota=68")
         with pytest.raises(openai.RateLimitError):
-            client.models.list()
+            client.chat.completions.create(model="gpt-4o-mini", messages=CHAT_MESSAGES)
+        assert client.models.list().data, "listing models costs nothing: no quota applies"
 
     def test_rpm_refuses_the_fourth_request_in_a_minute(self, worker, upstream):
         name = unique("rpm")
         key = worker.register(name, "?rpm=3")
         for _ in range(3):
-            assert worker.models(key).status == 200
+            assert post_json(worker, "/v1/chat/completions", key, chat_json()).status == 200
         test_id = new_test_id()
-        answer = worker.models(key, **{"x-test-id": test_id})
+        answer = post_json(worker, "/v1/chat/completions", key, chat_json(), **{"x-test-id": test_id})
         error = is_openai_error(answer, 429, "rate_limit_exceeded")
         assert error["type"] == "requests", error
         assert 1 <= int(answer.headers["Retry-After"]) <= 60, answer.headers
@@ -3244,7 +3246,7 @@ class TestLimits:
         time.sleep(0.2)
         assert upstream.find(test_id) == []
         set_limits(worker, name, "rpm=0")
-        assert worker.models(key).status == 200
+        assert post_json(worker, "/v1/chat/completions", key, chat_json()).status == 200
 
     @pytest.fixture(scope="class")
     def allowlisted(self, worker: Worker) -> str:
@@ -3323,6 +3325,426 @@ class TestLimits:
         assert [m["id"] for m in answer.json()["data"]] == ["gpt-a", "gpt-c"]
         client = sdk(worker, allowlisted, **{"x-fake-models": "gpt-b,gpt-c"})
         assert [m.id for m in client.models.list()] == ["gpt-c"]
+
+
+# ---------------------------------------------------------------------------
+# 14b. What an open port, a reverse proxy and the SDKs meet (issue 15)
+# ---------------------------------------------------------------------------
+
+# What scanners try on every open port: none names an admin command.
+SCANNER_PATHS = [
+    "/wp-admin/setup-config.php", "/.git/config", "/.env", "/favicon.ico", "/robots.txt",
+    "/wp-login.php", "/xmlrpc.php", "/.aws/credentials", "/phpmyadmin/index.php",
+    "/cgi-bin/luci", "/vendor/phpunit/phpunit/src/Util/PHP/eval-stdin.php",
+    "/actuator/health", "/server-status", "/config.json", "/.well-known/security.txt",
+    "/owa/auth/logon.aspx", "/boaform/admin/formLogin", "/HNAP1/", "/solr/admin/info/system",
+    "/admin/.env",
+]
+
+
+_worker_module: List[Any] = []
+
+
+def worker_module() -> Any:
+    """worker.py imported (as ``worker_under_test``), for its pure functions."""
+    if not _worker_module:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("worker_under_test", WORKER_PY)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _worker_module.append(module)
+    return _worker_module[0]
+
+
+def admin_try(port: int, token: str, source: str, **headers: str) -> "RawAnswer":
+    """``GET /TOKEN/users`` from ``source`` (a loopback address), with ``headers``."""
+    lines = [f"GET /{token}/users HTTP/1.1", "Host: x"] + [f"{k}: {v}" for k, v in headers.items()]
+    return raw_exchange(port, ("\r\n".join(lines) + "\r\n\r\n").encode(), source=source)
+
+
+class TestOpenPort:
+    """Scanners, link previews and forwarded headers against the admin routes (items 6-8)."""
+
+    def test_twenty_scanner_paths_never_lock_the_owner_out(self, worker):
+        port, source = int(worker.env["PORT"]), "127.0.10.1"
+        for path in SCANNER_PATHS:
+            for method in ("GET", "POST"):
+                data = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode()
+                answer = raw_exchange(port, data, source=source)
+                assert (answer.status, answer.body.strip()) == (403, b"Access forbidden"), \
+                    (method, path, answer.status, answer.body)
+        assert admin_try(port, ACCESS_TOKEN, source).status == 200, "the scanners locked him out"
+
+    def test_wrong_tokens_on_admin_commands_still_lock_out_with_retry_after(self, worker):
+        port, source = int(worker.env["PORT"]), "127.0.10.2"
+        for n, command in enumerate(["register/x", "reset/x", "set/x", "users", "stats",
+                                     "stats/x", "objects/x", "users", "register/y", "users"]):
+            data = f"GET /wrong-{n}/{command} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            assert raw_exchange(port, data, source=source).status == 403
+        locked = admin_try(port, ACCESS_TOKEN, source)
+        assert locked.status == 429, locked.status
+        assert 1 <= int(locked.headers["retry-after"]) <= 60, locked.headers
+
+    def test_a_wrong_token_on_delete_counts(self, worker):
+        port, source = int(worker.env["PORT"]), "127.0.10.3"
+        for n in range(10):
+            data = f"DELETE /wrong-{n}/someone HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            assert raw_exchange(port, data, source=source).status == 403
+        assert admin_try(port, ACCESS_TOKEN, source).status == 429
+
+    @pytest.mark.parametrize("method", ["GET", "POST"])
+    def test_get_delete_never_deletes(self, worker, method):
+        name = unique("keep")
+        key = worker.register(name)
+        answer = request(method, f"{worker.admin}/delete/{name}", b"" if method == "POST" else None)
+        assert answer.status in (404, 405), answer
+        assert answer.text.startswith("error: ") and "DELETE" in answer.text, answer
+        assert name in users_by_name(worker)
+        assert worker.models(key).status == 200, "the key stopped working"
+        worker.delete(name)
+        assert worker.models(key).status == 401
+
+    @pytest.mark.parametrize("headers", [
+        {"X-Forwarded-For": "203.0.113.{n}"}, {"X-Real-IP": "203.0.113.{n}"},
+        {"X-Forwarded-For": "127.0.0.1, 203.0.113.{n}", "X-Real-IP": "198.51.100.{n}"},
+    ], ids=["x-forwarded-for", "x-real-ip", "both"])
+    def test_forwarded_headers_are_not_believed_without_trusted_proxies(self, worker, headers):
+        """Each guess claims another client: the lockout is still the peer's."""
+        port = int(worker.env["PORT"])
+        source = f"127.0.10.{10 + len(headers) + ('X-Real-IP' in headers)}"
+        for n in range(10):
+            claimed = {k: v.format(n=n) for k, v in headers.items()}
+            assert admin_try(port, f"wrong-{n}", source, **claimed).status == 403
+        claimed = {k: v.format(n=99) for k, v in headers.items()}
+        assert admin_try(port, ACCESS_TOKEN, source, **claimed).status == 429, \
+            "a forwarded header escaped the lockout"
+
+
+class TestTrustedProxies:
+    """TRUSTED_PROXIES: the forwarded client, and only from a proxy listed (item 7)."""
+
+    @pytest.mark.parametrize("peer,headers,expected", [
+        ("127.0.0.1", {"X-Forwarded-For": "203.0.113.7"}, "203.0.113.7"),
+        ("127.0.0.1", {"X-Forwarded-For": "1.1.1.1, 203.0.113.7"}, "203.0.113.7"),
+        ("127.0.0.1", {"X-Forwarded-For": "203.0.113.7, 10.0.0.5"}, "203.0.113.7"),
+        ("127.0.0.1", {"X-Forwarded-For": "10.0.0.6, 10.0.0.5"}, "10.0.0.6"),
+        ("127.0.0.1", {"X-Forwarded-For": "nonsense, 10.0.0.5"}, "10.0.0.5"),
+        ("127.0.0.1", {"X-Real-IP": "203.0.113.8"}, "203.0.113.8"),
+        ("127.0.0.1", {"X-Real-IP": "not an address"}, "127.0.0.1"),
+        ("127.0.0.1", {}, "127.0.0.1"),
+        ("::ffff:127.0.0.1", {"X-Forwarded-For": "2001:db8::1"}, "2001:db8::1"),
+        ("192.0.2.1", {"X-Forwarded-For": "203.0.113.7"}, "192.0.2.1"),
+        ("192.0.2.1", {"X-Real-IP": "203.0.113.7"}, "192.0.2.1"),
+    ])
+    def test_client_address(self, peer, headers, expected):
+        module = worker_module()
+        trusted = module.load_settings({
+            "OPENAPI_API_KEY": "sk-x", "ACCESS_TOKEN": "Une9f2ijwe",
+            "TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8"}).trusted_proxies
+        got = module.client_address(peer, tornado.httputil.HTTPHeaders(headers), trusted)
+        assert got == expected
+        assert module.client_address(peer, tornado.httputil.HTTPHeaders(headers), ()) == peer
+
+    @pytest.mark.parametrize("value", ["10.0.0.0/33", "proxy.example", "127.0.0.1, 300.1.1.1"])
+    def test_a_bad_value_exits_2_naming_it(self, tmp_root, upstream, value):
+        done = Worker(tmp_root, upstream.url, TRUSTED_PROXIES=value).command(timeout=15)
+        lines = [line for line in done.stderr.decode().splitlines() if line.strip()]
+        assert done.returncode == 2, done
+        assert len(lines) == 1 and "TRUSTED_PROXIES" in lines[0], lines
+
+    def test_help_names_it(self):
+        done = subprocess.run([sys.executable, WORKER_PY, "--help"], cwd=HERE, env=clean_environ(),
+                              capture_output=True, timeout=15)
+        assert b"TRUSTED_PROXIES" in done.stdout, done
+
+    def test_behind_a_trusted_proxy_the_lockout_is_the_forwarded_clients(self, tmp_root, upstream):
+        with running_worker(tmp_root, upstream.url, TRUSTED_PROXIES="127.0.0.1") as w:
+            port = int(w.env["PORT"])
+            for n in range(10):  # a guesser behind the proxy, who also writes the header
+                answer = admin_try(port, f"wrong-{n}", "127.0.0.1",
+                                   **{"X-Forwarded-For": f"198.51.100.{n}, 203.0.113.66"})
+                assert answer.status == 403
+            locked = admin_try(port, ACCESS_TOKEN, "127.0.0.1",
+                               **{"X-Forwarded-For": "203.0.113.66"})
+            assert locked.status == 429 and int(locked.headers["retry-after"]) >= 1, locked.headers
+            assert admin_try(port, ACCESS_TOKEN, "127.0.0.1",
+                             **{"X-Forwarded-For": "203.0.113.67"}).status == 200, \
+                "one guesser locked out every client of the proxy"
+            assert admin_try(port, ACCESS_TOKEN, "127.0.0.1",
+                             **{"X-Real-IP": "203.0.113.68"}).status == 200
+            # A peer that is not the proxy is believed in nothing it says.
+            for n in range(10):
+                assert admin_try(port, f"wrong-{n}", "127.0.10.40",
+                                 **{"X-Forwarded-For": f"203.0.113.{100 + n}"}).status == 403
+            assert admin_try(port, ACCESS_TOKEN, "127.0.10.40",
+                             **{"X-Forwarded-For": "203.0.113.200"}).status == 429
+            log = w.log()
+            assert "203.0.113.66" in log, "the log does not name the locked-out client"
+            assert "client=203.0.113.67" in log, "the access log does not name the client"
+            assert "client=127.0.10.40" in log and "203.0.113.200" not in log, \
+                "the access log believed an untrusted peer"
+
+
+def proxy_log_lines(worker: Worker, name: str) -> List[str]:
+    return [line for line in worker.log().splitlines() if f"user={name} " in line]
+
+
+class TestRefusalsAsSDKsSeeThem:
+    """429 insufficient_quota not retried; local refusals and model lists take no rpm
+    slot and no quota; the log names the refused model (items 11, 22)."""
+
+    def test_insufficient_quota_is_not_retried_by_the_python_sdk(self, worker, upstream):
+        name, run = unique("noretry"), new_test_id()
+        key = worker.register(name, "?quota=10")
+        assert post_json(worker, "/v1/chat/completions", key, chat_json()).status == 200
+        client = openai.OpenAI(base_url=worker.url + "/v1", api_key=key, max_retries=2,
+                               timeout=30, default_headers={"x-test-id": run})
+        started = time.monotonic()
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(model="gpt-4o-mini", messages=CHAT_MESSAGES)
+        assert caught.value.code == "insufficient_quota"
+        assert caught.value.response.headers["x-should-retry"] == "false"
+        assert time.monotonic() - started < 0.5, "the SDK waited to retry"
+        refused = wait_until(lambda: [line for line in proxy_log_lines(worker, name)
+                                      if " 429 " in line], 3, "no 429 logged")
+        time.sleep(0.3)
+        assert len([line for line in proxy_log_lines(worker, name) if " 429 " in line]) == 1, \
+            refused
+        assert upstream.find(run) == []
+
+    def test_local_refusals_take_no_rpm_slot(self, worker):
+        name = unique("rpmlocal")
+        key = worker.register(name, "?rpm=2&models=gpt-4o-mini")
+        refusals = [
+            (post_json(worker, "/v1/chat/completions", key, chat_json("gpt-4o")), 404),
+            (request("GET", worker.url + "/v1/models/gpt-4o", headers=bearer(key)), 404),
+            (post_json(worker, "/v1/chat/completions", key, b"{not json"), 400),
+            (request("GET", worker.url + "/v1/files/file-notyours", headers=bearer(key)), 404),
+            (request("GET", worker.url + "/v1/organization/users", headers=bearer(key)), 403),
+        ] * 2
+        for answer, status in refusals:
+            assert answer.status == status, answer
+        assert post_json(worker, "/v1/chat/completions", key, chat_json()).status == 200
+        assert post_json(worker, "/v1/chat/completions", key, chat_json()).status == 200
+        is_openai_error(post_json(worker, "/v1/chat/completions", key, chat_json()), 429,
+                        "rate_limit_exceeded")
+
+    def test_listing_models_is_free_of_quota_and_rpm(self, worker, upstream):
+        name = unique("gui")
+        key = worker.register(name, "?quota=10&rpm=2")
+        for _ in range(5):  # a GUI app lists models on every page load
+            assert worker.models(key).status == 200
+            assert request("GET", worker.url + "/v1/models/gpt-4o-mini",
+                           headers=bearer(key)).status == 200
+        assert post_json(worker, "/v1/chat/completions", key, chat_json()).status == 200
+        for _ in range(3):  # over the quota now, and at 1 of 2 per minute
+            assert worker.models(key).status == 200
+        is_openai_error(post_json(worker, "/v1/chat/completions", key, chat_json()), 429,
+                        "insufficient_quota")
+        client = sdk(worker, key)
+        assert [m.id for m in client.models.list()], "an app could not list its models"
+
+    def test_the_log_names_the_refused_model(self, worker):
+        name = unique("logmodel")
+        key = worker.register(name, "?models=gpt-4o-mini&quota=10&rpm=1")
+        post_json(worker, "/v1/chat/completions", key, chat_json("gpt-unlisted-1"))
+        request("GET", worker.url + "/v1/models/gpt-unlisted-2", headers=bearer(key))
+        post_json(worker, "/v1/chat/completions", key, chat_json())  # 17 tokens: over quota
+        post_json(worker, "/v1/chat/completions", key, chat_json())  # 429 insufficient_quota
+        set_limits(worker, name, "quota=0")
+        post_json(worker, "/v1/chat/completions", key, chat_json())  # 429 rpm
+        lines = wait_until(lambda: [line for line in proxy_log_lines(worker, name)
+                                    if " 40" in line or " 429 " in line], 3, "no refusal logged")
+        time.sleep(0.3)
+        lines = [line for line in proxy_log_lines(worker, name) if " 200 " not in line]
+        assert len(lines) == 4, lines
+        assert "model=gpt-unlisted-1 " in lines[0] and " 404 " in lines[0], lines
+        assert "model=gpt-unlisted-2 " in lines[1] and " 404 " in lines[1], lines
+        assert all("model=gpt-4o-mini " in line and " 429 " in line for line in lines[2:]), lines
+
+
+def read_answers(sock: socket.socket, count: int, timeout: float = 20.0
+                 ) -> List["RawAnswer"]:
+    """``count`` answers read in turn from one connection."""
+    answers, raw, got = [], b"", b"-"
+    deadline = time.monotonic() + timeout
+    while len(answers) < count:
+        answer = parse_answer(raw, not got) if raw else None
+        if answer is not None:
+            answers.append(answer)
+            raw = raw[len(answer.head) + 4 + len(answer.body):]  # (none is chunked here)
+            continue
+        if not got:
+            raise AssertionError(f"closed after {len(answers)} of {count} answers")
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            got = sock.recv(1 << 16)
+        except socket.timeout:
+            raise AssertionError(f"{len(answers)} of {count} answers in {timeout:g} s: {raw!r}")
+        raw += got
+    return answers
+
+
+class TestUnsupportedMethods:
+    """A method the proxy does not know: OpenAI's 405, no traceback, the connection
+    kept for the request after it (item 10)."""
+
+    @pytest.mark.parametrize("method", ["PROPFIND", "get", "FOO"])
+    def test_openai_405_then_the_pipelined_request_is_answered(self, worker, user_key, method):
+        log_before = len(worker.log())
+        sock = socket.create_connection(("127.0.0.1", int(worker.env["PORT"])),
+                                        timeout=CLIENT_TIMEOUT)
+        try:
+            sock.sendall(f"{method} /v1/models HTTP/1.1\r\nHost: x\r\n"
+                         f"Authorization: Bearer {user_key}\r\n\r\n"
+                         "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            refused, health = read_answers(sock, 2)
+        finally:
+            sock.close()
+        assert refused.status == 405, refused.head
+        assert refused.headers["content-type"].startswith("application/json")
+        error = json.loads(refused.body)["error"]
+        assert error["type"] == "invalid_request_error" and method in error["message"], error
+        assert "GET" in refused.headers["allow"]
+        assert (health.status, health.body) == (200, b"ok")
+        time.sleep(0.1)
+        assert "Traceback" not in worker.log()[log_before:], worker.log()[log_before:]
+
+
+class TestRefusedUploads:
+    """A request refused before its body has arrived: the client gets the answer,
+    not a reset (item 21); the 403s say what they refuse."""
+
+    @pytest.mark.parametrize("cause", ["no-key", "too-large"])
+    def test_a_client_still_sending_gets_the_answer(self, worker, user_key, cause):
+        length = 64 << 20 if cause == "no-key" else 600 << 20  # MAX_BODY_MB is 512
+        key = "" if cause == "no-key" else user_key
+        head = (f"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream"
+                f"\r\nContent-Length: {length}\r\n"
+                + (f"Authorization: Bearer {key}\r\n" if key else "") + "\r\n").encode()
+        sock = socket.create_connection(("127.0.0.1", int(worker.env["PORT"])),
+                                        timeout=CLIENT_TIMEOUT)
+        piece = b"x" * (64 << 10)
+        try:
+            sock.sendall(head + piece)
+            raw = b""
+            while parse_answer(raw, False) is None:
+                got = sock.recv(1 << 16)
+                assert got, raw
+                raw += got
+            answer = parse_answer(raw, False)
+            for _ in range(128):  # 8 MB more, in pieces, as an upload goes on
+                sock.sendall(piece)
+            sock.settimeout(10)
+            assert sock.recv(1 << 16) == b"", "the server did not end the connection"
+        finally:
+            sock.close()
+        assert answer.status == (401 if cause == "no-key" else 413), answer.head
+        assert answer.headers.get("connection", "").lower() == "close", answer.head
+
+    def test_the_async_sdk_uploading_with_a_bad_key_gets_authentication_error(self, worker):
+        async def upload() -> None:
+            client = openai.AsyncOpenAI(base_url=worker.url + "/v1", max_retries=0, timeout=60,
+                                        api_key="sk-cfw" + "x" * 45)
+            try:
+                await client.files.create(file=("big.jsonl", b"{}\n" * (8 << 20)),
+                                          purpose="batch")
+            finally:
+                await client.close()
+
+        with pytest.raises(openai.AuthenticationError):
+            asyncio.run(upload())
+
+    @pytest.mark.parametrize("method,path,says", [
+        ("DELETE", "/v1/models/ft:gpt-4o-mini:org::abc", "delete models"),
+        ("GET", "/v1/fine_tuning/checkpoints/ft:gpt-4o-mini:org::abc:ckpt-step-1/permissions",
+         "checkpoint permissions"),
+        ("GET", "/v1/chatkit/threads", "ChatKit threads"),
+        ("GET", "/v1/organization/users", "administration"),
+    ])
+    def test_the_403_says_what_it_refuses(self, worker, user_key, method, path, says):
+        error = is_openai_error(request(method, worker.url + path, headers=bearer(user_key)),
+                                403, "forbidden")
+        assert says in error["message"], error
+        if says != "administration":
+            assert "administration" not in error["message"], error
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class OpenFileLimitedWorker(Worker):
+    """A worker whose open-file limit is ``soft``/``hard`` (as ``ulimit -n``)."""
+
+    def __init__(self, *args: Any, soft: int, hard: int, **env: Optional[str]):
+        super().__init__(*args, **env)
+        self.limits = (soft, hard)
+
+    def spawn(self, argv: Optional[List[str]] = None, cwd: str = HERE) -> "Worker":
+        import resource
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv or self.argv(), cwd=cwd, env=self.env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, self.limits))
+        return self
+
+
+class TestOpenFileLimit:
+    """At the open-file limit the server waits instead of spinning (item 9)."""
+
+    def test_out_of_file_descriptors_it_backs_off_and_recovers(self, tmp_root, upstream):
+        if not os.path.exists("/proc/self/stat"):
+            pytest.skip("needs /proc to read the server's CPU time")
+        w = OpenFileLimitedWorker(tmp_root, upstream.url, soft=64, hard=64)
+        w.start()
+        clients: List[socket.socket] = []
+        try:
+            key = w.register(unique("fd"))
+            port = int(w.env["PORT"])
+            for _ in range(150):  # more than it may have open: the rest wait in the backlog
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            time.sleep(0.5)
+            log_before, cpu_before = len(w.log()), cpu_seconds(w.proc.pid)
+            time.sleep(4)
+            cpu = cpu_seconds(w.proc.pid) - cpu_before
+            log_growth = len(w.log()) - log_before
+            assert cpu < 1.0, f"{cpu:.2f} s of CPU in 4 s at the open-file limit (a busy loop)"
+            assert log_growth < 4096, w.log()[-2000:]
+            assert "open-file limit" in w.log()
+            for sock in clients:
+                sock.close()
+            clients.clear()
+            answer = wait_until(lambda: _models_or_none(w, key), 10, "no recovery")
+            assert answer.status == 200
+        finally:
+            for sock in clients:
+                sock.close()
+            w.stop()
+
+    def test_the_soft_limit_is_raised_to_the_hard_one(self, tmp_root, upstream):
+        if not os.path.exists("/proc/self/limits"):
+            pytest.skip("needs /proc to read the server's limits")
+        w = OpenFileLimitedWorker(tmp_root, upstream.url, soft=128, hard=2048, LOG_LEVEL="debug")
+        w.start()
+        try:
+            with open(f"/proc/{w.proc.pid}/limits") as f:
+                line = next(line for line in f if line.startswith("Max open files"))
+            assert line.split()[3:5] == ["2048", "2048"], line
+            assert "open-file limit: raised from 128 to 2048" in w.log()
+        finally:
+            w.stop()
+
+
+def _models_or_none(w: Worker, key: str) -> Optional[Answer]:
+    try:
+        return w.models(key)
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -6099,14 +6521,14 @@ class TestSharedStore:
     def test_rpm_is_shared_three_on_each_and_the_sixth_is_429(self, pair):
         a, b = pair
         key = a.register(unique("shared"), "?rpm=5")
-        statuses = [b.models(key).status if i % 2 else a.models(key).status for i in range(5)]
+        statuses = [chat_through(b if i % 2 else a, key).status for i in range(5)]
         assert statuses == [200] * 5
-        sixth = b.models(key)
+        sixth = chat_through(b, key)
         error = is_openai_error(sixth, 429, "rate_limit_exceeded")
         assert error["type"] == "requests"
         assert sixth.headers["x-ratelimit-limit-requests"] == "5"
         assert 1 <= int(sixth.headers["Retry-After"]) <= 60
-        assert a.models(key).status == 429
+        assert chat_through(a, key).status == 429
 
     def test_a_quota_is_shared(self, pair):
         a, b = pair

@@ -37,10 +37,12 @@ import dataclasses
 import datetime
 import dbm
 import decimal
+import errno
 import gc
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -50,6 +52,7 @@ import re
 import secrets
 import select
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -62,6 +65,7 @@ try:
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
+import tornado.gen
 import tornado.httpclient
 import tornado.httpserver
 import tornado.httputil
@@ -70,6 +74,7 @@ import tornado.iostream
 import tornado.netutil
 import tornado.routing
 import tornado.simple_httpclient
+import tornado.util
 import tornado.web
 import tornado.websocket
 
@@ -145,6 +150,9 @@ SHARED_CACHE_SECONDS = 1.0  # the longest a key read from Redis is trusted unask
 REDIS_CONNECTIONS = 64  # per process
 EXIT_FLUSH_SECONDS = 5.0  # at exit, how long to keep trying to write the last usage
 RATE_WINDOW_SECONDS = 60.0
+ACCEPT_BACKOFF_SECONDS = 0.5  # out of file descriptors: how long to stop accepting
+LINGER_SECONDS = 30.0  # a client refused mid-upload: how long its body is read and dropped …
+LINGER_IDLE_SECONDS = 5.0  # … and how long without a byte of it (as nginx's lingering_*)
 
 
 # ---------------------------------------------------------------------------
@@ -231,6 +239,19 @@ def _kv_url(value: str, name: str) -> str:
     return value
 
 
+def _networks(value: str, name: str) -> Tuple[Any, ...]:
+    """Comma-separated addresses or CIDRs (``10.0.0.0/8, ::1``)."""
+    networks = []
+    for item in (i.strip() for i in value.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {item!r} is not an address or CIDR like 10.0.0.0/8")
+    return tuple(networks)
+
+
 def url_passwords(url: str) -> Tuple[str, ...]:
     """The password in a URL, as written and as meant (percent-decoded)."""
     try:
@@ -262,6 +283,8 @@ SETTINGS_TABLE = (
     ("LOG_LEVEL", "info", _log_level, "debug, info, warning or error"),
     ("PRICES_FILE", "", _optional, "JSON prices (LiteLLM's model_prices_and_context_window.json) "
                                    "over the built-in ones; see: python worker.py prices"),
+    ("TRUSTED_PROXIES", "", _networks, "comma-separated addresses/CIDRs of reverse proxies in "
+                                       "front: only from them is X-Forwarded-For believed"),
 )
 
 
@@ -283,6 +306,7 @@ class Settings:
     log_level: str
     prices_file: str
     prices: "PriceTable"  # the built-in prices, and PRICES_FILE's
+    trusted_proxies: Tuple[Any, ...]  # ipaddress networks
 
     @property
     def max_body_bytes(self) -> int:
@@ -344,9 +368,10 @@ class ApiError(tornado.web.HTTPError):
 class AdminError(tornado.web.HTTPError):
     """An error on the admin routes: ``error: …`` for curl, or JSON."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None):
         super().__init__(status)
         self.message = message
+        self.headers = headers or {}
 
 
 KEY_IN_TEXT = re.compile(KEY_PREFIX + "[A-Za-z0-9]+")
@@ -374,6 +399,13 @@ class Redactor(logging.Filter):
 
 def invalid_api_key(message: str) -> ApiError:
     return ApiError(401, message, code="invalid_api_key")
+
+
+def insufficient_quota(message: str) -> ApiError:
+    """429 for a quota or budget used up: no retry can succeed before the period
+    resets, so it says so (the OpenAI SDKs honour ``x-should-retry``)."""
+    return ApiError(429, message, "insufficient_quota", "insufficient_quota",
+                    headers={"x-should-retry": "false"})
 
 
 class StoreError(Exception):
@@ -2509,7 +2541,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def _request_summary(self) -> str:
         # Tornado's own logs (uncaught exceptions) print this; keep secrets out.
-        return f"{self.request.method} {self.log_path} ({self.request.remote_ip})"
+        return f"{self.request.method} {self.log_path} ({self.app.client_address(self.request)})"
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Tornado's version also prints ``repr(request)``, whose URI can hold the
@@ -2520,13 +2552,22 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
-        if not isinstance(error, ApiError):
+        if not isinstance(error, ApiError) and status_code == 405:
+            error = method_not_allowed(self.request.method, self.log_path)
+        elif not isinstance(error, ApiError):
             kind = "server_error" if status_code >= 500 else "invalid_request_error"
             error = ApiError(status_code, self._reason, kind)
         for name, value in error.headers.items():
             self.set_header(name, value)
         self.set_header("Content-Type", "application/json")
         self.finish(self.app.redactor.redact(json.dumps(error.body())))
+
+
+def method_not_allowed(method: str, path: str) -> ApiError:
+    """A method Tornado refuses before any handler runs (``PROPFIND``, ``get``)."""
+    allowed = "GET, HEAD, " + CORS_ALLOW_METHODS.replace("GET, ", "")
+    return ApiError(405, f"Invalid method for URL ({method[:20]} {path}): this proxy takes "
+                         f"{allowed}.", code="method_not_allowed", headers={"Allow": allowed})
 
 
 class ForbiddenHandler(BaseHandler):
@@ -3237,18 +3278,36 @@ MODEL_IN_PATH = re.compile(r"/v\d+/models/(.+)\Z")
 
 
 async def check_limits(app: "App", user: Dict[str, Any], models: List[str]) -> None:
-    """Quota, requests per minute, and the models named in the path or query."""
+    """The models named (the allowlist), then the quota. Requests per minute
+    come last (take_rpm_slot), so a request refused here takes no slot."""
+    refuse_unlisted_models(user, models)
     if user.get("quota") and await app.usage.used_tokens(user["name"]) >= user["quota"]:
-        raise ApiError(429, f"You exceeded your quota of {user['quota']} tokens for this key. "
-                            "Ask the owner of this proxy to raise it.",
-                       "insufficient_quota", "insufficient_quota")
+        raise insufficient_quota(f"You exceeded your quota of {user['quota']} tokens for this "
+                                 "key. Ask the owner of this proxy to raise it.")
+
+
+def refuse_unlisted_models(user: Dict[str, Any], models: List[str]) -> None:
+    for model in models:
+        if not allows_model(user, model):
+            raise model_not_found(model)
+
+
+async def take_rpm_slot(app: "App", user: Dict[str, Any]) -> None:
+    """Requests per minute: taken just before a request goes upstream, once
+    every local check has passed (only requests sent upstream count)."""
     if user.get("rpm"):
         refusal = await app.limiter.admit(user["name"], user["rpm"])
         if refusal is not None:
             raise refusal
-    for model in models:
-        if not allows_model(user, model):
-            raise model_not_found(model)
+
+
+# What the paths of ADMIN_ONLY_PATH that are not administration are, for their 403.
+CLOSED_PATHS = {
+    "fine_tuning/checkpoints": "manage fine-tuning checkpoint permissions, which are the "
+                               "whole account's",
+    "chatkit/threads": "use ChatKit threads, which belong to the end users of ChatKit's "
+                       "widgets, not to a key",
+}
 
 
 async def check_path_access(app: "App", user: Dict[str, Any], route: str,
@@ -3257,10 +3316,13 @@ async def check_path_access(app: "App", user: Dict[str, Any], route: str,
     objects: no administration endpoints, no one else's object (answered as
     OpenAI answers an unknown id). Returns the path's collection, if any."""
     isolated = user.get("scope", "own") != "all"
-    if isolated and (ADMIN_ONLY_PATH.match(route)
-                     or (method == "DELETE" and MODEL_IN_PATH.match(route))):
-        raise ApiError(403, "This key may not use the account's administration endpoints.",
-                       code="forbidden")
+    closed = ADMIN_ONLY_PATH.match(route)
+    if isolated and closed:
+        what = CLOSED_PATHS.get(closed.group(1), "use the account's administration endpoints")
+        raise ApiError(403, f"This key may not {what}.", code="forbidden")
+    if isolated and method == "DELETE" and MODEL_IN_PATH.match(route):
+        raise ApiError(403, "This key may not delete models: a fine-tuned model is the whole "
+                            "account's.", code="forbidden")
     match = COLLECTION_PATH.match(route)
     if match is not None and isolated and names_object(match):
         collection, object_id, _ = match.groups()
@@ -3358,7 +3420,6 @@ def _models_in_json(body: bytes) -> Tuple[List[str], Any]:
     return [str(m) for m in models if m is not None], obj
 
 
-@tornado.web.stream_request_body
 class ProxyHandler(BaseHandler):
     """Passes one API request through, streaming both ways.
 
@@ -3381,6 +3442,8 @@ class ProxyHandler(BaseHandler):
     body_complete = client_gone = isolated = False
     uploading = False  # watched by App.watch_clients
     request_bytes = 0  # the body's size, when it was read whole
+    accounted = False  # (a method Tornado refuses never reaches prepare)
+    request_model: Optional[str] = None
 
     async def prepare(self) -> None:
         self.upstream_headers_sent = self.client_gone = self.accounted = False
@@ -3405,14 +3468,17 @@ class ProxyHandler(BaseHandler):
         self.user = await authenticate(self.app.store, self.request.headers)
         self.log_user = self.user["name"]
         self._check_body_size()
-        await self.check_limits(self.user)
+        self.check_named_models(self.user)
         self.isolated = self.user.get("scope", "own") != "all"
         await self.check_ownership()
+        streamed = self.has_body() and not self.must_read_body() and not self.answers_own_list()
+        if streamed:
+            await self.admit()  # now: the body goes upstream as it comes
         if self.has_body():
             self.watch_upload()
         if self.must_read_body():
             self.body_chunks = []
-        elif self.has_body() and not self.answers_own_list():
+        elif streamed:
             self.start_streamed_upstream()
 
     def _check_body_size(self) -> None:
@@ -3427,16 +3493,33 @@ class ProxyHandler(BaseHandler):
 
     # -- limits ---------------------------------------------------------------
 
-    async def check_limits(self, user: Dict[str, Any]) -> None:
+    def check_named_models(self, user: Dict[str, Any]) -> None:
+        """The models named in the path or query against the allowlist."""
         path = self.route
         match = MODEL_IN_PATH.match(path)
         models = [match.group(1)] if match else []
         models += self.get_query_arguments("model")  # every one: see models_in_body
-        await check_limits(self.app, user, models)
+        for model in models:
+            self.request_model = model  # (the log names the one refused)
+            refuse_unlisted_models(user, [model])
         refuse_ephemeral_keys(user, path)
         self.request_model = models[0] if models else None
         self.filter_models = (self.has_allowlist() and self.request.method == "GET"
                               and bool(MODELS_LIST.match(path)))
+
+    async def admit(self) -> None:
+        """The last checks, just before the request goes upstream: the quota,
+        then requests per minute (a request refused for anything else takes no
+        slot). Listing and retrieving models cost nothing upstream: neither
+        applies to them (GUI apps list models on every page load)."""
+        if self.costs_nothing():
+            return
+        await check_limits(self.app, self.user, [])
+        await take_rpm_slot(self.app, self.user)
+
+    def costs_nothing(self) -> bool:
+        return self.request.method in ("GET", "HEAD") and bool(
+            MODELS_LIST.match(self.route) or MODEL_IN_PATH.match(self.route))
 
     def has_allowlist(self) -> bool:
         return "*" not in (self.user.get("models") or ["*"])
@@ -3595,6 +3678,7 @@ class ProxyHandler(BaseHandler):
         self.request_model = models[0] if models else None
         for model in models:
             if self.has_allowlist() and not allows_model(self.user, model):
+                self.request_model = model  # (the log names the one refused)
                 raise model_not_found(model)
         if isinstance(obj, dict):
             self.stores = obj.get("store")
@@ -3654,10 +3738,7 @@ class ProxyHandler(BaseHandler):
         return headers
 
     def has_body(self) -> bool:
-        length = self.request.headers.get("Content-Length")
-        if length is not None:
-            return length.strip() != "0"
-        return "chunked" in self.request.headers.get("Transfer-Encoding", "").lower()
+        return has_body(self.request.headers)
 
     def start_streamed_upstream(self) -> None:
         """Send the request upstream now, its body as it arrives (through
@@ -3813,6 +3894,7 @@ class ProxyHandler(BaseHandler):
         if self._finished:
             return
         if self.answers_own_list():
+            await self.admit()
             await self.answer_own_list()
             return
         if self.fetch is None:  # no body, or one read whole: sent now, awaited in this task
@@ -3821,6 +3903,7 @@ class ProxyHandler(BaseHandler):
                 self.request_bytes = sum(map(len, self.body_chunks))
                 body = await self.inspect_body(b"".join(self.body_chunks))
                 self.body_chunks = None
+            await self.admit()
             exchange = self.app.http_client.send(self.new_upstream_request(body))
         else:
             if not self.fetch.done():
@@ -3867,6 +3950,25 @@ class ProxyHandler(BaseHandler):
     def options(self, *args: str) -> None:
         answer_preflight(self)
 
+    def finish(self, chunk: Optional[Union[str, bytes, dict]] = None) -> "asyncio.Future[None]":
+        stream = self.request.connection.stream
+        if self._finished or self.body_complete or self.client_gone or stream.closed() \
+                or not self.has_body():
+            return super().finish(chunk)
+        # Answered before the body is in (401, 413 …): Tornado closes the
+        # connection once the answer is written, and a close with unread data
+        # resets it, so a client still sending gets a broken pipe, not the
+        # answer. Say the close, and end as RFC 9112 §9.6 says: half-close, and
+        # read what still comes (bounded) before closing.
+        if not self._headers_written:
+            self.set_header("Connection", "close")
+        sock = socket.socket(fileno=os.dup(stream.socket.fileno()))  # (Tornado closes its own)
+        written = super().finish(chunk)
+        task = asyncio.ensure_future(linger(sock, written, self.app.settings.max_body_bytes))
+        self.app.lingering.add(task)
+        task.add_done_callback(self.app.lingering.discard)
+        return written
+
     def on_finish(self) -> None:
         super().on_finish()
         self.stop_watching_upload()  # answered before the body was in (413, 404…)
@@ -3885,7 +3987,10 @@ class ProxyHandler(BaseHandler):
 
     def on_log(self) -> None:
         """Count the request once, with the usage its answer reported."""
-        if self.accounted or self.user is None or self.upstream_request is None:
+        if self.accounted or self.user is None:
+            return
+        if self.upstream_request is None:  # refused here: the log names the model
+            self.log_model = self.app.model_label(self.request_model or "-")
             return
         self.accounted = True
         found = self.reader.result() if self.reader is not None else None
@@ -3900,6 +4005,51 @@ class ProxyHandler(BaseHandler):
         self.app.usage.record(self.user["name"], model, counts)
         self.log_model = model
         self.log_tokens = str(counts[2]) if found else "-"
+
+
+@tornado.web.stream_request_body
+class UploadProxyHandler(ProxyHandler):
+    """ProxyHandler for a request with a body, which passes as it arrives. (A
+    request without one is not streamed: Tornado closes a streamed request's
+    connection when it is answered before its body was read, prepare's
+    refusals included, and a request pipelined after it would go unanswered.)"""
+
+
+class WithBody(tornado.routing.PathMatches):
+    """Matches the path only for requests that have a body."""
+
+    def match(self, request: tornado.httputil.HTTPServerRequest) -> Optional[Dict[str, Any]]:
+        return super().match(request) if has_body(request.headers) else None
+
+
+def has_body(headers: tornado.httputil.HTTPHeaders) -> bool:
+    """Whether a request says it has a body (any Transfer-Encoding does: one
+    other than chunked is refused in ProxyHandler.prepare, in OpenAI's shape)."""
+    if "Transfer-Encoding" in headers:
+        return True
+    length = headers.get("Content-Length")
+    return length is not None and length.strip() != "0"
+
+
+async def linger(sock: socket.socket, written: "asyncio.Future[None]", max_bytes: int) -> None:
+    """Once an answer is ``written``: half-close the connection, then read and
+    drop what the client still sends (at most ``max_bytes``, LINGER_SECONDS in
+    all, LINGER_IDLE_SECONDS without a byte) before closing it (RFC 9112 §9.6)."""
+    stream = tornado.iostream.IOStream(sock)
+    deadline = time.monotonic() + LINGER_SECONDS
+    try:
+        await written
+        sock.shutdown(socket.SHUT_WR)  # after the answer: the client reads it, then an end
+        while max_bytes > 0:
+            wait = min(LINGER_IDLE_SECONDS, deadline - time.monotonic())
+            read = stream.read_bytes(IO_CHUNK_BYTES, partial=True)
+            max_bytes -= len(await tornado.gen.with_timeout(
+                datetime.timedelta(seconds=max(0.0, wait)), read,
+                quiet_exceptions=tornado.iostream.StreamClosedError))
+    except (tornado.iostream.StreamClosedError, tornado.util.TimeoutError, OSError):
+        pass
+    finally:
+        stream.close()
 
 
 def _json_or_none(data: Optional[bytes]) -> Any:
@@ -3995,6 +4145,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             self.log_user = self.user["name"]
             await check_limits(self.app, self.user, self.get_query_arguments("model"))
             await check_path_access(self.app, self.user, route_path(self.request.path), "GET")
+            await take_rpm_slot(self.app, self.user)
             self.upstream = await self.connect_upstream()
         except ApiError as error:
             self.send_error(error.status_code, exc_info=(ApiError, error, None))
@@ -4019,8 +4170,8 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             return None
         if user.get("quota") and event.get("type") == "response.create":
             if await self.app.usage.used_tokens(user["name"]) >= user["quota"]:
-                return ApiError(429, f"You exceeded your quota of {user['quota']} tokens for this "
-                                     "key.", "insufficient_quota", "insufficient_quota")
+                return insufficient_quota(f"You exceeded your quota of {user['quota']} tokens "
+                                          "for this key.")
         if limited:
             for part in (event, event.get("response"), event.get("session")):
                 model = part.get("model") if isinstance(part, dict) else None
@@ -4249,6 +4400,11 @@ class BillingHandler(UserHandler):
 # Admin: /ACCESS_TOKEN/… and /admin/… (Bearer)
 # ---------------------------------------------------------------------------
 
+# The first path word of every admin command (DELETE /TOKEN/NAME aside): only a
+# request that names one counts as a try at the token (CONTRACT.md §6).
+ADMIN_COMMANDS = frozenset("register reset set users stats objects delete".split())
+
+
 class AdminHandler(BaseHandler):
     """The owner's commands: register, reset, set and delete users; users; stats.
 
@@ -4267,9 +4423,15 @@ class AdminHandler(BaseHandler):
         return self.request.path
 
     def prepare(self) -> None:
-        client = self.request.remote_ip or "-"
-        if self.app.admin_locked_out(client):
-            raise AdminError(429, "too many wrong tokens; try again in a minute")
+        if not self.names_a_command():
+            # What scanners try on every open port (/wp-admin/…, /.git/config):
+            # no try at the token, so no step towards locking the owner out.
+            raise AdminError(403, "Access forbidden")
+        client = self.app.client_address(self.request)
+        wait = self.app.admin_locked_out(client)
+        if wait:
+            raise AdminError(429, "too many wrong tokens; try again in a minute",
+                             headers={"Retry-After": str(math.ceil(wait))})
         if self.token_in_path:
             given = self.path_args[0]
         else:
@@ -4279,6 +4441,13 @@ class AdminHandler(BaseHandler):
             self.app.note_admin_failure(client)
             raise AdminError(403, "Access forbidden")
 
+    def names_a_command(self) -> bool:
+        """Whether the request names an admin command, so counts as a try at the token."""
+        if not self.token_in_path:
+            return "Authorization" in self.request.headers  # a Bearer on /admin/…
+        command, name = self._split()
+        return command in ADMIN_COMMANDS or (self.request.method == "DELETE" and name is None)
+
     def wants_json(self) -> bool:
         return (self.get_query_argument("format", "") == "json"
                 or "application/json" in self.request.headers.get("Accept", ""))
@@ -4286,7 +4455,7 @@ class AdminHandler(BaseHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
         message = error.message if isinstance(error, (AdminError, ApiError)) else self._reason
-        if isinstance(error, ApiError):
+        if isinstance(error, (AdminError, ApiError)):
             for name, value in error.headers.items():
                 self.set_header(name, value)
         if status_code == 403:
@@ -4415,7 +4584,11 @@ class AdminHandler(BaseHandler):
         return command, (name or None)
 
     async def get(self, *args: str) -> None:
-        await self.run_command(*self._split())
+        command, name = self._split()
+        if command == "delete":  # a link preview of a pasted URL would run it
+            raise AdminError(404, "unknown command: GET and POST never delete; delete a "
+                                  "user with DELETE /TOKEN/NAME (curl -X DELETE …)")
+        await self.run_command(command, name)
 
     post = get
 
@@ -4456,6 +4629,7 @@ class App:
         self.owners = Ownership(store)
         self.limiter = RateLimiter(store)
         self.active: "set[BaseHandler]" = set()  # requests in flight, for a graceful stop
+        self.lingering: "set[asyncio.Future[None]]" = set()  # see ProxyHandler.finish
         # Client connections between requests, and since when: see watch_clients.
         self.idle_clients: Dict[tornado.iostream.IOStream, float] = {}
         self.redactor = Redactor(settings.access_token, settings.openapi_api_key,
@@ -4501,18 +4675,28 @@ class App:
         digest = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
         return hmac.compare_digest(digest, self._token_digest)
 
+    def client_address(self, request: tornado.httputil.HTTPServerRequest) -> str:
+        """Who sent ``request``: the peer, or the address a trusted proxy forwarded."""
+        return client_address(request.remote_ip or "-", request.headers,
+                              self.settings.trusted_proxies)
+
     def note_admin_failure(self, client: str) -> None:
         now = time.monotonic()
         recent = [t for t in self._admin_failures.get(client, []) if now - t < ADMIN_LOCKOUT_SECONDS]
         recent.append(now)
         self._admin_failures[client] = recent[-ADMIN_FAILURES_ALLOWED:]
+        if len(recent) == ADMIN_FAILURES_ALLOWED:
+            log.warning("admin: %d wrong tokens from %s: locked out for %d s",
+                        ADMIN_FAILURES_ALLOWED, client, ADMIN_LOCKOUT_SECONDS)
         if len(self._admin_failures) > 10000:  # bound the memory a scan can cost
             self._admin_failures.pop(next(iter(self._admin_failures)))
 
-    def admin_locked_out(self, client: str) -> bool:
+    def admin_locked_out(self, client: str) -> float:
+        """The seconds ``client``'s lockout has left; 0 if it is not locked out."""
         recent = self._admin_failures.get(client, [])
-        return (len(recent) >= ADMIN_FAILURES_ALLOWED
-                and time.monotonic() - recent[-1] < ADMIN_LOCKOUT_SECONDS)
+        if len(recent) < ADMIN_FAILURES_ALLOWED:
+            return 0.0
+        return max(0.0, ADMIN_LOCKOUT_SECONDS - (time.monotonic() - recent[-1]))
 
     def log_request(self, handler: tornado.web.RequestHandler) -> None:
         """The one log line per request; also where a proxied request is counted."""
@@ -4522,9 +4706,45 @@ class App:
         status = handler.get_status()
         level = logging.WARNING if status >= 500 else logging.INFO
         if log.isEnabledFor(level):
-            log.log(level, "%s %s %d user=%s model=%s tokens=%s %.1fms",
+            log.log(level, "%s %s %d user=%s model=%s tokens=%s %.1fms client=%s",
                     handler.request.method, handler.log_path, status, handler.log_user,
-                    handler.log_model, handler.log_tokens, 1000 * handler.request.request_time())
+                    handler.log_model, handler.log_tokens, 1000 * handler.request.request_time(),
+                    self.client_address(handler.request))
+
+
+def client_address(peer: str, headers: tornado.httputil.HTTPHeaders,
+                   trusted: Tuple[Any, ...]) -> str:
+    """The client's address: ``peer``, unless the peer is a trusted proxy; then
+    the right-most address of X-Forwarded-For that is not itself a trusted
+    proxy (the left ones are the client's to write), else X-Real-IP. Tornado's
+    ``xheaders`` stays off: it would believe these headers from anyone."""
+    if not _is_trusted(peer, trusted):
+        return peer
+    forwarded = [a.strip() for value in headers.get_list("X-Forwarded-For") for a in value.split(",")]
+    if not forwarded and headers.get("X-Real-IP"):
+        forwarded = [headers["X-Real-IP"].strip()]
+    client = peer
+    for address in reversed(forwarded):
+        if _ip(address) is None:
+            break  # not an address: what follows on the left is not to be believed either
+        client = str(_ip(address))
+        if not _is_trusted(client, trusted):
+            break
+    return client
+
+
+def _ip(text: str) -> Optional[Any]:
+    """An address as ``ipaddress`` reads it (an IPv4-mapped IPv6 one as IPv4); None if none."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+def _is_trusted(address: str, trusted: Tuple[Any, ...]) -> bool:
+    ip = _ip(address) if trusted else None
+    return ip is not None and any(ip in network for network in trusted)
 
 
 def make_app(app: App) -> tornado.web.Application:
@@ -4536,6 +4756,7 @@ def make_app(app: App) -> tornado.web.Application:
             (r"/me(?:/(.*))?", MeHandler),
             (r"/(?:v1/)?dashboard/billing/(subscription|usage)", BillingHandler),
             (WebSocketUpgrade(r"/v\d+(?:/.*)?"), RealtimeHandler),
+            (WithBody(r"/v\d+(?:/.*)?"), UploadProxyHandler),
             (r"/v\d+(?:/.*)?", ProxyHandler),
             (r"/admin/(.*)", AdminHandler, {"token_in_path": False}),
             (r"/(?:%s)(?:/.*)?" % "|".join(sorted(OPENAI_ROOTS)), MissingVersionHandler),
@@ -4573,6 +4794,70 @@ def tls_context(settings: Settings) -> Optional[ssl.SSLContext]:
     return context
 
 
+def raise_open_file_limit() -> None:
+    """The soft limit on open files up to the hard one: every client connection
+    is one (a proxied request two), and Debian's default soft limit is 1024."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.debug("open-file limit: %d, cannot raise it to %d: %s", soft, target, e)
+        return
+    log.debug("open-file limit: raised from %d to %d", soft, target)
+
+
+OUT_OF_FILES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Listener(socket.socket):
+    """A listening socket that, out of file descriptors, stops accepting for a
+    moment. Tornado's accept loop (``add_accept_handler``, 6.2 to 6.6) lets
+    EMFILE through to the IOLoop, which logs it and, the socket being readable
+    still, calls the loop again at once: a busy loop writing megabytes of log.
+    Here the socket is unwatched for ACCEPT_BACKOFF_SECONDS (``update_handler``,
+    public, leaves Tornado's handler in place), the episode logged once."""
+
+    out_of_files_since: Optional[float] = None
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> "Listener":
+        return cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+
+    def accept(self) -> Tuple[socket.socket, Any]:
+        try:
+            accepted = super().accept()
+        except OSError as e:
+            if e.errno not in OUT_OF_FILES:
+                raise
+            self.back_off(e)
+            raise BlockingIOError(errno.EAGAIN, "backing off") from None  # (ends Tornado's loop)
+        if self.out_of_files_since is not None:
+            log.warning("accepting connections again, after %.1f s out of file descriptors",
+                        time.monotonic() - self.out_of_files_since)
+            self.out_of_files_since = None
+        return accepted
+
+    def back_off(self, error: OSError) -> None:
+        if self.out_of_files_since is None:
+            self.out_of_files_since = time.monotonic()
+            log.warning("cannot accept connections: %s (the open-file limit, ulimit -n); "
+                        "new clients wait until some close", error.strerror)
+        io_loop = tornado.ioloop.IOLoop.current()
+        io_loop.update_handler(self, 0)
+        io_loop.call_later(ACCEPT_BACKOFF_SECONDS, self.resume)
+
+    def resume(self) -> None:
+        if self.fileno() != -1:  # (else closed by server.stop meanwhile)
+            tornado.ioloop.IOLoop.current().update_handler(self, tornado.ioloop.IOLoop.READ)
+
+
 class Server(tornado.httpserver.HTTPServer):
     """Tornado's HTTP server for ``app``, with client connections timed out by
     ``App.watch_clients`` (from when they are accepted, and again after each
@@ -4601,6 +4886,7 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
         # Routes answered here take small bodies; the proxy raises its own
         # limit per request (prepare), so no one else can make us hold 512 MB.
         max_body_size=SMALL_BODY_BYTES,
+        xheaders=False,  # (Tornado's would believe X-Forwarded-For from anyone: client_address)
         body_timeout=CLIENT_BODY_SECONDS,  # (the proxy's own uploads: ProxyHandler.watch_upload)
         chunk_size=IO_CHUNK_BYTES,
     )
@@ -4614,7 +4900,7 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
     # What is made by now lives as long as the process: out of the cyclic GC's
     # sight, its full passes take ~6 ms instead of 20-27 (every stream waits for them).
     gc.freeze()
-    server.add_sockets(sockets)
+    server.add_sockets([Listener.of(sock) for sock in sockets])
     log.info("listening on %s://%s:%d", settings.scheme, settings.host, settings.port)
 
     stopping = asyncio.Event()
@@ -4650,6 +4936,7 @@ def run_server(settings: Settings) -> None:
     if settings.kv_url:
         RedisKV(settings.kv_url).open()  # a missing package or bad URL is said before any fork
     tls_context(settings)  # (so is a bad certificate)
+    raise_open_file_limit()
     sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=1024)
     parent = os.getpid() if settings.workers > 1 else None
     if parent is not None and not fork_workers(settings.workers):
