@@ -3342,18 +3342,12 @@ SCANNER_PATHS = [
 ]
 
 
-_worker_module: List[Any] = []
 
 
 def worker_module() -> Any:
-    """worker.py imported (as ``worker_under_test``), for its pure functions."""
-    if not _worker_module:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("worker_under_test", WORKER_PY)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _worker_module.append(module)
-    return _worker_module[0]
+    """worker.py imported, for its pure functions."""
+    import worker
+    return worker
 
 
 def admin_try(port: int, token: str, source: str, **headers: str) -> "RawAnswer":
