@@ -2807,7 +2807,7 @@ def models_in_body(content_type: str, body: bytes) -> Tuple[List[str], Any]:
 def may_start_json(start: bytes) -> bool:
     """Whether a body that begins with ``start`` (4 bytes or more) may be a JSON
     object or array, in any of the encodings RFC 8259 §8.1 lets a parser accept."""
-    text = start[:64].decode(json.detect_encoding(start), "ignore").lstrip(" \t\r\n\ufeff")
+    text = start[:64].decode(json.detect_encoding(start), "replace").lstrip(" \t\r\n\ufeff")
     return text[:1] in ("{", "[", "")
 
 
