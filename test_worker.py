@@ -3157,6 +3157,10 @@ def labelled(obj: Any, how: str) -> Tuple[bytes, Dict[str, str]]:
     if how in ("gzip", "deflate"):
         data = gzip.compress(text.encode()) if how == "gzip" else zlib.compress(text.encode())
         return data, {"Content-Type": "application/json", "Content-Encoding": how}
+    if how == "gzip-members":  # the text cut in two, each half a gzip member of its own
+        half = len(text) // 2
+        return gzip.compress(text[:half].encode()) + gzip.compress(text[half:].encode()), {
+            "Content-Type": "application/json", "Content-Encoding": "gzip"}
     if how == "none":
         return text.encode(), {}
     if how.startswith("escaped"):  # every key's first letter as a \u escape ("escaped LABEL")
@@ -3169,7 +3173,7 @@ def labelled(obj: Any, how: str) -> Tuple[bytes, Dict[str, str]]:
 
 BODY_FORMS = ["text/plain", "text/json", "application/x-www-form-urlencoded", "none",
               "utf-16", "utf-16-be", "utf-32-le", "escaped", "escaped text/plain", "gzip",
-              "padded-octets"]
+              "gzip-members", "padded-octets"]
 
 
 @pytest.fixture(scope="module")
@@ -3260,7 +3264,7 @@ class TestStreamsAlwaysCounted:
 
     @pytest.mark.parametrize("how", ["escaped", "escaped text/plain", "text/plain",
                                      "application/x-www-form-urlencoded",
-                                     "none", "gzip", "deflate", "utf-16"])
+                                     "none", "gzip", "gzip-members", "deflate", "utf-16"])
     def test_the_usage_is_asked_for_and_counted(self, worker, upstream, how):
         name, test_id = unique("free"), new_test_id()
         key = worker.register(name, "?scope=all")  # (an isolated user's body is parsed anyway)
@@ -3298,6 +3302,15 @@ class TestStreamsAlwaysCounted:
                                 "x-test-id": test_id}))
             is_openai_error(answer, 413, "request_too_large")
         assert upstream.find(test_id) == []
+
+    def test_a_body_of_too_many_gzip_members_is_refused(self, worker, upstream):
+        key, test_id = worker.register(unique("members")), new_test_id()
+        body = gzip.compress(chat_json(stream=True)) + gzip.compress(b" ") * 1000
+        answer = request("POST", worker.url + "/v1/chat/completions", body, dict(
+            bearer(key), **{"Content-Type": "application/json", "Content-Encoding": "gzip",
+                            "x-test-id": test_id}))
+        is_openai_error(answer, 400)
+        assert "members" in answer.json()["error"]["message"] and upstream.find(test_id) == []
 
     def test_a_stream_that_ends_without_the_usage_asked_for_is_estimated(self, worker, upstream):
         """An upstream that ignores include_usage: counted as a hang-up is (§5)."""

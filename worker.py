@@ -168,6 +168,7 @@ WS_MAX_MESSAGE_BYTES = 64 << 20  # a realtime message with a long audio chunk
 STREAMED_BODY_METHODS = ("POST", "PUT", "PATCH")
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")  # safe to send twice (RFC 9110 §9.2.2)
 SMALL_BODY_BYTES = 256 << 10  # request bodies up to this are read whole, then sent
+REQUEST_MEMBERS_MAX = 1000  # gzip members in a compressed request body this proxy reads
 IO_CHUNK_BYTES = 256 << 10  # bodies move in pieces of up to this (Tornado's default: 64 KB)
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
 SHARED_FLUSH_SECONDS = 1.0  # ... and a shared store (Redis), so instances agree soon
@@ -3150,13 +3151,25 @@ class ProxyHandler(BaseHandler):
             raise ApiError(415, f"Content-Encoding {encoding} cannot be read by this proxy, which "
                                 "must check what a body names: send it uncompressed or gzip.",
                            code="unsupported_encoding")
+        limit, pieces, size, rest = self.app.settings.max_body_bytes, [], 0, body
         try:
-            plain = decoder.decompress(body, self.app.settings.max_body_bytes + 1)
+            # Members one after another (RFC 1952 §2.2) are one body to a reader
+            # that decompresses them all, so the checks read them all too.
+            for _ in range(REQUEST_MEMBERS_MAX):
+                pieces.append(decoder.decompress(rest, limit + 1 - size))
+                size += len(pieces[-1])
+                if size > limit:
+                    raise self.body_too_large()
+                rest = decoder.unused_data if decoder.eof else b""
+                if not rest:
+                    return b"".join(pieces)
+                decoder = decoder_for(encoding)
+        except ApiError:
+            raise
         except Exception:
-            raise ApiError(400, f"The request body is not valid {encoding}.")
-        if len(plain) > self.app.settings.max_body_bytes:
-            raise self.body_too_large()
-        return plain
+            pass
+        raise ApiError(400, f"The request body is not valid {encoding} "
+                            f"(or has over {REQUEST_MEMBERS_MAX} members).")
 
     # -- request: client → upstream -------------------------------------------
 
