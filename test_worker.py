@@ -3514,6 +3514,13 @@ class TestReadToItsEnd:
         assert len(logged) == 1 and f" {path} 200 " in logged[0], logged
         assert f"tokens={tokens}" in logged[0], logged
         assert usage_by_model(worker, name)["gpt-4o-mini"]["total_tokens"] == tokens
+        if path == "/v1/responses":  # the response it made is its own, as for any client
+            made = "resp_" + upstream.one(test_id)["id"]
+            assert request("GET", f"{worker.url}/v1/responses/{made}",
+                           headers=bearer(key)).status == 200
+            other = worker.register(unique("other"))
+            is_openai_error(request("GET", f"{worker.url}/v1/responses/{made}",
+                                    headers=bearer(other)), 404)
 
     def test_leaving_before_the_end_is_still_499(self, worker, upstream):
         name, test_id = unique("early"), new_test_id()

@@ -3379,14 +3379,15 @@ class ProxyHandler(BaseHandler):
             failure = e
         finally:
             self._let_go_of_upstream_request()
-        if self.client_gone:
-            if not self.read_to_its_end():
-                self.set_status(499, "Client Closed Request")  # as nginx logs it
+        if self.client_gone and not self.read_to_its_end():
+            self.set_status(499, "Client Closed Request")  # as nginx logs it
             return
         if not self.upstream_headers_sent or (failure is not None and not self._headers_written):
             raise self.upstream_error(failure)  # (nothing has reached the client yet)
         if self.note_objects(self.get_status()):
             await self.app.owners.flush(durable=False)  # fsync'd with the next usage flush
+        if self.client_gone:
+            return  # after the whole answer: logged with its status
         if failure is not None:
             # The upstream broke off mid-answer: end the client's answer the
             # same way, so it never mistakes a cut stream for a whole one.
