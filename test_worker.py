@@ -57,6 +57,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import zlib
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import pytest
@@ -265,26 +266,44 @@ def chat_completion(record_id: str, model: str) -> Dict[str, Any]:
         "logprobs": None, "finish_reason": "stop"}], usage=CHAT_USAGE)
 
 
-def chat_stream_chunks(record_id: str, model: str, include_usage: bool) -> List[bytes]:
+def chat_stream_chunks(record_id: str, model: str, include_usage: bool,
+                       usage_chunk: str = "openai") -> List[bytes]:
     """The events of a streamed chat completion, byte for byte as OpenAI sends them:
     with ``include_usage``, every chunk carries ``"usage":null`` and a last chunk
-    with no choices carries the usage, before ``[DONE]``."""
+    with no choices carries the usage, before ``[DONE]``. ``usage_chunk`` (the
+    x-fake-usage-chunk header) answers as other upstreams do: ``litellm``, the
+    usage on a chunk with ``"choices": [{"index": 0, "delta": {}}]``; ``spaced``,
+    OpenAI's chunks written with spaces; ``on-last``, the usage on the chunk that
+    says ``finish_reason``; ``none``, no usage even when asked."""
     base = chat_base(record_id, model)
-    extra = {"usage": None} if include_usage else {}
+    include_usage = include_usage and usage_chunk != "none"
+    extra = {"usage": None} if include_usage and usage_chunk != "litellm" else {}
+    write = (lambda data: json.dumps(data).encode()) if usage_chunk == "spaced" else compact
 
-    def chunk(delta: Dict[str, Any], finish: Optional[str] = None) -> bytes:
+    def chunk(delta: Dict[str, Any], finish: Optional[str] = None, **more: Any) -> bytes:
         data = dict(base, object="chat.completion.chunk", choices=[
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra)
-        return b"data: " + compact(data) + b"\n\n"
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            **dict(extra, **more))
+        return b"data: " + write(data) + b"\n\n"
 
     chunks = [chunk({"role": "assistant", "content": "", "refusal": None})]
     chunks += [chunk({"content": piece}) for piece in CHAT_PIECES]
-    chunks.append(chunk({}, "stop"))
-    if include_usage:
-        chunks.append(b"data: " + compact(dict(base, object="chat.completion.chunk",
-                                               choices=[], usage=CHAT_USAGE)) + b"\n\n")
+    last = {"usage": CHAT_USAGE} if include_usage and usage_chunk == "on-last" else {}
+    chunks.append(chunk({}, "stop", **last))
+    if include_usage and usage_chunk == "litellm":
+        chunks.append(b"data: " + compact(dict(base, object="chat.completion.chunk", choices=[
+            {"index": 0, "delta": {}}], usage=CHAT_USAGE)) + b"\n\n")
+    elif include_usage and not last:
+        chunks.append(b"data: " + write(dict(base, object="chat.completion.chunk",
+                                             choices=[], usage=CHAT_USAGE)) + b"\n\n")
     chunks.append(b"data: [DONE]\n\n")
     return chunks
+
+
+BIG_USAGE = {"input_tokens": 90000, "output_tokens": 5000, "total_tokens": 95000}
+TOOL_WITH_USAGE = {"type": "function", "name": "report", "parameters": {
+    "type": "object", "properties": {"usage": {"type": "object", "properties": {
+        "input_tokens": {"type": "integer"}, "total_tokens": {"type": "integer", "minimum": 2}}}}}}
 
 
 REALTIME_USAGE = {"total_tokens": 57, "input_tokens": 40, "output_tokens": 17,
@@ -666,6 +685,11 @@ class FakeUpstream:
                     await h.flush()
                 except tornado.iostream.StreamClosedError:
                     return
+        # x-fake-end-delay-ms: the chunked terminator comes this much after the
+        # last event (as through LiteLLM), or not at all if the proxy hangs up.
+        end_delay = float(h.request.headers.get("x-fake-end-delay-ms", "0")) / 1000
+        if stream and end_delay and await h.wait_or_gone(end_delay):
+            return
         h.finish()
 
     async def send_json(self, h: UpstreamHandler, record: Dict[str, Any], obj: Any,
@@ -718,13 +742,17 @@ class FakeUpstream:
             return await self.error(h, record, 400, "invalid_request_error", None,
                                     "We could not parse the JSON body of your request.")
         model = obj.get("model", "gpt-4o-mini")
+        if not isinstance(obj.get("stream_options") or {}, dict):
+            return await self.error(h, record, 400, "invalid_request_error", "invalid_type",
+                                    "Invalid type for 'stream_options': expected an object.")
         if not obj.get("stream"):
             record["usage_total"] = CHAT_USAGE["total_tokens"]
             return await self.send_json(h, record, chat_completion(record["id"], model))
         usage = bool((obj.get("stream_options") or {}).get("include_usage"))
-        if usage:
+        how = h.request.headers.get("x-fake-usage-chunk", "openai")
+        if usage and how != "none":
             record["usage_total"] = CHAT_USAGE["total_tokens"]
-        chunks = chat_stream_chunks(record["id"], model, usage)
+        chunks = chat_stream_chunks(record["id"], model, usage, how)
         delay = float(h.request.headers.get("x-fake-delay-ms", "10")) / 1000
         await self.send(h, record, 200, {"Content-Type": "text/event-stream; charset=utf-8",
                                          "Cache-Control": "no-cache"}, chunks, True, delay)
@@ -741,6 +769,12 @@ class FakeUpstream:
                     "usage": {"input_tokens": 5, "output_tokens": 4, "total_tokens": 9,
                               "input_tokens_details": {"cached_tokens": 0},
                               "output_tokens_details": {"reasoning_tokens": 0}}}
+        if h.request.headers.get("x-fake-usage-first"):
+            # As an OpenAI-compatible upstream may order it: the usage before the
+            # echoed tools, whose schema has a "usage" of its own.
+            response = dict({"id": response["id"], "model": response["model"],
+                             "usage": BIG_USAGE}, **response)
+            response["usage"], response["tools"] = BIG_USAGE, [TOOL_WITH_USAGE]
         record["usage_total"] = response["usage"]["total_tokens"]
         if not obj.get("stream"):
             return await self.send_json(h, record, response)
@@ -3125,6 +3159,397 @@ class TestUsage:
         answer = post_json(worker, path, key, body, **{"x-test-id": test_id})
         assert answer.status == 200, answer
         assert upstream.one(test_id)["body"] == body
+
+
+# ---------------------------------------------------------------------------
+# Usage and isolation that a body's label cannot dodge (issue 15 items 1-5, 19)
+# ---------------------------------------------------------------------------
+
+def labelled(obj: Any, how: str) -> Tuple[bytes, Dict[str, str]]:
+    """``obj`` as JSON sent ``how``: its label, encoding or compression (as an
+    upstream that reads the bytes, not the label, still reads it as JSON)."""
+    text = json.dumps(obj)
+    bodies = {"utf-16": "\ufeff" + text, "utf-16-be": text, "utf-32-le": text}
+    codecs_ = {"utf-16": "utf-16-le", "utf-16-be": "utf-16-be", "utf-32-le": "utf-32-le"}
+    if how in codecs_:
+        return bodies[how].encode(codecs_[how]), {"Content-Type": "application/json"}
+    if how in ("gzip", "deflate"):
+        data = gzip.compress(text.encode()) if how == "gzip" else zlib.compress(text.encode())
+        return data, {"Content-Type": "application/json", "Content-Encoding": how}
+    if how == "gzip-members":  # the text cut in two, each half a gzip member of its own
+        half = len(text) // 2
+        return gzip.compress(text[:half].encode()) + gzip.compress(text[half:].encode()), {
+            "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    if how == "none":
+        return text.encode(), {}
+    if how.startswith("escaped"):  # every key's first letter as a \u escape ("escaped LABEL")
+        return re.sub(r'"(\w)(\w*)":', lambda m: '"\\u%04x%s":' % (ord(m.group(1)), m.group(2)),
+                      text).encode(), {"Content-Type": how[8:] or "application/json"}
+    if how == "padded-octets":  # past what is read whole anyway, with a binary label
+        return (text + " " * (300 << 10)).encode(), {"Content-Type": "application/octet-stream"}
+    return text.encode(), {"Content-Type": how}
+
+
+BODY_FORMS = ["text/plain", "text/json", "application/x-www-form-urlencoded", "none",
+              "utf-16", "utf-16-be", "utf-32-le", "escaped", "escaped text/plain", "gzip",
+              "gzip-members", "padded-octets"]
+
+
+@pytest.fixture(scope="module")
+def iso_pair(worker: Worker) -> Tuple["Tenant", "Tenant", str, str]:
+    """Alice, and Bob with a file and a stored response of his own."""
+    alice, bob = Tenant(worker), Tenant(worker)
+    return alice, bob, bob.create("files"), bob.create("responses")
+
+
+class TestReferencesWhateverTheLabel:
+    """Item 1: another user's object named in a body that parses as JSON is OpenAI's
+    404, whatever the body's Content-Type or encoding, and nothing is sent."""
+
+    def refused(self, upstream, alice, path, obj, how, kind, obj_id):
+        body, headers = labelled(obj, how)
+        test_id = new_test_id()
+        answer = request("POST", alice.worker.url + path, body, dict(
+            headers, **bearer(alice.key), **{"x-fake-store": "1", "x-test-id": test_id}))
+        assert upstream.find(test_id) == [], f"{how} body went upstream: {answer}"
+        assert answer.json() == not_found(kind, obj_id), (how, answer)
+
+    @pytest.mark.parametrize("how", BODY_FORMS)
+    def test_a_batch_on_anothers_file(self, upstream, iso_pair, how):
+        alice, _, secret, _ = iso_pair
+        self.refused(upstream, alice, "/v1/batches", {
+            "input_file_id": secret, "endpoint": "/v1/chat/completions",
+            "completion_window": "24h"}, how, "File", secret)
+
+    @pytest.mark.parametrize("how", ["text/plain", "none", "utf-16"])
+    def test_a_chat_that_feeds_in_anothers_file(self, upstream, iso_pair, how):
+        alice, _, secret, _ = iso_pair
+        self.refused(upstream, alice, "/v1/chat/completions", {
+            "model": "gpt-4o-mini", "messages": [{"role": "user", "content": [
+                {"type": "file", "file": {"file_id": secret}}]}]}, how, "File", secret)
+
+    @pytest.mark.parametrize("how", ["text/json", "application/x-www-form-urlencoded", "utf-32-le"])
+    def test_a_response_that_continues_anothers(self, upstream, iso_pair, how):
+        alice, _, _, secret = iso_pair
+        self.refused(upstream, alice, "/v1/responses", {
+            "model": "gpt-4o-mini", "input": "hi", "previous_response_id": secret},
+            how, "Response", secret)
+
+    @pytest.mark.parametrize("how", ["text/plain", "utf-16", "padded-octets"])
+    def test_ones_own_file_passes_whatever_the_label(self, upstream, iso_pair, how):
+        alice = iso_pair[0]
+        own = alice.create("files")
+        body, headers = labelled({"input_file_id": own, "endpoint": "/v1/chat/completions",
+                                  "completion_window": "24h"}, how)
+        test_id = new_test_id()
+        answer = request("POST", alice.worker.url + "/v1/batches", body, dict(
+            headers, **bearer(alice.key), **{"x-fake-echo": "1", "x-test-id": test_id}))
+        assert answer.status == 200, answer
+        assert upstream.one(test_id)["body"] == body  # passed byte for byte
+
+    def test_a_large_binary_upload_still_streams(self, worker, upstream, iso_pair):
+        """Only a body whose first bytes may start JSON is held to be read whole."""
+        alice, test_id = iso_pair[0], new_test_id()
+        data = b"\x00\x00\x00\x18ftypmp42" + det_bytes(3 << 20, "upload")
+        sock = socket.create_connection(("127.0.0.1", int(worker.env["PORT"])),
+                                        timeout=CLIENT_TIMEOUT)
+        try:
+            sock.sendall(raw_request("POST", "/v1/files", alice.key, data[:1 << 20], **{
+                "Content-Length": str(len(data)), "Content-Type": "application/octet-stream",
+                "x-test-id": test_id}))
+            noted = eventually(lambda: [n for n in upstream.notes if test_id in header_values(
+                n["headers"], "x-test-id")], 5)
+            assert noted, "a binary upload was held instead of streamed on"
+        finally:
+            sock.close()
+
+    def test_as_utf8_and_may_start_json(self):
+        import worker as module
+        text = '{"a": "\u00e9\U0001f600"}'
+        for codec in ("utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"):
+            assert module.as_utf8(text.encode(codec)) == text.encode(), codec
+            assert module.may_start_json(text.encode(codec)), codec
+        assert module.as_utf8(b"\xef\xbb\xbf" + text.encode()) == text.encode()
+        assert module.as_utf8(b"\x00\x00\x00\x18ftyp\xff") == b"\x00\x00\x00\x18ftyp\xff"
+        for start, expected in ((b"  \n[1]", True), (b"    ", True), (b"--xyz\r\n", False),
+                                (b"\x00\x00\x00\x18ftyp", False), (b"\xff\xd8\xff\xe0", False)):
+            assert module.may_start_json(start) is expected, start
+
+
+class TestStreamsAlwaysCounted:
+    """Item 2: a streamed chat completion is counted whatever its body's form: the
+    proxy asks for its usage on the parsed body, and a compressed body goes on
+    uncompressed with the usage request in it."""
+
+    @pytest.mark.parametrize("how", ["escaped", "escaped text/plain", "text/plain",
+                                     "application/x-www-form-urlencoded",
+                                     "none", "gzip", "gzip-members", "deflate", "utf-16"])
+    def test_the_usage_is_asked_for_and_counted(self, worker, upstream, how):
+        name, test_id = unique("free"), new_test_id()
+        key = worker.register(name, "?scope=all")  # (an isolated user's body is parsed anyway)
+        body, headers = labelled({"model": "gpt-4o-mini", "messages": CHAT_MESSAGES,
+                                  "stream": True}, how)
+        answer = request("POST", worker.url + "/v1/chat/completions", body, dict(
+            headers, **bearer(key), **{"x-test-id": test_id, "x-fake-delay-ms": "1"}))
+        assert answer.status == 200, answer
+        record = upstream.one(test_id)
+        assert header_values(record["headers"], "Content-Encoding") == []
+        assert json.loads(record["body"])["stream_options"] == {"include_usage": True}
+        assert b'"usage"' not in answer.body and answer.body.endswith(b"data: [DONE]\n\n")
+        assert usage_by_model(worker, name)["gpt-4o-mini"]["total_tokens"] == 17
+
+    def test_a_compressed_body_not_rewritten_passes_byte_exact(self, worker, upstream):
+        key, test_id = worker.register(unique("zipped")), new_test_id()
+        body, headers = labelled({"model": "gpt-4o-mini", "messages": CHAT_MESSAGES,
+                                  "stream": True, "stream_options": {"include_usage": True}},
+                                 "gzip")
+        answer = request("POST", worker.url + "/v1/chat/completions", body, dict(
+            headers, **bearer(key), **{"x-test-id": test_id, "x-fake-echo": "1"}))
+        assert answer.status == 200, answer
+        record = upstream.one(test_id)
+        assert record["body"] == body
+        assert header_values(record["headers"], "Content-Encoding") == ["gzip"]
+
+    def test_a_zip_bomb_is_refused_at_the_body_limit(self, tight_worker, upstream):
+        key, test_id = tight_worker.register(unique("bomb")), new_test_id()
+        text = b'{"model": "gpt-4o-mini", "stream": true, "messages": [], "x": "' \
+            + b" " * (3 << 20) + b'"}'
+        for encoding, data in (("gzip", gzip.compress(text)), ("deflate", zlib.compress(text))):
+            assert len(data) < 20_000
+            answer = request("POST", tight_worker.url + "/v1/chat/completions", data, dict(
+                bearer(key), **{"Content-Type": "application/json", "Content-Encoding": encoding,
+                                "x-test-id": test_id}))
+            is_openai_error(answer, 413, "request_too_large")
+        assert upstream.find(test_id) == []
+
+    def test_a_body_of_too_many_gzip_members_is_refused(self, worker, upstream):
+        key, test_id = worker.register(unique("members")), new_test_id()
+        body = gzip.compress(chat_json(stream=True)) + gzip.compress(b" ") * 1000
+        answer = request("POST", worker.url + "/v1/chat/completions", body, dict(
+            bearer(key), **{"Content-Type": "application/json", "Content-Encoding": "gzip",
+                            "x-test-id": test_id}))
+        is_openai_error(answer, 400)
+        assert "members" in answer.json()["error"]["message"] and upstream.find(test_id) == []
+
+    def test_a_stream_that_ends_without_the_usage_asked_for_is_estimated(self, worker, upstream):
+        """An upstream that ignores include_usage: counted as a hang-up is (§5)."""
+        name, test_id = unique("nousage"), new_test_id()
+        key = worker.register(name)
+        body = chat_json(stream=True)
+        answer = post_json(worker, "/v1/chat/completions", key, body, **{
+            "x-test-id": test_id, "x-fake-delay-ms": "1", "x-fake-usage-chunk": "none"})
+        assert answer.status == 200 and answer.body.endswith(b"data: [DONE]\n\n"), answer
+        row = usage_by_model(worker, name)["gpt-4o-mini"]
+        assert row["output_tokens"] == len(CHAT_PIECES) + 2, row  # a token per delta
+        assert row["input_tokens"] == len(body) // 4, row
+
+
+USAGE_CHUNKS = ["openai", "litellm", "spaced", "on-last"]
+
+
+def sse_datas(body: bytes) -> List[Any]:
+    """The data of each event of an SSE body, parsed (``[DONE]`` as a string)."""
+    found = []
+    for event in body.split(b"\n\n"):
+        data = b"\n".join(line[5:].strip() for line in event.splitlines()
+                          if line.startswith(b"data:"))
+        if data:
+            found.append("[DONE]" if data == b"[DONE]" else json.loads(data))
+    return found
+
+
+class TestAskedUsageIsStripped:
+    """Item 3: the usage the proxy asked for is taken out of whichever chunk carries
+    it, however the upstream writes it; the chunk goes only if nothing else is in it."""
+
+    @pytest.mark.parametrize("how", USAGE_CHUNKS)
+    def test_the_client_gets_no_usage_it_did_not_ask_for(self, worker, upstream, how):
+        name, test_id = unique("strip"), new_test_id()
+        key = worker.register(name)
+        answer = post_json(worker, "/v1/chat/completions", key, chat_json(stream=True), **{
+            "x-test-id": test_id, "x-fake-delay-ms": "1", "x-fake-usage-chunk": how})
+        assert answer.status == 200, answer
+        sent = upstream.one(test_id)["response"]["body"]
+        assert b'"total_tokens"' in sent, "the upstream sent no usage"
+        got = sse_datas(answer.body)
+        assert all(not isinstance(d, dict) or d.get("usage") is None for d in got), got
+        # Every chunk with content or a finish_reason is there, in order, as it was.
+        def said(datas: List[Any]) -> List[Any]:
+            return [d if d == "[DONE]" else {k: v for k, v in d.items() if k != "usage"}
+                    for d in datas if d == "[DONE]" or any(
+                        c.get("delta") or c.get("finish_reason") for c in d["choices"])]
+        assert said(got) == said(sse_datas(sent)) and len(said(got)) == len(got)
+        assert usage_by_model(worker, name)["gpt-4o-mini"]["total_tokens"] == 17
+
+    @pytest.mark.parametrize("how", USAGE_CHUNKS)
+    def test_the_python_sdk_sees_no_usage_and_the_proxy_counts_it(self, worker, upstream, how):
+        name = unique("sdkstrip")
+        client = sdk(worker, worker.register(name), **{"x-fake-usage-chunk": how,
+                                                       "x-fake-delay-ms": "1"})
+        chunks = list(client.chat.completions.create(model="gpt-4o-mini",
+                                                     messages=CHAT_MESSAGES, stream=True))
+        assert [c.usage for c in chunks] == [None] * len(chunks)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            "".join(CHAT_PIECES)
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert usage_by_model(worker, name)["gpt-4o-mini"]["total_tokens"] == 17
+
+    @pytest.mark.parametrize("how", USAGE_CHUNKS)
+    def test_usage_the_client_asked_for_reaches_it_unchanged(self, worker, upstream, how):
+        key, test_id = worker.register(unique("asked")), new_test_id()
+        answer = post_json(worker, "/v1/chat/completions", key, chat_json(
+            stream=True, stream_options={"include_usage": True}), **{
+            "x-test-id": test_id, "x-fake-delay-ms": "1", "x-fake-usage-chunk": how})
+        assert answer.body == upstream.one(test_id)["response"]["body"]
+
+    def test_carries_only_usage(self):
+        import worker as module
+        usage = {"total_tokens": 3}
+        base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "system_fingerprint": None, "usage": usage}
+        for choices, only in (([], True), ([{"index": 0, "delta": {}}], True),
+                              ([{"index": 0, "delta": {"content": None, "role": None},
+                                 "finish_reason": None, "logprobs": None}], True),
+                              ([{"index": 0, "delta": {"content": "x"}}], False),
+                              ([{"index": 0, "delta": {}, "finish_reason": "stop"}], False)):
+            assert module.carries_only_usage(dict(base, choices=choices)) is only, choices
+        assert not module.carries_only_usage(dict(base, choices=[], citations=["a"]))
+
+
+class TestUsageReaderReadsTheTopLevel:
+    """Item 4: a JSON answer is counted from its own top-level usage wherever it
+    stands, not from an echoed object's "usage" that comes after it."""
+
+    def test_usage_before_echoed_tools_with_a_usage_property(self, worker, upstream):
+        name, test_id = unique("first"), new_test_id()
+        key = worker.register(name)
+        answer = post_json(worker, "/v1/responses", key, compact(
+            {"model": "gpt-4o-mini", "input": "hi", "tools": [TOOL_WITH_USAGE]}),
+            **{"x-test-id": test_id, "x-fake-usage-first": "1"})
+        assert answer.status == 200, answer
+        assert answer.body.index(b'"usage"') < answer.body.index(b'"tools"')
+        assert usage_by_model(worker, name)["gpt-4o-mini"]["total_tokens"] == 95000
+
+    def test_answers_parsed_whole_up_to_a_megabyte_and_scanned_beyond(self):
+        import worker as module
+        usage = {"prompt_tokens": 7, "total_tokens": 7}
+        for size, body in (
+                (1000, {"usage": usage, "tools": [TOOL_WITH_USAGE], "model": "m"}),
+                (900_000, {"usage": usage, "data": ["x" * 1000] * 900, "model": "m",
+                           "tools": [TOOL_WITH_USAGE]}),
+                (3_000_000, {"model": "m", "data": ["x" * 1000] * 3000, "usage": usage})):
+            data = json.dumps(body).encode()
+            reader = module.UsageReader("application/json", "", False)
+            for at in range(0, len(data), 65536):
+                assert reader.feed(data[at:at + 65536]) == data[at:at + 65536]
+            assert reader.result() == ("m", [7, 0, 7]), size
+        reader = module.UsageReader("application/json", "", False)
+        reader.feed(b'{"usage": {"total_tokens": 3}, "cut')  # not JSON: scanned as before
+        assert reader.result() == (None, [0, 0, 3])
+
+
+class TestOddFieldsAndAdminPaths:
+    """Item 5: a stream_options of the wrong type is the upstream's to refuse, never
+    a 500; every Admin API endpoint is closed to users without scope=all."""
+
+    @pytest.mark.parametrize("options", ["x", ["include_usage"], 3, True],
+                             ids=["string", "list", "number", "bool"])
+    def test_a_stream_options_that_is_not_an_object(self, worker, upstream, options):
+        key, test_id = worker.register(unique("odd")), new_test_id()
+        body = chat_json(stream=True, stream_options=options)
+        answer = post_json(worker, "/v1/chat/completions", key, body, **{"x-test-id": test_id})
+        is_openai_error(answer, 400, "invalid_type")  # the upstream's own answer
+        assert upstream.one(test_id)["body"] == body
+        assert "Traceback" not in worker.log()
+
+    ADMIN_ROWS = [(method, path) for method, path, _, _ in ENDPOINT_ROWS
+                  if path.startswith(("/v1/organization/", "/v1/projects/"))]
+
+    def test_the_admin_rows_are_those_of_the_shared_tsv(self):
+        path = shared_tsv()
+        if path is None:
+            pytest.skip("../shared/openai-endpoints.tsv is not here")
+        with open(path) as f:
+            rows = [line.rstrip("\n").split("\t") for line in f][1:]
+        marked = [(row[0], row[1]) for row in rows if len(row) > 5 and "[admin:" in row[5]]
+        assert marked == self.ADMIN_ROWS
+
+    def test_every_admin_endpoint_is_closed_to_users(self, worker, upstream):
+        key = worker.register(unique("notadmin"))
+        assert len(self.ADMIN_ROWS) > 100
+        opened = []
+        for method, path in self.ADMIN_ROWS:
+            test_id = new_test_id()
+            body = b"{}" if method == "POST" else None
+            answer = request(method, worker.url + fill_ids(path), body, dict(
+                bearer(key), **{"Content-Type": "application/json", "x-test-id": test_id}))
+            if answer.status != 403 or upstream.find(test_id) \
+                    or answer.json()["error"]["code"] != "forbidden":
+                opened.append(f"{method} {path}: {answer}")
+        assert opened == []
+
+    def test_scope_all_still_reaches_them(self, worker, upstream):
+        key, test_id = worker.register(unique("admin"), "?scope=all"), new_test_id()
+        answer = request("GET", worker.url + "/v1/projects/proj_1/roles", headers=dict(
+            bearer(key), **{"x-test-id": test_id}))
+        assert answer.status == 200 and upstream.one(test_id), answer
+
+
+class TestReadToItsEnd:
+    """Item 19: a client that closes right after the stream's last event has the
+    whole answer: logged with its status, not 499, and counted."""
+
+    @staticmethod
+    def read_until(worker: Worker, key: str, path: str, body: bytes, end: bytes,
+                   test_id: str, delay_ms: str = "1") -> bytes:
+        """Read the answer up to the event that holds ``end``; then close at once."""
+        sock = socket.create_connection(("127.0.0.1", int(worker.env["PORT"])),
+                                        timeout=CLIENT_TIMEOUT)
+        try:
+            sock.sendall(raw_request("POST", path, key, body, **{
+                "Content-Type": "application/json", "x-test-id": test_id,
+                "x-fake-delay-ms": delay_ms, "x-fake-end-delay-ms": "3000"}))
+            got = b""
+            while end not in got or got.find(b"\n\n", got.find(end)) < 0:
+                piece = sock.recv(65536)
+                assert piece, got
+                got += piece
+            return got
+        finally:
+            sock.close()
+
+    @pytest.mark.parametrize("path,body,end,tokens", [
+        ("/v1/chat/completions", chat_json(stream=True), b"data: [DONE]\n\n", 17),
+        ("/v1/responses", compact({"model": "gpt-4o-mini", "input": "hi", "stream": True}),
+         b'"type":"response.completed"', 9),
+    ], ids=["chat-done", "responses-completed"])
+    def test_logged_200_and_counted(self, worker, upstream, path, body, end, tokens):
+        name, test_id = unique("ender"), new_test_id()
+        key = worker.register(name)
+        self.read_until(worker, key, path, body, end, test_id)
+        assert upstream.closed_connections(test_id, timeout=5), "the upstream request goes on"
+        logged = eventually(lambda: [line for line in worker.log().splitlines()
+                                     if f"user={name}" in line], 3)
+        assert len(logged) == 1 and f" {path} 200 " in logged[0], logged
+        assert f"tokens={tokens}" in logged[0], logged
+        assert usage_by_model(worker, name)["gpt-4o-mini"]["total_tokens"] == tokens
+        if path == "/v1/responses":  # the response it made is its own, as for any client
+            made = "resp_" + upstream.one(test_id)["id"]
+            assert request("GET", f"{worker.url}/v1/responses/{made}",
+                           headers=bearer(key)).status == 200
+            other = worker.register(unique("other"))
+            is_openai_error(request("GET", f"{worker.url}/v1/responses/{made}",
+                                    headers=bearer(other)), 404)
+
+    def test_leaving_before_the_end_is_still_499(self, worker, upstream):
+        name, test_id = unique("early"), new_test_id()
+        key = worker.register(name)
+        self.read_until(worker, key, "/v1/chat/completions", chat_json(stream=True),
+                        b'"finish_reason":"stop"', test_id, delay_ms="500")
+        assert upstream.closed_connections(test_id, timeout=5)
+        logged = eventually(lambda: [line for line in worker.log().splitlines()
+                                     if f"user={name}" in line], 3)
+        assert len(logged) == 1 and " 499 " in logged[0], logged
 
 
 # ---------------------------------------------------------------------------

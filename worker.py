@@ -143,6 +143,7 @@ WS_MAX_MESSAGE_BYTES = 64 << 20  # a realtime message with a long audio chunk
 STREAMED_BODY_METHODS = ("POST", "PUT", "PATCH")
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")  # safe to send twice (RFC 9110 §9.2.2)
 SMALL_BODY_BYTES = 256 << 10  # request bodies up to this are read whole, then sent
+REQUEST_MEMBERS_MAX = 1000  # gzip members in a compressed request body this proxy reads
 IO_CHUNK_BYTES = 256 << 10  # bodies move in pieces of up to this (Tornado's default: 64 KB)
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
 SHARED_FLUSH_SECONDS = 1.0  # ... and a shared store (Redis), so instances agree soon
@@ -1471,9 +1472,46 @@ def sse_data(event: bytes) -> Any:
         return None
 
 
-def is_usage_only_chunk(event: bytes) -> bool:
-    """A chat completion's last chunk when include_usage was asked for: no choices."""
-    return b'"choices":[]' in event and USAGE_OBJECT.search(event) is not None
+def sse_field(event: bytes, name: bytes) -> Optional[bytes]:
+    """The value of an SSE event's first ``name:`` field (``event``, ``data``), or None."""
+    for line in event.splitlines():
+        if line.startswith(name + b":"):
+            return line[len(name) + 1:].strip()
+    return None
+
+
+def with_data(event: bytes, data: Any) -> bytes:
+    """An SSE event with its data replaced by ``data`` (its other fields kept)."""
+    fields = [line for line in event.splitlines() if line and not line.startswith(b"data:")]
+    line = b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    return b"\n".join(fields + [line]) + b"\n\n"
+
+
+# What every chunk of a streamed chat completion repeats: a chunk that has only
+# these besides empty choices carries nothing but its usage.
+CHUNK_ENVELOPE = frozenset(
+    "id object created model system_fingerprint service_tier choices usage obfuscation".split())
+
+
+def is_empty(value: Any) -> bool:
+    """Whether a chunk's value says nothing (``null``, ``""``, ``[]``, a delta of those)."""
+    if isinstance(value, dict):
+        return all(is_empty(v) for v in value.values())
+    return value is None or value == "" or value == []
+
+
+def carries_only_usage(chunk: Dict[str, Any]) -> bool:
+    """A chunk that is there for its usage alone: OpenAI's with ``"choices": []``,
+    LiteLLM's with ``"choices": [{"index": 0, "delta": {}}]``."""
+    choices = chunk.get("choices")
+    return (isinstance(choices, list)
+            and all(isinstance(c, dict) and all(k == "index" or is_empty(v) for k, v in c.items())
+                    for c in choices)
+            and all(k in CHUNK_ENVELOPE or is_empty(v) for k, v in chunk.items()))
+
+
+# The events that end a stream: the client that has one has the whole answer.
+STREAM_END_EVENTS = frozenset([b"response.completed", b"response.incomplete", b"response.failed"])
 
 
 def decoder_for(content_encoding: str) -> Any:
@@ -1496,20 +1534,26 @@ def readable_encodings(accept_encoding: str) -> str:
 class UsageReader:
     """Finds the usage in an answer as it streams past, without holding it.
 
-    JSON answers: the last ``"usage": {…}`` in the body's last 64 KB and the
-    first ``"model"`` in its first 8 KB, so a 50 MB embeddings answer costs no
-    more than a small one. Event streams: the last event that carries a usage
-    object (a chat completion's usage-only chunk, ``response.completed``).
-    With ``strip``, the usage-only chunk the proxy asked for on the client's
-    behalf, and the ``"usage":null`` it adds to every other chunk, are taken
-    out of what the client receives.
+    JSON answers up to WHOLE: parsed whole, their top-level ``usage`` (an
+    upstream may put it before echoed objects that have a "usage" of their
+    own). Longer ones: the last ``"usage": {…}`` in the body's last 64 KB and
+    the first ``"model"`` in its first 8 KB, so a 50 MB embeddings answer
+    costs no more than a small one. Event streams: the last event that
+    carries a usage object (a chat completion's usage chunk,
+    ``response.completed``). With ``strip``, the usage the proxy asked for on
+    the client's behalf is taken out of whichever chunk carries it (the chunk
+    dropped if that is all it carries), and so is the ``"usage":null`` it adds
+    to every other chunk. ``ended``: the stream's last event (``[DONE]``,
+    ``response.completed``) has passed.
     """
 
     HEAD, TAIL = 8192, 65536
+    WHOLE = 1 << 20  # JSON answers up to this are parsed whole (a few ms), longer ones scanned
     EVENT_LIMIT = 32 << 20  # an event longer than this is passed on unparsed but for its tail
 
     def __init__(self, content_type: str, content_encoding: str, strip: bool):
         self.sse = content_type.lower().startswith("text/event-stream")
+        self.whole: Optional[List[bytes]] = [] if "json" in content_type.lower() else None
         self.decoder = decoder_for(content_encoding) if content_encoding else None
         self.compressed = bool(content_encoding) and content_encoding.lower() != "identity"
         self.strip = strip and self.sse and not self.compressed
@@ -1520,6 +1564,8 @@ class UsageReader:
         self.size = 0
         self.deltas = 0  # streamed events that carry a delta: about a token each
         self.usage_event: Optional[bytes] = None
+        self.usage_data: Any = None  # usage_event's JSON, once parsed
+        self.ended = False
 
     def feed(self, chunk: bytes) -> bytes:
         """Read a chunk; return what the client gets of it."""
@@ -1546,15 +1592,15 @@ class UsageReader:
         if len(self.head) < self.HEAD:
             self.head += data[: self.HEAD - len(self.head)]
         if not self.sse:
-            self.tail = (self.tail + data)[-self.TAIL:]
+            self._hold_json(data)
             return data
         if not self.held and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2 \
                 and b"\r" not in data:
             # One whole event, as an upstream usually sends them: nothing to split
             # (and nothing held, so no seam to look at next time).
             self.seam = b""
-            kept = self._keep(data)
-            return data if not self.strip else strip_usage_nulls(data) if kept else b""
+            event = self._pass(data)
+            return data if not self.strip else strip_usage_nulls(event) if event else b""
         # Pieces are joined only once an event ends among them: each byte is
         # looked at twice at most, however long the event.
         ended = BLANK_LINE.search(data) or BLANK_LINE.search(self.seam + data[:3])
@@ -1571,11 +1617,19 @@ class UsageReader:
         rest = text[ends[-1]:]
         self.held, self.held_size = ([rest], len(rest)) if rest else ([], 0)
         self.seam = rest[-3:]
-        kept = [event for event in (text[a:b] for a, b in zip([0] + ends, ends))
-                if self._keep(event)]
+        kept = [self._pass(event) for event in (text[a:b] for a, b in zip([0] + ends, ends))]
         if not self.strip:
             return data
-        return b"".join(map(strip_usage_nulls, kept))
+        return b"".join(strip_usage_nulls(event) for event in kept if event)
+
+    def _hold_json(self, data: bytes) -> None:
+        """A JSON answer's bytes: all of them up to WHOLE, then only the tail."""
+        if self.whole is not None:
+            self.whole.append(data)
+            if self.size <= self.WHOLE:
+                return
+            data, self.whole = b"".join(self.whole), None
+        self.tail = (self.tail + data)[-self.TAIL:]
 
     def _let_go(self) -> bytes:
         """An event too long to hold: keep its tail (for the usage, which ends
@@ -1584,29 +1638,62 @@ class UsageReader:
         self.held, self.held_size = [text[-self.TAIL:]], self.TAIL
         return text[:-self.TAIL]
 
-    def _keep(self, event: bytes) -> bool:
+    def _pass(self, event: bytes) -> Optional[bytes]:
+        """Read an event; return it as the client gets it (None: not at all).
+        Only an event that can carry usage (a byte check) is parsed."""
         self.deltas += b'"delta"' in event
-        if USAGE_OBJECT.search(event):
-            self.usage_event = event
-            if self.strip and is_usage_only_chunk(event):
-                return False
-        return True
+        if b"[DONE]" in event and sse_field(event, b"data") == b"[DONE]":
+            self.ended = True
+        if USAGE_OBJECT.search(event) is None:
+            return event
+        self.usage_event, self.usage_data = event, sse_data(event)
+        name = sse_field(event, b"event")
+        if name is None and isinstance(self.usage_data, dict):  # (a data-only stream)
+            name = str(self.usage_data.get("type")).encode()
+        self.ended = self.ended or name in STREAM_END_EVENTS
+        if self.strip and isinstance(self.usage_data, dict) \
+                and isinstance(self.usage_data.get("usage"), dict):
+            if carries_only_usage(self.usage_data):
+                return None
+            return with_data(event, {k: v for k, v in self.usage_data.items() if k != "usage"})
+        return event
 
     def flush(self) -> bytes:
         """What is left for the client once the upstream is done."""
         rest, self.held, self.held_size = b"".join(self.held), [], 0
-        kept = self._keep(rest) if rest and self.sse else True
-        return strip_usage_nulls(rest) if self.strip and kept else b""
+        kept = self._pass(rest) if rest and self.sse else rest
+        return strip_usage_nulls(kept) if self.strip and kept else b""
 
     def result(self) -> Optional[Tuple[Optional[str], List[int]]]:
         if not self.sse:
-            return usage_in_tail(self.tail, self.head)
+            if self.whole is not None:
+                found = usage_in_json(b"".join(self.whole))
+                if found is not False:
+                    return found
+            return usage_in_tail(self.tail or b"".join(self.whole or []), self.head)
         if self.usage_event is None:
             return None
-        data = sse_data(self.usage_event)
-        if data is None:  # the tail of an event too long to hold: read as a tail
+        if self.usage_data is None:  # the tail of an event too long to hold: read as a tail
             return usage_in_tail(self.usage_event, self.head)
-        return usage_in(data)
+        return usage_in(self.usage_data)
+
+
+def usage_in_json(body: bytes) -> Any:
+    """usage_in for a whole JSON answer; False if it is not JSON (a cut answer).
+    Parsed only if it may hold a usage (a byte check): 10 ms a 0.5 MB embeddings
+    answer on the build machine."""
+    if not may_name(body, b'"usage"'):
+        return None
+    try:
+        return usage_in(json.loads(body))
+    except (ValueError, RecursionError):
+        return False
+
+
+def may_name(body: bytes, key: bytes) -> bool:
+    """Whether a JSON body may have ``key`` (quoted): written plainly, or spelled
+    with a \\u escape, which is the only other way to write its letters."""
+    return key in body or b"\\u" in body
 
 
 def usage_in_tail(tail: bytes, head: bytes) -> Optional[Tuple[Optional[str], List[int]]]:
@@ -2368,9 +2455,12 @@ MAKES_OTHER = {("threads", "runs"): "threads", ("videos", "edits"): "videos",
                ("videos", "extensions"): "videos", ("videos", "/remix"): "videos"}
 # What OpenAI deletes by itself after 30 days, and so does the record of it.
 EXPIRING_COLLECTIONS = {"responses": 30, "chat/completions": 30}
-# The account's administration, and ChatKit threads, which ChatKit's widgets
-# create for their end users, so no user of this proxy can be named owner.
-ADMIN_ONLY_PATH = re.compile(r"/v\d+/(organization|fine_tuning/checkpoints|chatkit/threads)(/|\Z)")
+# The account's administration (the Admin API: /organization/…, /projects/…
+# roles; the rows marked [admin: …] in openai-endpoints.tsv), and ChatKit
+# threads, which ChatKit's widgets create for their end users, so no user of
+# this proxy can be named owner.
+ADMIN_ONLY_PATH = re.compile(
+    r"/v\d+/(organization|projects|fine_tuning/checkpoints|chatkit/threads)(/|\Z)")
 # Keys of request bodies whose values are ids of objects (openai-endpoints.tsv).
 REFERENCE_KEYS = frozenset(
     "file_id file_ids input_file_id training_file validation_file vector_store_ids "
@@ -3395,9 +3485,30 @@ def models_in_body(content_type: str, body: bytes) -> Tuple[List[str], Any]:
             return [], None
         if not fields.get("model") and b'name="model"' in body:
             return [], None  # a model field Tornado could not read (it only logs why)
-        as_json, _ = _models_in_json(body) if body.lstrip()[:1] == b"{" else ([], None)
-        return [v.decode("utf-8", "replace") for v in fields.get("model", [])] + as_json, {}
+        as_json, obj = _models_in_json(body) if body.lstrip()[:1] == b"{" else ([], None)
+        models = [v.decode("utf-8", "replace") for v in fields.get("model", [])] + as_json
+        return models, obj if isinstance(obj, dict) else {}
     return _models_in_json(body)
+
+
+def may_start_json(start: bytes) -> bool:
+    """Whether a body that begins with ``start`` (4 bytes or more) may be a JSON
+    object or array, in any of the encodings RFC 8259 §8.1 lets a parser accept."""
+    text = start[:64].decode(json.detect_encoding(start), "replace").lstrip(" \t\r\n\ufeff")
+    return text[:1] in ("{", "[", "")
+
+
+def as_utf8(body: bytes) -> bytes:
+    """A JSON text in UTF-16 or UTF-32 (told by its BOM or its zero bytes, as
+    RFC 8259 §8.1 lets a parser accept it) in UTF-8, so that it is checked as
+    an upstream that reads it will read it; any other body unchanged."""
+    encoding = json.detect_encoding(body)
+    if encoding == "utf-8":
+        return body
+    try:
+        return body.decode(encoding).encode()
+    except UnicodeDecodeError:
+        return body
 
 
 def _models_in_json(body: bytes) -> Tuple[List[str], Any]:
@@ -3439,7 +3550,7 @@ class ProxyHandler(BaseHandler):
     user: Optional[Dict[str, Any]] = None
     fetch: Optional["asyncio.Future[Any]"] = None  # a streamed body's exchange
     upstream_request: Optional[tornado.httpclient.HTTPRequest] = None  # once sent
-    body_complete = client_gone = isolated = False
+    body_complete = client_gone = isolated = sniffing = False
     uploading = False  # watched by App.watch_clients
     request_bytes = 0  # the body's size, when it was read whole
     accounted = False  # (a method Tornado refuses never reaches prepare)
@@ -3478,6 +3589,7 @@ class ProxyHandler(BaseHandler):
             self.watch_upload()
         if self.must_read_body():
             self.body_chunks = []
+            self.sniffing = self.read_whole_if_json()
         elif streamed:
             self.start_streamed_upstream()
 
@@ -3647,11 +3759,43 @@ class ProxyHandler(BaseHandler):
         path = self.route
         return bool(USAGE_ON_REQUEST.match(path)
                     or (self.has_allowlist() and (MODEL_IN_BODY.match(path) or self.body_is_json()))
-                    or (self.isolated and self.body_is_json()))
+                    or (self.isolated and self.may_be_json()))
 
     def body_is_json(self) -> bool:
         content_type = self.request.headers.get("Content-Type", "application/json").lower()
         return content_type.startswith("application/json")
+
+    def read_whole_if_json(self) -> bool:
+        """Whether the body is read whole only because it may be JSON whatever
+        its label: a large one, decided by its first bytes (sniff_body)."""
+        length = self.request.headers.get("Content-Length", "")
+        return (self.isolated and not self.body_is_json()
+                and not (length.isdigit() and int(length) <= SMALL_BODY_BYTES)
+                and not USAGE_ON_REQUEST.match(self.route)
+                and not (self.has_allowlist() and MODEL_IN_BODY.match(self.route)))
+
+    async def sniff_body(self) -> None:
+        """Send a large body on as it comes after all, unless it starts as JSON may."""
+        self.sniffing = False
+        held = b"".join(self.body_chunks or [])
+        if may_start_json(held):
+            return
+        self.body_chunks = None  # (from here on, to the upstream or nowhere)
+        try:
+            await self.admit()  # now: the body goes upstream as it comes
+        except ApiError as error:
+            self.send_error(error.status_code, exc_info=(ApiError, error, None))
+            return
+        self.start_streamed_upstream()
+        await self.body_queue.put(held)
+
+    def may_be_json(self) -> bool:
+        """Whether the body may be JSON to an upstream that reads the bytes, not
+        the label (text/plain, a form, none): all but a large multipart upload."""
+        content_type = self.request.headers.get("Content-Type", "").lower()
+        length = self.request.headers.get("Content-Length", "")
+        return (not content_type.startswith("multipart/")
+                or (length.isdigit() and int(length) <= SMALL_BODY_BYTES))
 
     async def inspect_body(self, sent: bytes) -> bytes:
         """Look at a body read whole: the models it names, the objects it refers
@@ -3659,12 +3803,13 @@ class ProxyHandler(BaseHandler):
         Returns what to send: ``sent`` itself unless the usage request was added."""
         if not self.must_inspect_body():
             return sent
-        body = self.decoded(sent)
-        refers = self.body_is_json() and (any(m in body for m in REFERENCE_MARKERS)
-                                          or b'"store"' in body)
-        if not self.has_allowlist() and b'"stream"' not in body and not refers:
-            # Not a stream, and no model to check: no need to parse it. The
-            # model, for counting a failed request, is usually near the start.
+        body = as_utf8(self.decoded(sent))
+        refers = self.isolated and any(m in body for m in REFERENCE_MARKERS)
+        if not (self.has_allowlist() or refers or may_name(body, b'"stream"')
+                or may_name(body, b'"store"')):
+            # Not a stream, nothing stored, no model to check: no need to parse
+            # it, whatever it is labelled. The model, for counting a failed
+            # request, is usually near the start.
             match = MODEL_NEAR_START.search(body, 0, 4096)
             self.request_model = match.group(1).decode("utf-8", "replace") if match else None
             return sent
@@ -3684,19 +3829,23 @@ class ProxyHandler(BaseHandler):
             self.stores = obj.get("store")
         if self.isolated and refers:
             await self.refuse_others_objects(obj)
-        if (USAGE_ON_REQUEST.match(self.route) and isinstance(obj, dict) and body is sent
+        if (USAGE_ON_REQUEST.match(self.route) and isinstance(obj, dict)
                 and obj.get("stream") is True):
             options = obj.get("stream_options")
-            if not (isinstance(options, dict) and options.get("include_usage")):
+            if options is not None and not isinstance(options, dict):
+                return sent  # not a stream_options: the upstream's to refuse (400)
+            if not (options or {}).get("include_usage"):
                 # OpenAI sends a stream's usage only when asked: ask, and take
                 # the answer out again so the client gets what it asked for.
+                # (A compressed body goes on uncompressed: upstream_request_headers.)
                 obj["stream_options"] = {**(options or {}), "include_usage": True}
                 self.ask_usage = True
                 return json.dumps(obj, separators=(",", ":")).encode()
         return sent
 
     def decoded(self, body: bytes) -> bytes:
-        """A compressed request body as the upstream will read it (sent on unchanged)."""
+        """A compressed request body as the upstream will read it (sent on unchanged,
+        unless the usage request is added to it). Decompressed up to MAX_BODY_MB: 413 past it."""
         encoding = self.request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding == "identity":
             return body
@@ -3705,13 +3854,25 @@ class ProxyHandler(BaseHandler):
             raise ApiError(415, f"Content-Encoding {encoding} cannot be read by this proxy, which "
                                 "must check what a body names: send it uncompressed or gzip.",
                            code="unsupported_encoding")
+        limit, pieces, size, rest = self.app.settings.max_body_bytes, [], 0, body
         try:
-            plain = decoder.decompress(body, self.app.settings.max_body_bytes + 1)
+            # Members one after another (RFC 1952 §2.2) are one body to a reader
+            # that decompresses them all, so the checks read them all too.
+            for _ in range(REQUEST_MEMBERS_MAX):
+                pieces.append(decoder.decompress(rest, limit + 1 - size))
+                size += len(pieces[-1])
+                if size > limit:
+                    raise self.body_too_large()
+                rest = decoder.unused_data if decoder.eof else b""
+                if not rest:
+                    return b"".join(pieces)
+                decoder = decoder_for(encoding)
+        except ApiError:
+            raise
         except Exception:
-            raise ApiError(400, f"The request body is not valid {encoding}.")
-        if len(plain) > self.app.settings.max_body_bytes:
-            raise self.body_too_large()
-        return plain
+            pass
+        raise ApiError(400, f"The request body is not valid {encoding} "
+                            f"(or has over {REQUEST_MEMBERS_MAX} members).")
 
     # -- request: client → upstream -------------------------------------------
 
@@ -3735,6 +3896,8 @@ class ProxyHandler(BaseHandler):
             headers["Accept-Encoding"] = readable_encodings(headers["Accept-Encoding"])
         if self.ask_usage or self.filter_models or identity:  # answers this proxy rewrites
             headers["Accept-Encoding"] = "identity"
+        if self.ask_usage:  # its body was rewritten, and goes on uncompressed
+            headers.pop("Content-Encoding", None)
         return headers
 
     def has_body(self) -> bool:
@@ -3800,6 +3963,8 @@ class ProxyHandler(BaseHandler):
             self.send_error(error.status_code, exc_info=(ApiError, error, None))
         elif self.body_chunks is not None:
             self.body_chunks.append(chunk)
+            if self.sniffing and self.body_received >= 4:
+                await self.sniff_body()
         else:
             self.body_held = True  # the upstream is behind: the client is not to blame
             await self.body_queue.put(chunk)
@@ -3916,13 +4081,15 @@ class ProxyHandler(BaseHandler):
             failure = e
         finally:
             self._let_go_of_upstream_request()
-        if self.client_gone:
+        if self.client_gone and not self.read_to_its_end():
             self.set_status(499, "Client Closed Request")  # as nginx logs it
             return
         if not self.upstream_headers_sent or (failure is not None and not self._headers_written):
             raise self.upstream_error(failure)  # (nothing has reached the client yet)
         if self.note_objects(self.get_status()):
             await self.app.owners.flush(durable=False)  # fsync'd with the next usage flush
+        if self.client_gone:
+            return  # after the whole answer: logged with its status
         if failure is not None:
             # The upstream broke off mid-answer: end the client's answer the
             # same way, so it never mistakes a cut stream for a whole one.
@@ -3935,6 +4102,12 @@ class ProxyHandler(BaseHandler):
             if rest:  # (nothing at all may be written for a 204 or 304)
                 self.write(rest)
         self.finish()
+
+    def read_to_its_end(self) -> bool:
+        """Whether the client had the whole answer: a client may close as soon as
+        it has ``data: [DONE]`` or ``response.completed`` (openai-python does),
+        before the upstream's chunked terminator arrives."""
+        return self.reader is not None and self.reader.ended
 
     def upstream_error(self, error: Optional[BaseException]) -> ApiError:
         if isinstance(error, tornado.simple_httpclient.HTTPTimeoutError):
@@ -3994,10 +4167,13 @@ class ProxyHandler(BaseHandler):
             return
         self.accounted = True
         found = self.reader.result() if self.reader is not None else None
-        if found is None and self.client_gone and self.reader is not None and self.reader.deltas:
-            # Gone before the usage event: the upstream bills what it made, so
-            # count an estimate (else hanging up would dodge any quota): a token
-            # per delta passed, a token per 4 bytes of the request body.
+        if found is None and self.reader is not None and self.reader.deltas \
+                and (self.client_gone or self.reader.ended):
+            # Gone before the usage event, or a stream that ended without one
+            # (an upstream that ignored the proxy's include_usage): the upstream
+            # bills what it made, so count an estimate (else hanging up would
+            # dodge any quota): a token per delta passed, a token per 4 bytes
+            # of the request body.
             estimate = [self.request_bytes // 4, self.reader.deltas]
             found = None, estimate + [sum(estimate)]
         model, counts = found if found else (None, [0, 0, 0])
