@@ -5,10 +5,11 @@ Each user gets a key of their own (``sk-cfw…``); the owner hands them out with
 curl; every OpenAI API passes through unchanged. The Python port of
 janlay/openai-cloudflare, in one file, with Tornado as its only dependency.
 
-Run it::
+Run it (in a venv, as Debian and Raspberry Pi OS ask; or with
+``sudo apt install python3-tornado`` and ``python3 worker.py``)::
 
-    pip install -r requirements.txt
-    OPENAPI_API_KEY=sk-... ACCESS_TOKEN=Une9f2ijwe python worker.py
+    python3 -m venv .venv && .venv/bin/pip install -r requirements.txt
+    OPENAPI_API_KEY=sk-... ACCESS_TOKEN=Une9f2ijwe .venv/bin/python worker.py
 
 Give a friend a key, then let them use it from any OpenAI SDK::
 
@@ -2029,6 +2030,11 @@ class BaseHandler(tornado.web.RequestHandler):
         kind = "server_error" if status_code >= 500 else "invalid_request_error"
         return ApiError(status_code, self._reason, kind)
 
+    def finish_json(self, data: Dict[str, Any]) -> None:
+        """A JSON answer, ending in a newline as every answer curl shows."""
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps(data) + "\n")
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = self.api_error(status_code, kwargs.get("exc_info", (None, None))[1])
         for name, value in error.headers.items():
@@ -3689,7 +3695,7 @@ class MeHandler(UserHandler):
         today = utcnow().date()
         first = (today - datetime.timedelta(days=29)).isoformat()
         usage = await self.app.store.usage_rows(name, first, today.isoformat())
-        self.write({"name": name, "created": self.user.get("created"),
+        self.finish_json({"name": name, "created": self.user.get("created"),
                     "expires": self.user.get("expires"), "quota": self.user.get("quota", 0),
                     "used": tokens, "rpm": self.user.get("rpm", 0),
                     "models": self.user.get("models", ["*"]), "requests": requests,
@@ -3701,7 +3707,7 @@ class MeHandler(UserHandler):
                            code="unknown_url")
         key = await self.app.store.reset_key(self.user["name"])
         log.info("self-service: %s reset their key", self.user["name"])
-        self.write({"name": self.user["name"], "key": key})
+        self.finish_json({"name": self.user["name"], "key": key})
 
 
 class BillingHandler(UserHandler):
@@ -4179,8 +4185,8 @@ def listen(settings: Settings) -> List[Any]:
     try:
         return tornado.netutil.bind_sockets(settings.port, settings.host, backlog=1024)
     except socket.gaierror as e:
-        raise ConfigError(f"HOST: {settings.host!r} is not an address or a name that "
-                          f"resolves ({e.strerror})") from None
+        raise ConfigError(f"HOST: {settings.host} does not resolve to an address "
+                          f"({e.strerror})") from None
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise ConfigError(f"HOST/PORT: {where} is in use") from None
