@@ -2967,7 +2967,7 @@ class TestFullDisk:
                 lost = [line for line in log.splitlines() if "not written" in line]
                 assert len(lost) == 1 and "usage of 3 requests" in lost[0], lost
                 assert "disk is full" in lost[0], lost
-                full = [line for line in log.splitlines() if "disk of DB_PATH is full" in line]
+                full = [line for line in log.splitlines() if "cannot write to DB_PATH: its disk is full" in line]
                 assert 1 <= len(full) <= 2, full  # once each time it filled, not per write
 
                 os.remove(filler)  # the store opens again, with all it acknowledged

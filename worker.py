@@ -512,9 +512,10 @@ class DbmKV:
         self._lock_file = None
         self._checkpointing: Optional[asyncio.Future] = None
         self._windows: Dict[str, "collections.deque[float]"] = {}  # take_slot's
-        # The journal's fsyncs, in order, off the event loop (see _synced).
-        self._syncer: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self.full = False  # a write failed for want of space (said once)
+        # The journal's fsyncs, in order, off the event loop (see _synced);
+        # its thread starts with the first.
+        self._syncer = concurrent.futures.ThreadPoolExecutor(1, "store-fsync")
+        self.failing: Optional[str] = None  # why writes fail (said once), or None
 
     # -- opening and recovery -------------------------------------------------
 
@@ -543,7 +544,6 @@ class DbmKV:
             self._journal_gen = max(journals + [self._gen])
             self._journal = open(self._file(f"wal-{self._journal_gen}"), "ab", buffering=0)
             _fsync_dir(self.path)
-            self._syncer = concurrent.futures.ThreadPoolExecutor(1, "store-fsync")
         return self
 
     def _lock(self) -> None:
@@ -716,8 +716,8 @@ class DbmKV:
             if isinstance(e, OSError):
                 raise self._cannot_write(e) from None
             raise
-        if self.full:
-            self.full = False
+        if self.failing:
+            self.failing = None
             log.info("store: writing again")
 
     async def _synced(self) -> None:
@@ -732,17 +732,16 @@ class DbmKV:
             raise self._cannot_write(e) from None
 
     def _cannot_write(self, error: OSError) -> StoreUnavailable:
-        """The 503 for a write the disk refused; a full disk is logged once."""
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            if not self.full:
-                self.full = True
-                log.error("store: the disk of DB_PATH is full: admin writes get 503, and "
-                          "usage is kept in memory until it can be written")
-            return StoreUnavailable("This proxy's store cannot write: its disk is full. "
-                                    "Try again once the owner has freed space.")
-        log.error("store: writing to DB_PATH failed: %s", error.strerror or error)
-        return StoreUnavailable(f"This proxy's store cannot write ({error.strerror}); "
-                                f"try again shortly.")
+        """The 503 for a write the disk refused (full, most likely), logged once."""
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "its disk is full" if full else str(error.strerror or error)
+        if self.failing != reason:
+            self.failing = reason
+            log.error("store: cannot write to DB_PATH: %s; admin writes get 503, and usage "
+                      "is kept in memory until it can be written", reason)
+        return StoreUnavailable(f"This proxy's store cannot write: {reason}. "
+                                + ("Try again once the owner has freed space." if full
+                                   else "Try again shortly."))
 
     async def checkpoint(self) -> None:
         """Fold the overlay into a new snapshot generation, off the event loop."""
@@ -2025,7 +2024,6 @@ class BaseHandler(tornado.web.RequestHandler):
         if isinstance(error, ApiError):
             return error
         if isinstance(error, StoreError):
-            self.set_status(error.status)
             return ApiError(error.status, str(error), code=STORE_ERROR_CODES.get(error.status))
         kind = "server_error" if status_code >= 500 else "invalid_request_error"
         return ApiError(status_code, self._reason, kind)
@@ -2037,6 +2035,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = self.api_error(status_code, kwargs.get("exc_info", (None, None))[1])
+        self.set_status(error.status_code)
         for name, value in error.headers.items():
             self.set_header(name, value)
         self.set_header("Content-Type", "application/json")
@@ -3794,6 +3793,7 @@ class AdminHandler(BaseHandler):
             error = self.api_error(status_code, error)
             for name, value in error.headers.items():
                 self.set_header(name, value)
+        self.set_status(error.status_code)
         message = error.message
         if error.status_code == 403:
             self.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -4271,7 +4271,7 @@ async def flush_before_exit(app: App) -> None:
         if time.monotonic() > deadline:
             break
         await asyncio.sleep(0.5)
-    why = "its disk is full" if getattr(app.store.kv, "full", False) else "it is unavailable"
+    why = getattr(app.store.kv, "failing", None) or "it is unavailable"
     log.error("stopping: the store cannot be written (%s): the usage of %d requests and %d "
               "object records are not written", why,
               sum(row[0] for _, row in app.usage.unwritten()), len(app.owners.pending))
