@@ -230,9 +230,9 @@ def upstream_url_notes(environ: Dict[str, str]) -> List[str]:
     """What the log should say about how UPSTREAM_URL was taken."""
     written = environ.get("UPSTREAM_URL", "").strip().rstrip("/")
     if re.search(r"/v1\Z", written):
-        return ["UPSTREAM_URL ends in /v1, which every request's path brings: "
-                "taken as the base without it (/v1/chat/completions goes to …/v1/chat/"
-                "completions, not …/v1/v1/…)"]
+        return [("UPSTREAM_URL ends in /v1, which every request's path brings: "
+                 "taken as the base without it (/v1/chat/completions goes to …/v1/chat/"
+                 "completions, not …/v1/v1/…)")]
     return []
 
 
@@ -3695,10 +3695,10 @@ class MeHandler(UserHandler):
         first = (today - datetime.timedelta(days=29)).isoformat()
         usage = await self.app.store.usage_rows(name, first, today.isoformat())
         self.finish_json({"name": name, "created": self.user.get("created"),
-                    "expires": self.user.get("expires"), "quota": self.user.get("quota", 0),
-                    "used": tokens, "rpm": self.user.get("rpm", 0),
-                    "models": self.user.get("models", ["*"]), "requests": requests,
-                    "usage": [{k: v for k, v in row.items() if k != "user"} for row in usage]})
+                          "expires": self.user.get("expires"), "quota": self.user.get("quota", 0),
+                          "used": tokens, "rpm": self.user.get("rpm", 0),
+                          "models": self.user.get("models", ["*"]), "requests": requests,
+                          "usage": [{k: v for k, v in row.items() if k != "user"} for row in usage]})
 
     async def post(self, action: Optional[str]) -> None:
         if action != "reset":
