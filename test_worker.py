@@ -1688,11 +1688,10 @@ class TestNodeSDK:
 
 
 # ---------------------------------------------------------------------------
-# 5. Every REST endpoint of ../shared/openai-endpoints.tsv passes through
+# 5. Every REST endpoint of docs/openai-endpoints.tsv passes through
 # ---------------------------------------------------------------------------
 
-# The REST rows of openai-endpoints.tsv (method, path, request body, response),
-# kept here so the suite runs where the shared folder is not;
+# The REST rows of docs/openai-endpoints.tsv (method, path, request body, response);
 # test_table_matches_the_shared_tsv keeps the two in step.
 ENDPOINTS = """
 GET    /v1/chat/completions                                                                  none             json

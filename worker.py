@@ -1811,7 +1811,7 @@ class RateLimiter:
 # Isolation: who created which object, and who may see it
 # ---------------------------------------------------------------------------
 
-# The collections whose objects OpenAI keeps (../shared/openai-endpoints.tsv),
+# The collections whose objects OpenAI keeps (docs/openai-endpoints.tsv),
 # with the kind its 404 names. An object created through the proxy belongs to
 # its creator; one that was not belongs to nobody.
 OWNED_COLLECTIONS = {
@@ -2722,7 +2722,7 @@ class _UpstreamAnswer(tornado.httputil.HTTPMessageDelegate):
 # The HTTP proxy: /v<N>/…
 # ---------------------------------------------------------------------------
 
-# POST endpoints whose body names a model (../shared/openai-endpoints.tsv):
+# POST endpoints whose body names a model (docs/openai-endpoints.tsv):
 # read before sending, for users with a model allowlist.
 MODEL_IN_BODY = re.compile(
     r"/v\d+/(chat/completions|completions|responses(/input_tokens|/compact)?|embeddings"
