@@ -35,6 +35,7 @@ import collections
 import concurrent.futures
 import contextlib
 import datetime
+import errno
 import glob
 import gzip
 import hashlib
@@ -1524,7 +1525,7 @@ class TestAdmin:
 
     def test_wrong_token_is_403_access_forbidden(self, worker):
         status, body = curl(f"{worker.url}/wrong{ACCESS_TOKEN}/register/{unique('x')}")
-        assert (status, body) == (403, "Access forbidden")
+        assert (status, body) == (403, "Access forbidden\n")
 
     def test_admin_routes_take_a_bearer_token(self, worker):
         name = unique("bearer")
@@ -1541,9 +1542,9 @@ class TestAdmin:
     def test_admin_routes_with_a_wrong_or_no_bearer_are_403(self, worker):
         status, body = curl("-H", "Authorization: Bearer wrong-token-123",
                             f"{worker.url}/admin/register/{unique('x')}")
-        assert (status, body) == (403, "Access forbidden")
+        assert (status, body) == (403, "Access forbidden\n")
         status, body = curl(f"{worker.url}/admin/register/{unique('x')}")
-        assert (status, body) == (403, "Access forbidden")
+        assert (status, body) == (403, "Access forbidden\n")
 
     def test_format_json(self, worker):
         name = unique("json")
@@ -1740,11 +1741,10 @@ class TestNodeSDK:
 
 
 # ---------------------------------------------------------------------------
-# 5. Every REST endpoint of ../shared/openai-endpoints.tsv passes through
+# 5. Every REST endpoint of docs/openai-endpoints.tsv passes through
 # ---------------------------------------------------------------------------
 
-# The REST rows of openai-endpoints.tsv (method, path, request body, response),
-# kept here so the suite runs where the shared folder is not;
+# The REST rows of docs/openai-endpoints.tsv (method, path, request body, response);
 # test_table_matches_the_shared_tsv keeps the two in step.
 ENDPOINTS = """
 GET    /v1/chat/completions                                                                  none             json
@@ -2067,12 +2067,12 @@ def table_body(kind: str) -> Tuple[Optional[bytes], Dict[str, str]]:
     return None, {}
 
 
-def shared_tsv() -> Optional[str]:
-    for path in (os.path.join(HERE, "..", "shared", "openai-endpoints.tsv"),
-                 os.path.join(HERE, "openai-endpoints.tsv")):
-        if os.path.exists(path):
-            return path
-    return None
+VENDORED_TSV = os.path.join(HERE, "docs", "openai-endpoints.tsv")
+
+
+def shared_tsv() -> str:
+    """The endpoint table kept in the repository (docs/), so a clone has it."""
+    return VENDORED_TSV
 
 
 @pytest.fixture(scope="module")
@@ -2084,10 +2084,15 @@ def table_key(worker: Worker) -> str:
 class TestEndpointTable:
     """One request per REST row: it arrives unchanged but for the key, and so does the answer."""
 
+    def test_the_vendored_tsv_is_the_shared_one(self):
+        shared = os.path.join(HERE, "..", "shared", "openai-endpoints.tsv")
+        if not os.path.exists(shared):
+            pytest.skip("no ../shared/openai-endpoints.tsv beside this clone to compare with")
+        with open(shared, "rb") as a, open(VENDORED_TSV, "rb") as b:
+            assert a.read() == b.read(), "docs/openai-endpoints.tsv differs from ../shared's"
+
     def test_table_matches_the_shared_tsv(self):
         path = shared_tsv()
-        if path is None:
-            pytest.skip("../shared/openai-endpoints.tsv is not here")
         with open(path) as f:
             rows = [line.rstrip("\n").split("\t") for line in f][1:]
         rest = [tuple(row[:4]) for row in rows if row and row[0] in ("GET", "POST", "DELETE",
@@ -2326,7 +2331,7 @@ class TestProxy:
                                       "/wp-login.php", "/cgi-bin/test.cgi"])
     def test_other_paths_are_403_access_forbidden(self, worker, path):
         answer = request("GET", worker.url + path)
-        assert (answer.status, answer.text) == (403, "Access forbidden")
+        assert (answer.status, answer.text) == (403, "Access forbidden\n")
 
     def test_healthz(self, worker):
         answer = request("GET", worker.url + "/healthz")
@@ -2910,6 +2915,473 @@ class TestStoreCrashSafety:
                 expected = found  # adopt the unacknowledged-but-durable write
             assert found == expected, f"round {round_no}"
         assert len(expected) > 10
+
+
+# ---------------------------------------------------------------------------
+# Faults and first starts (issue 15): a full disk, a slow fsync, store errors,
+# secrets in tracebacks, start-up errors, UPSTREAM_URL's /v1, the clone
+# ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def small_filesystem(root: str, size_kb: int, read_only: bool = False) -> Iterator[str]:
+    """A tmpfs of ``size_kb`` mounted in a temporary folder (root only): a disk
+    that really fills up, or a read-only one. Skips, saying why, where it cannot."""
+    path = tempfile.mkdtemp(prefix="tmpfs-", dir=root)
+    options = f"size={size_kb}k" + (",ro" if read_only else "")
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path],
+                              capture_output=True, timeout=30)
+    except FileNotFoundError:
+        done = None
+    if done is None or done.returncode != 0:
+        os.rmdir(path)
+        why = "no mount command" if done is None else done.stderr.decode().strip()
+        pytest.skip(f"needs a small filesystem, and mounting a tmpfs failed (root only): {why}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)
+        os.rmdir(path)
+
+
+def fill_disk(folder: str) -> str:
+    """Write a file into ``folder`` until its filesystem refuses; return its path."""
+    filler = os.path.join(folder, "filler")
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 16, 1 << 12, 1):
+            for _ in range(100_000):
+                try:
+                    f.write(b"\0" * size)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC, e
+                    break
+    return filler
+
+
+def use_up(worker: Worker) -> Answer:
+    """Register users until the store refuses: the journal's last page may still
+    take a line or two once the disk is full. Returns the refusal."""
+    for _ in range(64):
+        answer = request("GET", f"{worker.admin}/register/{unique('full')}")
+        if answer.status != 200:
+            break
+    return answer
+
+
+def me_requests(worker: Worker, key: str) -> int:
+    """The requests /me shows: what the store holds (it writes pending usage first)."""
+    answer = request("GET", worker.url + "/me", headers=bearer(key))
+    assert answer.status == 200, answer
+    return answer.json()["requests"]
+
+
+class TestFullDisk:
+    """Item 12: 503 with a clear message, usage kept and retried, a clean stop."""
+
+    def test_a_full_disk_answers_503_keeps_usage_and_stops_cleanly(self, tmp_root, upstream):
+        with small_filesystem(tmp_root, 2048) as disk:
+            worker = Worker(tmp_root, upstream.url, DB_PATH=os.path.join(disk, "db"))
+            worker.start()
+            try:
+                key = worker.register("alice")
+                filler = fill_disk(disk)
+                answer = use_up(worker)
+                assert answer.status == 503, answer
+                assert answer.text.startswith("error: ") and "disk is full" in answer.text
+                assert answer.text.endswith("\n") and answer.text.count("\n") == 1, answer
+                as_json = request("GET", f"{worker.admin}/register/{unique('full')}?format=json")
+                assert as_json.status == 503 and "disk is full" in as_json.json()["error"]
+                assert request("GET", f"{worker.admin}/set/alice?quota=5").status == 503
+
+                reset = request("POST", worker.url + "/me/reset", headers=bearer(key))
+                error = is_openai_error(reset, 503, "store_unavailable")
+                assert "disk is full" in error["message"], error
+                assert worker.models(key).status == 200  # nothing changed: the old key works
+
+                for _ in range(3):  # served, and counted in memory
+                    assert post_json(worker, "/v1/chat/completions", key,
+                                     chat_json()).status == 200
+                os.remove(filler)
+                assert wait_until(lambda: me_requests(worker, key) == 4, 15,  # (models, 3 chats)
+                                  "the kept usage written once there is space")
+                assert users_by_name(worker)["alice"]["quota"] == 0
+
+                # Full again, then SIGTERM: a clean exit that says what it could not write.
+                filler = fill_disk(disk)
+                assert use_up(worker).status == 503
+                for n in range(3):  # long model names: more than what a register could not write
+                    model = f"gpt-{n}-" + "x" * 180
+                    assert post_json(worker, "/v1/chat/completions", key,
+                                     chat_json(model)).status == 200
+                assert worker.stop(20) == 0
+                log = worker.log()
+                assert "Traceback" not in log, log[-3000:]
+                lost = [line for line in log.splitlines() if "not written" in line]
+                assert len(lost) == 1 and "usage of 3 requests" in lost[0], lost
+                assert "disk is full" in lost[0], lost
+                full = [line for line in log.splitlines() if "cannot write to DB_PATH: its disk is full" in line]
+                assert 1 <= len(full) <= 2, full  # once each time it filled, not per write
+
+                os.remove(filler)  # the store opens again, with all it acknowledged
+                worker.start()
+                assert me_requests(worker, key) == 4
+            finally:
+                worker.stop()
+
+
+FSYNC_SCRIPT = r'''
+import asyncio, json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+import worker
+
+real_fsync = os.fsync
+
+def slow_fsync(fd):  # an SD card on a bad day
+    time.sleep(0.3)
+    real_fsync(fd)
+
+async def main():
+    kv = worker.DbmKV(sys.argv[2]).open()
+    os.fsync = slow_fsync
+    ticks = []
+
+    async def ticker():
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await asyncio.gather(kv.write({"user:a": "1"}), kv.write({"user:b": "2"}))
+    took = time.monotonic() - started
+    await asyncio.sleep(0.05)
+    task.cancel()
+    os.fsync = real_fsync
+    await kv.aclose()
+    print(json.dumps({"took": took, "ticks": len(ticks),
+                      "longest_gap": max(b - a for a, b in zip(ticks, ticks[1:]))}))
+
+asyncio.run(main())
+'''
+
+
+class TestFsyncOffTheLoop:
+    """Item 13: the journal's fsync runs in a thread; the write returns after it."""
+
+    def test_a_slow_fsync_does_not_stall_the_event_loop(self, tmp_path):
+        script = tmp_path / "fsync.py"
+        script.write_text(FSYNC_SCRIPT)
+        path = str(tmp_path / "db")
+        done = subprocess.run([sys.executable, str(script), HERE, path],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result["took"] >= 0.3, result  # acknowledged only once on disk
+        assert result["longest_gap"] < 0.15, result  # other coroutines kept running
+        assert _read_store(sys.executable, path) == {"user:a": "1", "user:b": "2"}
+
+
+STORE_RACE_SCRIPT = r'''
+import asyncio, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import worker
+import tornado.httpclient, tornado.netutil, tornado.simple_httpclient
+
+async def main():
+    environ = {"OPENAPI_API_KEY": "sk-up", "ACCESS_TOKEN": "adm12345678",
+               "DB_PATH": sys.argv[2], "UPSTREAM_URL": "http://127.0.0.1:9"}
+    settings = worker.load_settings(environ)
+    kv = worker.DbmKV(settings.db_path).open()
+    store = worker.Store(kv)
+    app = worker.App(settings, store)
+    server = worker.Server(app)
+    [sock] = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server.add_sockets([sock])
+    port = sock.getsockname()[1]
+    client = tornado.simple_httpclient.SimpleAsyncHTTPClient(force_instance=True)
+    answers = {}
+    original_reset, original_write = store.reset_key, kv.write
+
+    async def reset_after_a_delete(name):  # the delete lands between auth and reset
+        await store.delete_user(name)
+        return await original_reset(name)
+
+    async def changed_elsewhere(ops, durable=True, expect=None):  # another instance, always
+        return False if expect else await original_write(ops, durable, expect)
+
+    for case, name in (("deleted", "alice"), ("conflict", "bob")):
+        key = await store.create_user(name, {})
+        if case == "deleted":
+            store.reset_key = reset_after_a_delete
+        else:
+            store.reset_key, kv.write = original_reset, changed_elsewhere
+        for path in ("/me/reset", "/adm12345678/reset/" + name):
+            answer = await client.fetch(f"http://127.0.0.1:{port}{path}", method="POST",
+                                        body=b"", headers={"Authorization": "Bearer " + key},
+                                        raise_error=False)
+            answers[case + " " + path.split("/")[1]] = [answer.code, answer.body.decode()]
+    kv.write = original_write
+    server.stop()
+    await kv.aclose()
+    print(json.dumps(answers))
+
+asyncio.run(main())
+'''
+
+
+class TestStoreErrors:
+    """Item 14: a store refusal reaches no one as a 500."""
+
+    def test_a_reset_racing_a_delete_or_a_change_gets_its_status(self, tmp_path):
+        script = tmp_path / "race.py"
+        script.write_text(STORE_RACE_SCRIPT)
+        done = subprocess.run([sys.executable, str(script), HERE, str(tmp_path / "db")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        answers = json.loads(done.stdout)
+        for case, status, code in (("deleted", 404, "not_found"), ("conflict", 409, "conflict")):
+            got_status, body = answers[case + " me"]
+            assert got_status == status, answers
+            error = json.loads(body)["error"]
+            assert error["code"] == code and error["type"] == "invalid_request_error", error
+            assert body.endswith("\n"), body
+            got_status, body = answers[case + " adm12345678"]  # the admin's reset
+            assert got_status == (404 if case == "deleted" else 409), answers
+            assert body.startswith("error: ") and body.endswith("\n"), body
+        assert "Traceback" not in done.stderr, done.stderr
+
+
+REDACTION_SCRIPT = r'''
+import logging, sys
+sys.path.insert(0, sys.argv[1])
+import worker
+token, upstream_key, user_key, log_path = sys.argv[2:6]
+handler = logging.FileHandler(log_path)
+handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+logging.getLogger().addHandler(handler)
+worker.redact_logs(worker.Redactor(token, upstream_key))
+
+def fail():
+    raise ValueError(f"refused {user_key} with {upstream_key} for /{token}/users")
+
+try:
+    fail()
+except ValueError:
+    worker.log.exception("failed for %s", token)
+try:
+    raise RuntimeError("outer") from KeyError(upstream_key)
+except RuntimeError:
+    worker.log.error("chained", exc_info=True)
+worker.log.warning("here", stack_info=True)  # SECRET_IN_SOURCE
+handler.close()
+'''
+
+
+class TestSecretsInTracebacks:
+    """Item 15: the log's formatter redacts all it writes; key-like names refused."""
+
+    def test_tracebacks_and_stacks_are_redacted(self, tmp_path):
+        user_key = "sk-cfw" + "Q" * 45
+        script = tmp_path / "redact.py"
+        script.write_text(REDACTION_SCRIPT.replace("SECRET_IN_SOURCE", ACCESS_TOKEN))
+        log_path = tmp_path / "log"
+        done = subprocess.run([sys.executable, str(script), HERE, ACCESS_TOKEN, UPSTREAM_KEY,
+                               user_key, str(log_path)], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        log = log_path.read_text()
+        assert "Traceback" in log and "ValueError: refused" in log and "KeyError" in log, log
+        assert "Stack (most recent call last)" in log, log
+        for secret in (ACCESS_TOKEN, UPSTREAM_KEY, user_key, user_key[6:26]):
+            assert secret not in log, f"{secret[:10]}… in the log:\n{log}"
+        assert "***" in log
+
+    @pytest.mark.parametrize("path", [
+        "register/sk-proj-" + "A1b2C3d4" * 3,
+        "register/" + "sk-cfw" + "Z" * 45,
+        "register/{token}",
+        "register/x{token}y",
+        "register/{name}?models=gpt-4o,sk-proj-" + "x9" * 12,
+        "register/{name}?models={token}",
+        "set/{existing}?models=sk-" + "abcdefgh" * 3,
+    ], ids=["openai-key-name", "user-key-name", "token-name", "name-holding-token",
+            "key-model", "token-model", "set-key-model"])
+    def test_names_and_models_that_are_secrets_are_refused(self, worker, path):
+        existing = unique("kept")
+        worker.register(existing)
+        before = users_by_name(worker)
+        path = path.format(token=ACCESS_TOKEN, name=unique("ok"), existing=existing)
+        answer = request("GET", f"{worker.admin}/{path}")
+        assert answer.status == 400, answer
+        assert answer.text.startswith("error: invalid ") and answer.text.endswith("\n"), answer
+        assert ACCESS_TOKEN not in answer.text and "sk-proj-" not in answer.text
+        assert "Z" * 20 not in answer.text and "abcdefgh" not in answer.text, answer.text
+        assert users_by_name(worker) == before
+
+
+# The placeholders of deploy/worker.env.example, as an owner who edited nothing.
+def env_example() -> Dict[str, str]:
+    with open(os.path.join(HERE, "deploy", "worker.env.example")) as f:
+        pairs = [line.strip().split("=", 1) for line in f
+                 if re.match(r"[A-Z_]+=", line.strip())]
+    return dict(pairs)
+
+
+class TestStartUpErrors:
+    """Item 17: one line on stderr, exit 2, naming the right variable."""
+
+    def assert_refused(self, worker: Worker, name: str, *words: str) -> str:
+        try:
+            done = worker.command(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"worker.py started serving: {name} was not refused")
+        stderr = done.stderr.decode()
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert done.returncode == 2, (done.returncode, stderr)
+        assert "Traceback" not in stderr and len(lines) == 1, stderr
+        assert lines[0].startswith("worker.py: " + name), lines
+        for word in words:
+            assert word in lines[0], lines
+        return lines[0]
+
+    def test_db_path_under_proc_or_under_a_file(self, tmp_root, upstream):
+        a_file = os.path.join(tempfile.mkdtemp(dir=tmp_root), "a-file")
+        open(a_file, "w").close()
+        for path in ("/proc/worker-test.db", os.path.join(a_file, "db")):
+            self.assert_refused(Worker(tmp_root, upstream.url, DB_PATH=path), "DB_PATH", path)
+
+    def test_db_path_that_cannot_be_written(self, tmp_root, upstream):
+        if os.geteuid() != 0:
+            folder = tempfile.mkdtemp(dir=tmp_root)
+            os.chmod(folder, 0o555)
+            self.assert_refused(Worker(tmp_root, upstream.url,
+                                       DB_PATH=os.path.join(folder, "db")), "DB_PATH")
+            return
+        with small_filesystem(tmp_root, 64, read_only=True) as folder:  # root writes anywhere else
+            for path in (folder, os.path.join(folder, "db")):
+                line = self.assert_refused(Worker(tmp_root, upstream.url, DB_PATH=path),
+                                           "DB_PATH", path)
+                assert "HOST" not in line, line
+
+    @pytest.mark.parametrize("host,words", [
+        ("no-such-host.invalid", ["does not resolve"]),
+        ("192.0.2.1", ["not an address of this machine"]),
+    ], ids=["unresolvable", "not-here"])
+    def test_host_that_cannot_be_listened_on(self, tmp_root, upstream, host, words):
+        self.assert_refused(Worker(tmp_root, upstream.url, HOST=host), "HOST", host, *words)
+
+    def test_port_in_use_names_the_address(self, tmp_root, upstream):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            self.assert_refused(Worker(tmp_root, upstream.url, PORT=str(port)), "HOST/PORT",
+                                f"127.0.0.1:{port} is in use")
+
+    def test_the_env_example_placeholders_are_refused(self, tmp_root, upstream):
+        example = env_example()
+        assert example["OPENAPI_API_KEY"] == "sk-replace-me", example
+        assert example["ACCESS_TOKEN"].startswith("replace-me"), example
+        self.assert_refused(Worker(tmp_root, upstream.url, **example), "OPENAPI_API_KEY")
+        # The owner edited only the key: the public placeholder token is still refused.
+        self.assert_refused(Worker(tmp_root, upstream.url,
+                                   ACCESS_TOKEN=example["ACCESS_TOKEN"]), "ACCESS_TOKEN")
+        self.assert_refused(Worker(tmp_root, upstream.url,
+                                   OPENAPI_API_KEY=example["OPENAPI_API_KEY"]), "OPENAPI_API_KEY")
+
+
+class TestUpstreamBase:
+    """Item 18: an UPSTREAM_URL written with /v1 is taken without it."""
+
+    @pytest.mark.parametrize("suffix", ["/v1", "/v1/"])
+    def test_a_base_ending_in_v1_does_not_double_it(self, tmp_root, upstream, suffix):
+        with running_worker(tmp_root, upstream.url + suffix) as w:
+            key, test_id = w.register("base"), new_test_id()
+            answer = post_json(w, "/v1/chat/completions", key, chat_json(),
+                               **{"x-test-id": test_id})
+            assert answer.status == 200, answer
+            assert upstream.one(test_id)["path"] == "/v1/chat/completions"
+        notes = [line for line in w.log().splitlines() if "ends in /v1" in line]
+        assert len(notes) == 1, w.log()[-2000:]
+
+
+class TestTheClone:
+    """Item 20: what a clone of the repository and a curl user meet."""
+
+    def test_every_curl_answer_ends_in_a_newline(self, worker, user_key):
+        name = unique("nl")
+        worker.register(name)
+        answers = {
+            "403 path": request("GET", worker.url + "/nothing/here"),
+            "users": request("GET", f"{worker.admin}/users"),
+            "users json": request("GET", f"{worker.admin}/users?format=json"),
+            "set": request("GET", f"{worker.admin}/set/{name}?quota=5"),
+            "set json": request("GET", f"{worker.admin}/set/{name}?quota=5&format=json"),
+            "stats json": request("GET", f"{worker.admin}/stats?format=json"),
+            "error": request("GET", f"{worker.admin}/set/{unique('ghost')}?quota=5"),
+            "error json": request("GET", f"{worker.admin}/register/{name}?format=json"),
+            "me": request("GET", worker.url + "/me", headers=bearer(user_key)),
+            "api error": request("GET", worker.url + "/v1/models", headers=bearer("sk-cfwx")),
+            "no version": request("GET", worker.url + "/chat/completions"),
+            "reset json": request("GET", f"{worker.admin}/reset/{name}?format=json"),
+            "delete": request("DELETE", f"{worker.admin}/{name}"),
+        }
+        for what, answer in answers.items():
+            assert answer.body.endswith(b"\n"), (what, answer)
+        assert answers["403 path"].text == "Access forbidden\n"
+
+    def test_models_is_a_list_in_users_as_in_me(self, worker):
+        name = unique("mlist")
+        key = worker.register(name, "?models=gpt-a,gpt-c")
+        me = request("GET", worker.url + "/me", headers=bearer(key)).json()
+        assert me["models"] == ["gpt-a", "gpt-c"], me
+        assert users_by_name(worker)[name]["models"] == me["models"]
+        rows = assert_aligned_table(request("GET", f"{worker.admin}/users").text,
+                                    TestAdminViews.USER_COLUMNS)
+        assert [row[6] for row in rows if row[0] == name] == ["gpt-a,gpt-c"], rows
+
+    def test_set_answers_the_whole_users_line(self, worker):
+        name = unique("setline")
+        worker.register(name)
+        answer = request("GET", f"{worker.admin}/set/{name}?quota=77&models=gpt-a")
+        assert answer.status == 200, answer
+        rows = assert_aligned_table(answer.text, TestAdminViews.USER_COLUMNS)
+        assert len(rows) == 2 and rows[1][0] == name and rows[1][-1] == "0", rows
+        as_json = admin_json(worker, f"set/{name}?rpm=3")
+        assert as_json == users_by_name(worker)[name], as_json
+        assert (as_json["quota"], as_json["rpm"], as_json["models"]) == (77, 3, ["gpt-a"])
+
+    @pytest.mark.parametrize("query", ["?expires=2020-01-01", "?expires=2001-02-03T04:05:06Z"])
+    def test_register_with_an_expiry_in_the_past_is_400(self, worker, query):
+        name = unique("past")
+        answer = request("GET", f"{worker.admin}/register/{name}{query}")
+        assert answer.status == 400, answer
+        assert re.match(r"error: expires \S+ is in the past\n\Z", answer.text), answer.text
+        assert name not in users_by_name(worker)
+
+    def test_the_endpoint_table_is_in_the_repository(self):
+        with open(shared_tsv()) as f:
+            header = f.readline().split("\t")
+        assert header[:4] == ["method", "path", "request_body", "response"], header
+
+    def test_the_readme_quick_start_works_on_debian(self):
+        """PEP 668 refuses a bare pip install on Debian 12 and Raspberry Pi OS,
+        which have no `python` command: the venv way and the apt way."""
+        with open(os.path.join(HERE, "README.md")) as f:
+            readme = f.read()
+        start = readme.index("## Quick start")
+        quick = readme[start:readme.index("\n## ", start + 1)]
+        commands = [line for line in quick.splitlines()
+                    if "worker.py" in line or "pytest" in line or "install" in line]
+        assert commands, quick
+        for line in commands:
+            assert not re.search(r"(^|&& )pip install", line), line
+            assert not re.search(r"(^|&& |\s)python (-m|worker\.py)", line), line
+        assert any("python3 -m venv .venv && .venv/bin/pip install -r requirements.txt &&" in line
+                   and line.endswith(".venv/bin/python worker.py") for line in commands), commands
+        assert any(line.startswith("sudo apt install python3-tornado &&")
+                   and line.endswith("python3 worker.py") for line in commands), commands
+        assert re.search(r"about \d+ minutes", quick), "the README says how long the tests take"
 
 
 # ---------------------------------------------------------------------------
@@ -4213,7 +4685,8 @@ class TestExpiry:
 
     def test_set_days_extends_an_expired_key_and_keeps_it(self, worker):
         name = unique("extend")
-        key = worker.register(name, "?expires=2020-01-01")
+        key = worker.register(name)
+        set_limits(worker, name, "expires=2020-01-01")  # (register refuses a past expiry)
         is_openai_error(worker.models(key), 401, "invalid_api_key")
         set_limits(worker, name, "days=1")
         assert worker.models(key).status == 200
@@ -4339,7 +4812,7 @@ class TestAdminViews:
                          form)
         assert answer.status == 200, answer
         row = users_by_name(worker)[name]
-        assert (row["quota"], row["rpm"], row["models"]) == (123, 4, "gpt-a,gpt-b"), row
+        assert (row["quota"], row["rpm"], row["models"]) == (123, 4, ["gpt-a", "gpt-b"]), row
         assert row["expires"] is not None
 
     def test_set_on_an_unknown_user_is_404(self, worker):
@@ -7482,7 +7955,7 @@ async def main():
         kv._journal = journal
         try:
             await kv.write({"user:a%d" % number: "1"})
-        except OSError:
+        except worker.StoreUnavailable:  # (503: the disk is full)
             pass
     kv._journal = real
     await kv.write({"user:b": "2"})
@@ -8380,7 +8853,7 @@ class TestSecrets:
             assert worker.stop() == 0
         finally:
             worker.stop()
-        assert health.body == b"ok" and forbidden.body == b"Access forbidden"
+        assert health.body == b"ok" and forbidden.body == b"Access forbidden\n"
         for answer in (health, forbidden):
             assert "Server" not in answer.headers and "x-test" not in answer.headers, answer.headers
         secrets_ = {"ACCESS_TOKEN": ACCESS_TOKEN, "the upstream key": UPSTREAM_KEY}
@@ -8454,7 +8927,7 @@ class TestSecrets:
                         started = time.perf_counter()
                         sock.sendall(data)
                         got = b""
-                        while not got.endswith(b"Access forbidden"):
+                        while not got.endswith(b"Access forbidden\n"):
                             piece = sock.recv(4096)
                             assert piece, got
                             got += piece

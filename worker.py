@@ -5,10 +5,11 @@ Each user gets a key of their own (``sk-cfw…``); the owner hands them out with
 curl; every OpenAI API passes through unchanged. The Python port of
 janlay/openai-cloudflare, in one file, with Tornado as its only dependency.
 
-Run it::
+Run it (in a venv, as Debian and Raspberry Pi OS ask; or with
+``sudo apt install python3-tornado`` and ``python3 worker.py``)::
 
-    pip install -r requirements.txt
-    OPENAPI_API_KEY=sk-... ACCESS_TOKEN=Une9f2ijwe python worker.py
+    python3 -m venv .venv && .venv/bin/pip install -r requirements.txt
+    OPENAPI_API_KEY=sk-... ACCESS_TOKEN=Une9f2ijwe .venv/bin/python worker.py
 
 Give a friend a key, then let them use it from any OpenAI SDK::
 
@@ -33,6 +34,7 @@ Other commands::
 import asyncio
 import binascii
 import collections
+import concurrent.futures
 import dataclasses
 import datetime
 import dbm
@@ -170,8 +172,18 @@ def _required(value: str, name: str) -> str:
     return value
 
 
-def _access_token(value: str, name: str) -> str:
+def _secret(value: str, name: str) -> str:
+    """A required secret, and not deploy/worker.env.example's placeholder: an
+    owner who edits only the key must not serve a token everyone can read."""
     _required(value, name)
+    if "replace-me" in value:
+        raise ConfigError(f"{name} is still the placeholder of worker.env.example; "
+                          f"set your own")
+    return value
+
+
+def _access_token(value: str, name: str) -> str:
+    _secret(value, name)
     if len(value) < 8:
         raise ConfigError(f"{name} must be at least 8 characters")
     if value in ROUTE_WORDS or value in OPENAI_ROOTS or "/" in value:
@@ -185,7 +197,20 @@ def _upstream_url(value: str, name: str) -> str:
         raise ConfigError(f"{name} must be an http:// or https:// URL, got {value!r}")
     if parts.query or parts.fragment:
         raise ConfigError(f"{name} must not have a query or fragment")
-    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+    # Every request's own path starts with /v1: a base written as LiteLLM, vLLM
+    # or Ollama document theirs (…/v1) would make it /v1/v1/… (see main).
+    path = re.sub(r"/v1\Z", "", parts.path.rstrip("/"))
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def upstream_url_notes(environ: Dict[str, str]) -> List[str]:
+    """What the log should say about how UPSTREAM_URL was taken."""
+    written = environ.get("UPSTREAM_URL", "").strip().rstrip("/")
+    if re.search(r"/v1\Z", written):
+        return [("UPSTREAM_URL ends in /v1, which every request's path brings: "
+                 "taken as the base without it (/v1/chat/completions goes to …/v1/chat/"
+                 "completions, not …/v1/v1/…)")]
+    return []
 
 
 def _port(value: str, name: str) -> int:
@@ -268,9 +293,9 @@ USAGE = "python worker.py [import FILE | export | prices [json] | --help]"
 
 # (variable, default, parser, help): the one table behind Settings and --help.
 SETTINGS_TABLE = (
-    ("OPENAPI_API_KEY", "", _required, "the owner's upstream key (alias: OPENAI_API_KEY); required"),
+    ("OPENAPI_API_KEY", "", _secret, "the owner's upstream key (alias: OPENAI_API_KEY); required"),
     ("ACCESS_TOKEN", "", _access_token, "the admin password, 8+ characters; required"),
-    ("UPSTREAM_URL", "https://api.openai.com", _upstream_url, "any OpenAI-compatible base; a path prefix is kept"),
+    ("UPSTREAM_URL", "https://api.openai.com", _upstream_url, "any OpenAI-compatible base; a path prefix is kept, a final /v1 dropped"),
     ("HOST", "0.0.0.0", _optional, "address to listen on"),
     ("PORT", "8787", _port, "port to listen on"),
     ("DB_PATH", "worker.db", _required, "folder of the embedded store (stdlib dbm + journal)"),
@@ -376,15 +401,16 @@ class AdminError(tornado.web.HTTPError):
 
 
 KEY_IN_TEXT = re.compile(KEY_PREFIX + "[A-Za-z0-9]+")
+# An API key of OpenAI's (sk-proj-…, sk-…) or of this proxy's, as a value would hold it.
+LOOKS_LIKE_KEY = re.compile(r"sk-[A-Za-z0-9_-]{16,}")
 
 
-class Redactor(logging.Filter):
+class Redactor:
     """Takes ACCESS_TOKEN, the upstream key and user keys out of text: every log
-    line (a filter on the log handlers) and every error message this proxy
-    writes, wherever a path, a model name or a field value carried them."""
+    line (see RedactingFormatter) and every error message this proxy writes,
+    wherever a path, a model name or a field value carried them."""
 
     def __init__(self, *secrets_: str):
-        super().__init__()
         self.secrets = [s for s in secrets_ if s]
 
     def redact(self, text: str) -> str:
@@ -392,10 +418,28 @@ class Redactor(logging.Filter):
             text = text.replace(secret, "***")
         return KEY_IN_TEXT.sub(KEY_PREFIX + "***", text)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        # Formatted here once, and kept so: the handler need not format it again.
-        record.msg, record.args = self.redact(record.getMessage()), None
-        return True
+
+class RedactingFormatter(logging.Formatter):
+    """A log handler's formatter, with the secrets taken out of all it wrote:
+    the message and its arguments, and a traceback's text (``exc_text``,
+    ``stack_info``), where an exception may quote a key or the token."""
+
+    def __init__(self, inner: Optional[logging.Formatter], redactor: Redactor):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+        self.redactor = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redactor.redact(self.inner.format(record))
+
+
+def redact_logs(redactor: Redactor) -> None:
+    """Every handler of the root logger writes through a RedactingFormatter."""
+    for handler in logging.getLogger().handlers:
+        inner = handler.formatter
+        if isinstance(inner, RedactingFormatter):
+            inner = inner.inner
+        handler.setFormatter(RedactingFormatter(inner, redactor))
 
 
 def invalid_api_key(message: str) -> ApiError:
@@ -410,19 +454,24 @@ def insufficient_quota(message: str) -> ApiError:
 
 
 class StoreError(Exception):
-    """The store refused a write: a conflict or a missing user."""
+    """The store refused a write: a conflict or a missing user. Handlers let it
+    rise: ``BaseHandler.api_error`` answers it with its status."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
 
 
-class StoreUnavailable(ApiError):
-    """The shared store (Redis) does not answer: 503 until it does."""
+STORE_ERROR_CODES = {404: "not_found", 409: "conflict"}
 
-    def __init__(self) -> None:
-        super().__init__(503, "This proxy's store is unavailable for the moment; "
-                              "try again shortly.", "server_error", "store_unavailable",
+
+class StoreUnavailable(ApiError):
+    """The store cannot be used: the shared store (Redis) does not answer, or
+    the embedded one cannot write (a full disk). 503 until it can again."""
+
+    def __init__(self, message: str = "This proxy's store is unavailable for the moment; "
+                                      "try again shortly.") -> None:
+        super().__init__(503, message, "server_error", "store_unavailable",
                          headers={"Retry-After": "1"})
 
 
@@ -471,10 +520,22 @@ class DbmKV:
         self._lock_file = None
         self._checkpointing: Optional[asyncio.Future] = None
         self._windows: Dict[str, "collections.deque[float]"] = {}  # take_slot's
+        # The journal's fsyncs, in order, off the event loop (see _synced);
+        # its thread starts with the first.
+        self._syncer = concurrent.futures.ThreadPoolExecutor(1, "store-fsync")
+        self.failing: Optional[str] = None  # why writes fail (said once), or None
 
     # -- opening and recovery -------------------------------------------------
 
     def open(self) -> "DbmKV":
+        """Open (creating the folder) and recover; ConfigError names DB_PATH if it cannot."""
+        try:
+            return self._open()
+        except OSError as e:
+            raise ConfigError(f"DB_PATH: cannot use {self.path} for the store: "
+                              f"{e.strerror or e}") from None
+
+    def _open(self) -> "DbmKV":
         if not self.readonly:
             os.makedirs(self.path, exist_ok=True)
             self._lock()
@@ -630,7 +691,8 @@ class DbmKV:
         keys still holds the value given (None: absent); False if one does not.
 
         With ``durable`` the journal is fsync'd before this returns, so a write
-        the caller acknowledges survives kill -9 and a power cut.
+        the caller acknowledges survives kill -9 and a power cut. Raises
+        StoreUnavailable (503) if the disk refuses it (full): nothing is written.
         """
         if expect and any(self._get(key) != value for key, value in expect.items()):
             return False
@@ -638,23 +700,56 @@ class DbmKV:
             return True
         ops = {key: _dump(value) if isinstance(value, list) else value
                for key, value in ops.items()}
-        line, start = _encode_journal_line(ops), self._journal.tell()
+        self._append(_encode_journal_line(ops))
+        # Seen at once (the next write's ``expect`` and read-modify-writes build
+        # on it), acknowledged by the caller only once on disk.
+        self._overlay.update(ops)
+        if durable:
+            await self._synced()
+        if self._journal.tell() > JOURNAL_CHECKPOINT_BYTES and self._checkpointing is None:
+            self._checkpointing = asyncio.ensure_future(self.checkpoint())
+        return True
+
+    def _append(self, line: bytes) -> None:
+        start = self._journal.tell()
         try:
             written = 0
             while written < len(line):  # an unbuffered file may take part of it
                 written += self._journal.write(line[written:])
-            if durable:
-                os.fsync(self._journal.fileno())
-        except BaseException:
+        except BaseException as e:
             # Take a part-written line back out, or every later line would sit
             # behind it and be cut off with it at the next start.
             os.ftruncate(self._journal.fileno(), start)
             self._journal.seek(start)  # (truncating leaves the position where it was)
+            if isinstance(e, OSError):
+                raise self._cannot_write(e) from None
             raise
-        self._overlay.update(ops)
-        if self._journal.tell() > JOURNAL_CHECKPOINT_BYTES and self._checkpointing is None:
-            self._checkpointing = asyncio.ensure_future(self.checkpoint())
-        return True
+        if self.failing:
+            self.failing = None
+            log.info("store: writing again")
+
+    async def _synced(self) -> None:
+        """The journal on disk, fsync'd in the store's one fsync thread: an fsync
+        takes milliseconds on an SSD and tens of them on an SD card, and every
+        stream would wait for it on the event loop. One thread keeps the order."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._syncer, os.fsync, self._journal.fileno())
+        except OSError as e:
+            # (The write is in memory already, and may or may not survive a crash.)
+            raise self._cannot_write(e) from None
+
+    def _cannot_write(self, error: OSError) -> StoreUnavailable:
+        """The 503 for a write the disk refused (full, most likely), logged once."""
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "its disk is full" if full else str(error.strerror or error)
+        if self.failing != reason:
+            self.failing = reason
+            log.error("store: cannot write to DB_PATH: %s; admin writes get 503, and usage "
+                      "is kept in memory until it can be written", reason)
+        return StoreUnavailable(f"This proxy's store cannot write: {reason}. "
+                                + ("Try again once the owner has freed space." if full
+                                   else "Try again shortly."))
 
     async def checkpoint(self) -> None:
         """Fold the overlay into a new snapshot generation, off the event loop."""
@@ -665,6 +760,9 @@ class DbmKV:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self._write_snapshot, old_gen, new_gen, self._frozen)
             self._switch_to(new_gen)
+        except OSError as e:  # (a full disk): the journals still hold every write
+            log.error("store: no snapshot written (%s); the journal keeps every write",
+                      e.strerror or e)
         finally:
             self._checkpointing = None
 
@@ -682,9 +780,9 @@ class DbmKV:
         self._switch_to(new_gen)
 
     def _rotate_journal(self, new_gen: int) -> None:
-        self._journal.close()
+        old, self._journal = self._journal, open(self._file(f"wal-{new_gen}"), "ab", buffering=0)
         self._journal_gen = new_gen
-        self._journal = open(self._file(f"wal-{new_gen}"), "ab", buffering=0)
+        self._syncer.submit(old.close)  # after the fsyncs still waiting on it
         _fsync_dir(self.path)
 
     def _write_snapshot(self, old_gen: int, new_gen: int, changes: Dict[str, Optional[str]]) -> None:
@@ -723,7 +821,12 @@ class DbmKV:
     def close(self) -> None:
         assert self._checkpointing is None, "use aclose() while a checkpoint may run"
         if self._journal is not None:
-            self.checkpoint_now()
+            try:
+                self.checkpoint_now()
+            except OSError as e:  # (a full disk): the journals still hold every write
+                log.warning("store: no snapshot written at exit (%s); the journal keeps "
+                            "every write", e.strerror or e)
+            self._syncer.shutdown(wait=True)
             self._journal.close()
             self._journal = None
         if self._snapshot is not None:
@@ -2430,7 +2533,7 @@ def prices_json(table: PriceTable) -> str:
 # Isolation: who created which object, and who may see it
 # ---------------------------------------------------------------------------
 
-# The collections whose objects OpenAI keeps (../shared/openai-endpoints.tsv),
+# The collections whose objects OpenAI keeps (docs/openai-endpoints.tsv),
 # with the kind its 404 names. An object created through the proxy belongs to
 # its creator; one that was not belongs to nobody.
 OWNED_COLLECTIONS = {
@@ -2636,21 +2739,36 @@ class BaseHandler(tornado.web.RequestHandler):
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Tornado's version also prints ``repr(request)``, whose URI can hold the
         admin token or a key in a query string: this one prints the summary only."""
-        if isinstance(value, tornado.web.HTTPError):
+        if isinstance(value, (tornado.web.HTTPError, StoreError)):
             return  # answered with its own status; nothing went wrong here
         log.error("uncaught exception in %s", self._request_summary(), exc_info=(typ, value, tb))
+
+    def api_error(self, status_code: int, error: Optional[BaseException]) -> ApiError:
+        """What to answer for ``error``: the one place where the store's
+        refusals (a user deleted or changed meanwhile) become their status."""
+        if isinstance(error, ApiError):
+            return error
+        if isinstance(error, StoreError):
+            return ApiError(error.status, str(error), code=STORE_ERROR_CODES.get(error.status))
+        kind = "server_error" if status_code >= 500 else "invalid_request_error"
+        return ApiError(status_code, self._reason, kind)
+
+    def finish_json(self, data: Dict[str, Any]) -> None:
+        """A JSON answer, ending in a newline as every answer curl shows."""
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps(data) + "\n")
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
         if not isinstance(error, ApiError) and status_code == 405:
             error = method_not_allowed(self.request.method, self.log_path)
-        elif not isinstance(error, ApiError):
-            kind = "server_error" if status_code >= 500 else "invalid_request_error"
-            error = ApiError(status_code, self._reason, kind)
+        else:
+            error = self.api_error(status_code, error)
+        self.set_status(error.status_code)
         for name, value in error.headers.items():
             self.set_header(name, value)
         self.set_header("Content-Type", "application/json")
-        self.finish(self.app.redactor.redact(json.dumps(error.body())))
+        self.finish(self.app.redactor.redact(json.dumps(error.body())) + "\n")
 
 
 def method_not_allowed(method: str, path: str) -> ApiError:
@@ -2670,7 +2788,7 @@ class ForbiddenHandler(BaseHandler):
     def prepare(self) -> None:
         self.set_status(403)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish("Access forbidden")
+        self.finish("Access forbidden\n")
 
 
 class HealthHandler(BaseHandler):
@@ -3349,7 +3467,7 @@ class _UpstreamAnswer(tornado.httputil.HTTPMessageDelegate):
 # The HTTP proxy: /v<N>/…
 # ---------------------------------------------------------------------------
 
-# POST endpoints whose body names a model (../shared/openai-endpoints.tsv):
+# POST endpoints whose body names a model (docs/openai-endpoints.tsv):
 # read before sending, for users with a model allowlist.
 MODEL_IN_BODY = re.compile(
     r"/v\d+/(chat/completions|completions|responses(/input_tokens|/compact)?|embeddings"
@@ -4517,11 +4635,11 @@ class MeHandler(UserHandler):
         today = utcnow().date()
         first = (today - datetime.timedelta(days=29)).isoformat()
         usage = await self.app.store.usage_rows(name, first, today.isoformat())
-        self.write({"name": name, "created": self.user.get("created"),
-                    "expires": self.user.get("expires"), "quota": self.user.get("quota", 0),
-                    "used": tokens, "rpm": self.user.get("rpm", 0),
-                    "models": self.user.get("models", ["*"]), "requests": requests,
-                    "usage": [{k: v for k, v in row.items() if k != "user"} for row in usage]})
+        self.finish_json({"name": name, "created": self.user.get("created"),
+                          "expires": self.user.get("expires"), "quota": self.user.get("quota", 0),
+                          "used": tokens, "rpm": self.user.get("rpm", 0),
+                          "models": self.user.get("models", ["*"]), "requests": requests,
+                          "usage": [{k: v for k, v in row.items() if k != "user"} for row in usage]})
 
     async def post(self, action: Optional[str]) -> None:
         if action != "reset":
@@ -4529,7 +4647,7 @@ class MeHandler(UserHandler):
                            code="unknown_url")
         key = await self.app.store.reset_key(self.user["name"])
         log.info("self-service: %s reset their key", self.user["name"])
-        self.write({"name": self.user["name"], "key": key})
+        self.finish_json({"name": self.user["name"], "key": key})
 
 
 class BillingHandler(UserHandler):
@@ -4630,16 +4748,18 @@ class AdminHandler(BaseHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
-        message = error.message if isinstance(error, (AdminError, ApiError)) else self._reason
-        if isinstance(error, (AdminError, ApiError)):
-            for name, value in error.headers.items():
-                self.set_header(name, value)
-        if status_code == 403:
+        if not isinstance(error, AdminError):
+            error = self.api_error(status_code, error)
+        for name, value in error.headers.items():  # (Retry-After on the lockout's 429)
+            self.set_header(name, value)
+        self.set_status(error.status_code)
+        message = error.message
+        if error.status_code == 403:
             self.set_header("Content-Type", "text/plain; charset=utf-8")
-            self.finish("Access forbidden")
+            self.finish("Access forbidden\n")
         elif self.wants_json():
             self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"error": self.app.redactor.redact(message)}))
+            self.finish(json.dumps({"error": self.app.redactor.redact(message)}) + "\n")
         else:
             self.set_header("Content-Type", "text/plain; charset=utf-8")
             self.finish(f"error: {self.app.redactor.redact(message)}\n")
@@ -4647,46 +4767,57 @@ class AdminHandler(BaseHandler):
     def answer(self, text: str, data: Dict[str, Any]) -> None:
         if self.wants_json():
             self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps(data))
+            self.finish(json.dumps(data) + "\n")
         else:
             self.set_header("Content-Type", "text/plain; charset=utf-8")
             self.finish(text + "\n")
 
     async def run_command(self, command: str, name: Optional[str]) -> None:
         store = self.app.store
-        if name is not None and self.app.settings.access_token in name:
-            # It would be shown in tables and logs: the password in clear.
-            raise AdminError(400, "invalid name: a name may not be the admin token")
-        try:
-            if command == "users" and name is None:
-                await self.show_users()
-            elif command == "stats":
-                await self.show_stats(None if name is None else check_name(name))
-            elif command == "objects" and name is not None:
-                await self.show_objects(check_name(name))
-            elif name is None:
-                raise AdminError(404, "unknown command; see the README for the admin commands")
-            elif command == "register":
-                limits = parse_limits(self.fields())
-                await self.app.usage.flush()  # a name's unsaved usage is not the new user's
-                key = await store.create_user(check_name(name), limits)
-                self.done(command, name, key, {"name": name, "key": key})
-            elif command == "reset":
-                key = await store.reset_key(check_name(name))
-                self.done(command, name, key, {"name": name, "key": key})
-            elif command == "set":
-                user = await store.set_limits(check_name(name), parse_limits(self.fields()))
-                row = await self.user_row(user)
-                self.done(command, name, render_table([row]), row)
-            elif command == "delete":
-                check_name(name)
-                await self.app.flush()  # usage into the stats, where it stays; records to drop
-                await store.delete_user(name)
-                self.done(command, name, "ok", {"name": name, "deleted": True})
-            else:
-                raise AdminError(404, "unknown command; see the README for the admin commands")
-        except StoreError as e:
-            raise AdminError(e.status, str(e))
+        self.refuse_secrets(name)
+        if command == "users" and name is None:
+            await self.show_users()
+        elif command == "stats":
+            await self.show_stats(None if name is None else check_name(name))
+        elif command == "objects" and name is not None:
+            await self.show_objects(check_name(name))
+        elif name is None:
+            raise AdminError(404, "unknown command; see the README for the admin commands")
+        elif command == "register":
+            limits = parse_limits(self.fields())
+            if limits.get("expires") and limits["expires"] <= iso(utcnow()):
+                # A key that could never work: say so rather than hand it out.
+                raise AdminError(400, f"expires {limits['expires']} is in the past")
+            await self.app.usage.flush()  # a name's unsaved usage is not the new user's
+            key = await store.create_user(check_name(name), limits)
+            self.done(command, name, key, {"name": name, "key": key})
+        elif command == "reset":
+            key = await store.reset_key(check_name(name))
+            self.done(command, name, key, {"name": name, "key": key})
+        elif command == "set":
+            user = await store.set_limits(check_name(name), parse_limits(self.fields()))
+            await self.app.owners.flush()
+            row = {**await self.user_row(user), "objects": len(await store.objects_of(name))}
+            self.done(command, name, render_table([row]), row)
+        elif command == "delete":
+            check_name(name)
+            await self.app.flush()  # usage into the stats, where it stays; records to drop
+            await store.delete_user(name)
+            self.done(command, name, "ok", {"name": name, "deleted": True})
+        else:
+            raise AdminError(404, "unknown command; see the README for the admin commands")
+
+    def refuse_secrets(self, name: Optional[str]) -> None:
+        """A name or model that is the admin token or looks like an API key (one
+        pasted by mistake) would be stored, and shown in tables, in clear: 400."""
+        values = [("name", name or "")] + [("models", m) for m in
+                                            self.get_argument("models", "").split(",")]
+        for field, value in values:
+            if self.app.settings.access_token in value:
+                raise AdminError(400, f"invalid {field}: it may not hold the admin token")
+            if LOOKS_LIKE_KEY.search(value):
+                raise AdminError(400, f"invalid {field}: it looks like an API key (sk-…); "
+                                      f"use a name that is not a secret")
 
     def fields(self) -> Dict[str, str]:
         """Query and form fields, one value each."""
@@ -4702,7 +4833,7 @@ class AdminHandler(BaseHandler):
         return {"name": user["name"], "created": user.get("created"),
                 "expires": user.get("expires"), "quota": user.get("quota", 0),
                 "used": tokens + pending_tokens, "rpm": user.get("rpm", 0),
-                "models": ",".join(user.get("models") or ["*"]),
+                "models": user.get("models") or ["*"],
                 "scope": user.get("scope", "own"), "requests": requests + pending_requests}
 
     async def show_objects(self, name: str) -> None:
@@ -4779,13 +4910,19 @@ def render_table(rows: List[Dict[str, Any]]) -> str:
     """Rows as aligned text columns for curl; numbers right-aligned, None as -."""
     columns = list(rows[0])
     cells = [[str(c) for c in columns]]
-    cells += [["-" if row[c] is None else str(row[c]) for c in columns] for row in rows]
+    cells += [[_cell(row[c]) for c in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     numeric = [all(isinstance(row[c], int) for row in rows) for c in columns]
     return "\n".join(
         "  ".join(cell.rjust(w) if num else cell.ljust(w)
                   for cell, w, num in zip(line, widths, numeric)).rstrip()
         for line in cells)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return ",".join(value) if isinstance(value, list) else str(value)
 
 
 # ---------------------------------------------------------------------------
@@ -4924,8 +5061,7 @@ def _is_trusted(address: str, trusted: Tuple[Any, ...]) -> bool:
 
 
 def make_app(app: App) -> tornado.web.Application:
-    for handler in logging.getLogger().handlers:  # no secret in any log line
-        handler.addFilter(app.redactor)
+    redact_logs(app.redactor)  # no secret in any log line
     return tornado.web.Application(
         [
             (r"/healthz", HealthHandler),
@@ -5113,11 +5249,30 @@ def run_server(settings: Settings) -> None:
         RedisKV(settings.kv_url).open()  # a missing package or bad URL is said before any fork
     tls_context(settings)  # (so is a bad certificate)
     raise_open_file_limit()
-    sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=1024)
+    sockets = listen(settings)
     parent = os.getpid() if settings.workers > 1 else None
     if parent is not None and not fork_workers(settings.workers):
         return  # the parent, once every worker has stopped
     asyncio.run(serve(settings, sockets, parent))
+
+
+def listen(settings: Settings) -> List[Any]:
+    """The listening sockets; ConfigError names HOST/PORT and the address if it cannot."""
+    where = f"{settings.host}:{settings.port}"
+    try:
+        return tornado.netutil.bind_sockets(settings.port, settings.host, backlog=1024)
+    except socket.gaierror as e:
+        raise ConfigError(f"HOST: {settings.host} does not resolve to an address "
+                          f"({e.strerror})") from None
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"HOST/PORT: {where} is in use") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"HOST: {settings.host} is not an address of this machine") from None
+        if e.errno == errno.EACCES:
+            raise ConfigError(f"HOST/PORT: {where}: permission denied (ports below 1024 "
+                              f"need root or CAP_NET_BIND_SERVICE)") from None
+        raise ConfigError(f"HOST/PORT: cannot listen on {where}: {e.strerror or e}") from None
 
 
 def fork_workers(count: int) -> bool:
@@ -5193,8 +5348,10 @@ async def flush_before_exit(app: App) -> None:
         if time.monotonic() > deadline:
             break
         await asyncio.sleep(0.5)
-    log.error("stopping: the store is unavailable; usage of %d requests is not written",
-              sum(row[0] for _, row in app.usage.unwritten()))
+    why = getattr(app.store.kv, "failing", None) or "it is unavailable"
+    log.error("stopping: the store cannot be written (%s): the usage of %d requests and %d "
+              "object records are not written", why,
+              sum(row[0] for _, row in app.usage.unwritten()), len(app.owners.pending))
 
 
 async def wait_for_in_flight(app: App) -> None:
@@ -5255,6 +5412,8 @@ def main(argv: List[str]) -> int:
         settings = load_settings(dict(os.environ))
         configure_logging(settings.log_level, settings.workers)
         if argv[1:] == []:
+            for note in upstream_url_notes(dict(os.environ)):
+                log.info("%s", note)
             run_server(settings)
         elif argv[1] == "import" and len(argv) == 3:
             asyncio.run(run_import(settings, argv[2]))
@@ -5268,11 +5427,6 @@ def main(argv: List[str]) -> int:
     except StoreUnavailable:
         print("worker.py: KV_URL: Redis does not answer", file=sys.stderr)
         return 1
-    except OSError as e:
-        if e.errno in (98, 13):  # address in use, permission denied
-            print(f"worker.py: HOST/PORT: cannot listen: {e.strerror}", file=sys.stderr)
-            return 2
-        raise
     return 0
 
 
