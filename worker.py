@@ -3976,8 +3976,8 @@ html{-webkit-text-size-adjust:100%}
 body{margin:0;background:var(--bg);color:var(--text);font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,Ubuntu,sans-serif}
 header{display:flex;align-items:center;justify-content:space-between;gap:12px;padding:14px 20px;
 background:var(--card);border-bottom:1px solid var(--line)}
-header h1{font-size:17px;margin:0;font-weight:650}
-header h1 span{color:var(--muted);font-weight:400}
+header h1,h1.title{font-size:17px;margin:0;font-weight:650}
+header h1 span,h1.title span{color:var(--muted);font-weight:400}
 main{max-width:1120px;margin:0 auto;padding:20px 16px 48px;display:grid;gap:16px}
 .card{background:var(--card);border:1px solid var(--line);border-radius:14px;padding:18px 20px;box-shadow:var(--shadow);min-width:0}
 .card h2{font-size:15px;margin:0 0 12px;font-weight:650}
@@ -4006,7 +4006,7 @@ label{display:block;font-size:13px;font-weight:600;margin:0 0 4px}
 .bar{height:8px;border-radius:5px;background:var(--track);overflow:hidden;min-width:80px}
 .bar>div{height:100%;border-radius:5px;background:var(--ok)}
 .bar.warn>div{background:var(--warn)}.bar.bad>div{background:var(--bad)}
-.big .bar{height:14px;border-radius:8px}
+.big .bar{height:12px;border-radius:8px;margin:8px 0 6px}
 table{width:100%;border-collapse:collapse;font-size:14px}
 th{text-align:left;font-size:12px;text-transform:uppercase;letter-spacing:.04em;color:var(--muted);font-weight:600;
 padding:8px 10px;border-bottom:1px solid var(--line)}
@@ -4033,9 +4033,14 @@ dialog h2{margin:0 0 12px;font-size:17px}
 code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px;word-break:break-all}
 dl{display:grid;grid-template-columns:auto 1fr;gap:6px 16px;margin:0}
 dt{color:var(--muted)}dd{margin:0;font-variant-numeric:tabular-nums}
+[hidden]{display:none!important}
+#problem:empty{display:none}
+#mine{display:grid;gap:16px}
 .sr{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}
 @media (max-width:700px){
- header{padding:12px 14px}main{padding:12px 10px 40px;gap:12px}.card{padding:14px}
+ header{padding:12px 14px}main{padding:12px 10px 40px;gap:12px}.card{padding:14px}#mine{gap:12px}
+ .stats{grid-template-columns:1fr 1fr;gap:12px}.stats .stat:last-child:nth-child(odd){grid-column:1/-1}
+ .stat .value{font-size:21px}
  table.stack thead{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0)}
  table.stack,table.stack tbody,table.stack tr,table.stack td{display:block;width:100%}
  table.stack tr{border-bottom:1px solid var(--line);padding:8px 0}
@@ -4117,8 +4122,9 @@ function chart(host, days, series, fmt, label) {
       }
       base += v;
     });
-    if (i % 7 === (days.length - 1) % 7) svg.append(s('text', { x: L + (i + 0.5) * bw, y: H - 5,
-      'text-anchor': 'middle' }, day(d).replace(/, \d+$/, '')));
+    const last = i === days.length - 1;
+    if (i % 7 === (days.length - 1) % 7) svg.append(s('text', { x: last ? W : L + (i + 0.5) * bw, y: H - 5,
+      'text-anchor': last ? 'end' : 'middle' }, day(d).replace(/, \d+$/, '')));
   });
   host.replaceChildren(svg, h('ul', { class: 'legend', 'aria-hidden': 'true' }, series.map((x, j) => {
     const dot = h('i'); dot.style.background = x.color || COLORS[j % COLORS.length];
@@ -4191,7 +4197,7 @@ hash and cannot be shown again (a reset makes a new one).</p>
 
 LOGIN_PAGE = WebPage("Sign in · worker.py", r"""
 <main class="login"><form class="card" method="post" action="/admin/">
-<h1 class="row">worker.py <span class="muted small">owner's dashboard</span></h1>
+<h1 class="title">worker.py <span>dashboard</span></h1>
 <p class="muted small">Sign in with the <code>ACCESS_TOKEN</code> this server was started with.</p>
 <input type="text" name="username" value="owner" autocomplete="username" hidden>
 <div class="field"><label for="token">Access token</label>
@@ -4225,7 +4231,7 @@ DASHBOARD_PAGE = WebPage("Dashboard · worker.py", r"""
 </main>
 <dialog id="edit" aria-labelledby="edit-title"><form method="dialog"><h2 id="edit-title"></h2>
 <div class="field" id="name-field"><label for="f-name">Name</label>
-<input id="f-name" name="name" pattern="[A-Za-z0-9][A-Za-z0-9._@-]{0,63}" autocomplete="off" spellcheck="false"></div>
+<input id="f-name" name="name" pattern="[A-Za-z0-9][A-Za-z0-9._@\-]{0,63}" autocomplete="off" spellcheck="false"></div>
 <div class="grid2">
 <div class="field"><label for="f-expires">Expires</label><input id="f-expires" name="expires" placeholder="never or YYYY-MM-DD"></div>
 <div class="field"><label for="f-days">or valid for (days)</label><input id="f-days" name="days" inputmode="numeric" placeholder="e.g. 30"></div>
@@ -4283,8 +4289,8 @@ function userRow(u) {
     h('td', { 'data-label': 'Last use', text: lastUse(u) }),
     h('td', { 'data-label': 'Expires', text: u.expires ? day(u.expires) : 'never' }),
     h('td', { 'data-label': 'Actions' }, h('div', { class: 'actions' },
-      h('button', { text: 'Edit', 'aria-label': 'Change limits of ' + u.name, onclick: () => edit(u) }),
-      h('button', { text: 'Reset key', 'aria-label': 'Reset the key of ' + u.name, onclick: () => reset(u) }),
+      h('button', { text: 'Edit', 'aria-label': 'Edit limits of ' + u.name, onclick: () => edit(u) }),
+      h('button', { text: 'Reset key', 'aria-label': 'Reset key of ' + u.name, onclick: () => reset(u) }),
       h('button', { text: 'Delete', class: 'danger', 'aria-label': 'Delete ' + u.name, onclick: () => remove(u) }))));
 }
 function sums(rows) {
@@ -4436,7 +4442,7 @@ async function call(method, path) {
   return data;
 }
 function show(me) {
-  const money_ = 'budget' in me, per = me.period && me.period !== 'all' ? 'This ' + me.period : 'So far';
+  const money_ = 'budget' in me, per = me.period && me.period !== 'all' ? 'Used this ' + me.period : 'Used so far';
   $('#use-label').textContent = per;
   let used = tokens(me.used) + ' tokens', sub = '';
   if (me.budget > 0) {
@@ -4476,8 +4482,8 @@ function sums(rows) {
 let last = null;
 async function refresh() {
   last = await call('GET', '/me');
-  show(last);
   $('#signin').hidden = true; $('#mine').hidden = false; $('#forget').hidden = false;
+  show(last);
   document.body.dataset.loaded = String(Date.now());
 }
 $('#signin').addEventListener('submit', async (e) => {
