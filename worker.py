@@ -4000,7 +4000,7 @@ input,select{font:inherit;font-size:15px;width:100%;padding:8px 10px;border-radi
 background:var(--bg);color:var(--text);min-height:38px}
 label{display:block;font-size:13px;font-weight:600;margin:0 0 4px}
 .field{margin:0 0 12px}
-.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(140px,1fr));gap:0 12px}
+.grid2{display:grid;grid-template-columns:1fr 1fr;gap:0 12px;align-items:end}
 .actions{display:flex;gap:8px;flex-wrap:wrap;justify-content:flex-end;margin-top:8px}
 .error{color:var(--bad);font-weight:600;min-height:1.5em;margin:4px 0}
 .bar{height:8px;border-radius:5px;background:var(--track);overflow:hidden;min-width:80px}
@@ -4014,7 +4014,11 @@ td{padding:10px;border-bottom:1px solid var(--line);vertical-align:top}
 tr:last-child td{border-bottom:0}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 td .bar{margin-top:6px}
-.name{font-weight:650;word-break:break-all}
+.name{font-weight:650;overflow-wrap:anywhere}
+td.date{white-space:nowrap}
+td .actions{flex-wrap:nowrap;margin:0}
+td .actions button{padding:4px 10px;min-height:32px;font-size:13px;white-space:nowrap}
+.stat .value small{font-size:60%;font-weight:500;color:var(--muted)}
 .tag{display:inline-block;font-size:12px;padding:1px 8px;border-radius:99px;background:var(--track);margin:2px 4px 0 0}
 .tablewrap{overflow-x:auto}
 .chart svg{display:block;width:100%;height:auto}
@@ -4030,7 +4034,7 @@ dialog h2{margin:0 0 12px;font-size:17px}
 .key input{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px}
 .notice{background:var(--track);border-radius:9px;padding:10px 12px;font-size:14px;margin:0 0 12px}
 .login{max-width:400px;margin:10vh auto;padding:0 16px}
-code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px;word-break:break-all}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px;overflow-wrap:anywhere}
 dl{display:grid;grid-template-columns:auto 1fr;gap:6px 16px;margin:0}
 dt{color:var(--muted)}dd{margin:0;font-variant-numeric:tabular-nums}
 [hidden]{display:none!important}
@@ -4099,10 +4103,11 @@ function chart(host, days, series, fmt, label) {
   const s = (tag, attrs, text) => { const e = document.createElementNS(NS, tag);
     for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
     if (text !== undefined) e.textContent = text; return e; };
-  const W = Math.max(280, host.clientWidth || 600), H = W < 500 ? 180 : 220, L = 52, B = 22, T = 8;
   const totals = days.map((_, i) => series.reduce((a, x) => a + x.values[i], 0));
   const raw = Math.max(...totals, 0), step = raw > 0 ? Math.pow(10, Math.floor(Math.log10(raw))) : 1;
   const top = raw > 0 ? Math.ceil(raw / step) * step : 1;
+  const W = Math.max(280, host.clientWidth || 600), H = W < 500 ? 180 : 220, B = 22, T = 8;
+  const L = 12 + 7 * Math.max(...[0, top / 2, top].map((v) => fmt(v).length));
   const svg = s('svg', { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: 'img', 'aria-label': label });
   const y = (v) => T + (H - T - B) * (1 - v / top);
   for (const v of [0, top / 2, top]) {
@@ -4181,6 +4186,7 @@ for (const b of document.querySelectorAll('button[data-copy]'))
 for (const b of document.querySelectorAll('dialog button[value]'))
   b.addEventListener('click', (e) => { e.preventDefault(); b.closest('dialog').close(b.value); });
 function say(text) { $('#status').textContent = text; }
+function setValue(el, text, unit) { el.replaceChildren(text + (unit ? ' ' : ''), unit ? h('small', { text: unit }) : ''); }
 """
 
 DIALOGS = r"""
@@ -4234,22 +4240,24 @@ DASHBOARD_PAGE = WebPage("Dashboard · worker.py", r"""
 <input id="f-name" name="name" pattern="[A-Za-z0-9][A-Za-z0-9._@\-]{0,63}" autocomplete="off" spellcheck="false"></div>
 <div class="grid2">
 <div class="field"><label for="f-expires">Expires</label><input id="f-expires" name="expires" placeholder="never or YYYY-MM-DD"></div>
-<div class="field"><label for="f-days">or valid for (days)</label><input id="f-days" name="days" inputmode="numeric" placeholder="e.g. 30"></div>
-<div class="field"><label for="f-budget">Budget (USD, 0 = none)</label><input id="f-budget" name="budget" inputmode="decimal"></div>
-<div class="field"><label for="f-period">Budget and quota period</label><select id="f-period" name="period">
+<div class="field"><label for="f-days">Or valid for (days)</label><input id="f-days" name="days" inputmode="numeric" placeholder="30"></div>
+<div class="field"><label for="f-budget">Budget (USD)</label><input id="f-budget" name="budget" inputmode="decimal" placeholder="0 = none"></div>
+<div class="field"><label for="f-period">Period</label><select id="f-period" name="period" aria-describedby="edit-hint">
 <option value="">(default)</option><option value="all">all time</option><option value="day">day</option>
 <option value="week">week</option><option value="month">month</option></select></div>
-<div class="field"><label for="f-quota">Quota (tokens, 0 = none)</label><input id="f-quota" name="quota" inputmode="numeric"></div>
-<div class="field"><label for="f-rpm">Requests per minute (0 = none)</label><input id="f-rpm" name="rpm" inputmode="numeric"></div>
-<div class="field"><label for="f-models">Models (comma-separated, * = all)</label><input id="f-models" name="models" spellcheck="false"></div>
+<div class="field"><label for="f-quota">Quota (tokens)</label><input id="f-quota" name="quota" inputmode="numeric" placeholder="0 = none"></div>
+<div class="field"><label for="f-rpm">Requests a minute</label><input id="f-rpm" name="rpm" inputmode="numeric" placeholder="0 = none"></div>
+<div class="field"><label for="f-models">Models</label><input id="f-models" name="models" spellcheck="false" placeholder="* = all" aria-describedby="edit-hint"></div>
 <div class="field"><label for="f-scope">Scope</label><select id="f-scope" name="scope"><option value="">(default)</option>
 <option value="own">own objects only</option><option value="all">all objects</option></select></div>
-</div><p class="error" id="edit-error" role="alert"></p>
+</div><p class="muted small" id="edit-hint">Budget and quota count over the period (calendar UTC). Models: names
+separated by commas, <code>*</code> for all. Empty fields keep their value (or the default).</p>
+<p class="error" id="edit-error" role="alert"></p>
 <div class="actions"><button type="button" value="cancel">Cancel</button><button class="primary" id="save">Save</button></div>
 </form></dialog>
 """ + DIALOGS, r"""
 const xsrf = document.querySelector('main').dataset.xsrf;
-let users = [], stats = { usage: [], total: {} };
+let users = [], stats = { usage: [], total: {} }, money_ = false, lastDay = new Map();
 async function api(method, path, fields) {
   const init = { method, credentials: 'same-origin', headers: { Accept: 'application/json', 'X-XSRF-Token': xsrf } };
   if (fields) init.body = new URLSearchParams(fields);
@@ -4260,14 +4268,12 @@ async function api(method, path, fields) {
   if (!res.ok) throw new Error((data && data.error) || `The server answered ${res.status}.`);
   return data;
 }
-const hasMoney = () => stats.usage.some((r) => 'cost' in r) || 'cost' in stats.total;
+const hasMoney = () => money_;
 const spend = (r) => hasMoney() ? (r.cost || 0) : (r.total_tokens || 0);
-const amount = (v) => hasMoney() ? money(v) : tokens(v) + ' tok';
+const amount = (v) => hasMoney() ? money(v) : tokens(v);
 const models = (u) => (Array.isArray(u.models) ? u.models : String(u.models || '*').split(',')).join(', ');
 function lastUse(u) {
-  if (u.last_used) return day(u.last_used);
-  const mine = stats.usage.filter((r) => r.user === u.name);
-  return mine.length ? day(mine[mine.length - 1].day) : '—';
+  return day(u.last_used || lastDay.get(u.name));
 }
 function periodCell(u) {
   const per = u.period && u.period !== 'all' ? ' this ' + u.period : '';
@@ -4286,8 +4292,8 @@ function userRow(u) {
     h('td', { 'data-label': 'Limits', class: 'wide' }, limits),
     h('td', { 'data-label': 'This period', class: 'wide' }, periodCell(u)),
     h('td', { class: 'num', 'data-label': 'Requests', text: compact.format(u.requests || 0) }),
-    h('td', { 'data-label': 'Last use', text: lastUse(u) }),
-    h('td', { 'data-label': 'Expires', text: u.expires ? day(u.expires) : 'never' }),
+    h('td', { 'data-label': 'Last use', class: 'date', text: lastUse(u) }),
+    h('td', { 'data-label': 'Expires', class: 'date', text: u.expires ? day(u.expires) : 'never' }),
     h('td', { 'data-label': 'Actions' }, h('div', { class: 'actions' },
       h('button', { text: 'Edit', 'aria-label': 'Edit limits of ' + u.name, onclick: () => edit(u) }),
       h('button', { text: 'Reset key', 'aria-label': 'Reset key of ' + u.name, onclick: () => reset(u) }),
@@ -4303,7 +4309,7 @@ function render() {
   for (const [id, rows] of [['today', stats.usage.filter((r) => r.day === today)],
                             ['month', stats.usage.filter((r) => r.day.startsWith(month))]]) {
     const t = sums(rows);
-    $('#' + id).textContent = hasMoney() ? money(t.cost) : tokens(t.total_tokens) + ' tokens';
+    if (hasMoney()) setValue($('#' + id), money(t.cost)); else setValue($('#' + id), tokens(t.total_tokens), 'tokens');
     $('#' + id + '-sub').textContent = `${compact.format(t.requests)} requests` +
       (hasMoney() ? ` · ${tokens(t.total_tokens)} tokens` : '');
   }
@@ -4336,6 +4342,8 @@ async function load() {
   try {
     [users, stats] = await Promise.all([api('GET', '/admin/users?format=json').then((d) => d.users),
                                         api('GET', '/admin/stats?format=json&days=31')]);
+    money_ = 'cost' in stats.total || stats.usage.some((r) => 'cost' in r);
+    lastDay = new Map(stats.usage.map((r) => [r.user, r.day]));  // (rows are oldest first)
     $('#problem').textContent = '';
     render();
   } catch (e) { $('#problem').textContent = e.message; }
@@ -4444,20 +4452,20 @@ async function call(method, path) {
 function show(me) {
   const money_ = 'budget' in me, per = me.period && me.period !== 'all' ? 'Used this ' + me.period : 'Used so far';
   $('#use-label').textContent = per;
-  let used = tokens(me.used) + ' tokens', sub = '';
+  let used = tokens(me.used), unit = 'tokens', sub = '';
   if (me.budget > 0) {
-    used = money(me.spent); sub = `of ${money(me.budget)} · ${money(me.budget_left)} left`;
+    used = money(me.spent); unit = ''; sub = `of ${money(me.budget)} · ${money(me.budget_left)} left`;
     $('#use-bar').replaceChildren(meter(me.spent, me.budget, 'Budget used'));
   } else if (me.quota > 0) {
     sub = `of ${tokens(me.quota)} tokens · ${tokens(Math.max(0, me.quota - me.used))} left`;
     $('#use-bar').replaceChildren(meter(me.used, me.quota, 'Quota used'));
   } else {
-    if (money_) used = money(me.spent);
+    if (money_) { used = money(me.spent); unit = ''; }
     sub = 'no limit set';
     $('#use-bar').replaceChildren();
   }
   if (me.resets_at) sub += ` · resets ${when(me.resets_at)}`;
-  $('#use').textContent = used;
+  setValue($('#use'), used, unit);
   $('#use-sub').textContent = sub;
   const t = sums(me.usage || []);
   $('#requests').textContent = compact.format(t.requests);
