@@ -5532,14 +5532,27 @@ class TestWebPagesHttp:
         assert answer.status == 403, answer
 
     def test_sign_out_clears_the_cookie(self, w):
-        cookie, _ = sign_in(w)
+        cookie, xsrf = sign_in(w)
         answer = page_form(w.url + "/admin/", {"action": "logout"}, cookie)
+        assert answer.status == 403 and "Set-Cookie" not in answer.headers, answer  # no token
+        answer = page_form(w.url + "/admin/", {"action": "logout", "xsrf": xsrf}, cookie)
         assert answer.status == 303, answer
         cleared = answer.headers["Set-Cookie"]
         assert cleared.startswith("worker_session=") and "Path=/admin" in cleared, cleared
         expires = datetime.datetime.strptime(cleared.split("expires=")[1].split(";")[0],
                                              "%a, %d %b %Y %H:%M:%S GMT")
         assert expires < datetime.datetime.utcnow(), cleared  # gone at once
+
+    def test_requests_without_the_xsrf_token_do_not_lock_the_owner_out(self, tmp_root, upstream):
+        with running_worker(tmp_root, upstream.url) as w:
+            cookie, xsrf = sign_in(w)
+            for _ in range(12):  # what another page on this host could make the browser send
+                answer = page_form(w.url + "/admin/register/" + unique("csrf"), {}, cookie)
+                assert answer.status == 403, answer
+            assert request("GET", w.admin + "/users").status == 200
+            answer = request("GET", w.url + "/admin/users?format=json",
+                             headers={"Cookie": cookie, "X-XSRF-Token": xsrf})
+            assert answer.status == 200 and answer.json()["users"] == [], answer
 
     def test_a_new_token_ends_every_session(self, tmp_root, upstream):
         w = Worker(tmp_root, upstream.url).start()

@@ -3948,6 +3948,10 @@ class AdminPageHandler(BaseHandler):
 
     def post(self) -> None:
         if self.get_body_argument("action", "") == "logout":
+            session = read_session(self)
+            if session is not None and not hmac.compare_digest(
+                    self.get_body_argument("xsrf", ""), xsrf_token(self, session)):
+                raise AdminError(403, "Access forbidden")  # another site's form
             self.clear_cookie(SESSION_COOKIE, path="/admin")
             self.redirect("/admin/", status=303)
             return
@@ -4215,6 +4219,7 @@ LOGIN_PAGE = WebPage("Sign in · worker.py", r"""
 DASHBOARD_PAGE = WebPage("Dashboard · worker.py", r"""
 <header><h1>worker.py <span>dashboard</span></h1>
 <form method="post" action="/admin/"><input type="hidden" name="action" value="logout">
+<input type="hidden" name="xsrf" value="{xsrf}">
 <button type="submit">Sign out</button></form></header>
 <main data-xsrf="{xsrf}">
 <p id="problem" class="error" role="alert"></p>
