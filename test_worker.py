@@ -5608,7 +5608,7 @@ const cfg = JSON.parse(process.argv[2]);
 const axeSource = fs.readFileSync(cfg.axe, 'utf8');
 const browser = await chromium.launch({ executablePath: cfg.executablePath, args: cfg.args,
                                         headless: true, timeout: 30000 });
-const out = { admin: { steps: [] }, me: { steps: [] } };
+const out = { admin: { steps: [] }, me: { steps: [] }, dollars: { steps: [] } };
 
 async function open(result) {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
@@ -5821,8 +5821,52 @@ async function me() {
   await context.close();
 }
 
+// Dollars as INTERFACE.md puts them into the JSON (budget, spent, period,
+// resets_at, cost), added to the server's real answers: the pages show money.
+async function dollars() {
+  const r = out.dollars;
+  const { context, page } = await open(r);
+  const priced = (rows) => rows.forEach((row) => { row.cost = row.total_tokens / 1e5; });
+  const change = (pattern, edit) => context.route(pattern, async (route) => {
+    if (route.request().resourceType() !== 'fetch') return route.continue();  // the page itself
+    const answer = await route.fetch();
+    const body = await answer.json();
+    edit(body);
+    await route.fulfill({ response: answer, json: body });
+  });
+  await change(/\/admin\/users\?format=json$/, (body) => body.users.forEach((u, i) => Object.assign(u, {
+    period: 'month', budget: i === 0 ? 5 : 0, spent: i === 0 ? 4.6 : 0.25, resets_at: '2099-01-01T00:00:00Z',
+    last_used: '2099-01-01', models: String(u.models).split(',') })));
+  await change(/\/admin\/stats\?/, (body) => { priced(body.usage); body.total.cost = 1; });
+  await change(/\/me$/, (body) => { priced(body.usage); Object.assign(body, { period: 'month', budget: 5,
+    spent: 1.25, budget_left: 3.75, resets_at: '2099-01-01T00:00:00Z' }); });
+  await step(r, 'dashboard', async () => {
+    await page.goto(cfg.worker + '/admin');
+    await page.fill('#token', cfg.token);
+    await Promise.all([page.waitForNavigation(), page.click('button[type=submit]')]);
+    await page.waitForSelector('body[data-loaded]');
+    r.today = await page.textContent('#today'); r.chartTitle = await page.textContent('#chart-title');
+    r.users = await page.textContent('#users'); r.models = await page.textContent('#models');
+    r.meters = await page.$$eval('#users [role=progressbar]', (ms) => ms.map((m) => m.getAttribute('aria-valuenow')));
+    await page.screenshot({ path: `${cfg.shots}/dollars-dashboard-desktop.png`, fullPage: true });
+  });
+  await step(r, 'me', async () => {
+    await page.goto(cfg.worker + '/me');
+    await page.fill('#key', cfg.pricedKey);
+    await page.click('#signin button[type=submit]');
+    await page.waitForSelector('body[data-loaded]');
+    r.use = await page.textContent('#use'); r.useSub = await page.textContent('#use-sub');
+    r.meChart = await page.textContent('#chart-title'); r.limits = await page.textContent('#limits');
+    await page.setViewportSize({ width: 360, height: 780 });
+    await page.emulateMedia({ colorScheme: 'dark' });
+    await page.waitForTimeout(200);
+    await page.screenshot({ path: `${cfg.shots}/dollars-me-phone-dark.png`, fullPage: true });
+  });
+  await context.close();
+}
+
 try {
-  for (const [name, run] of [['admin', admin], ['me', me]]) {
+  for (const [name, run] of [['admin', admin], ['me', me], ['dollars', dollars]]) {
     try { await run(); } catch (e) { out[name].error = String((e && e.stack) || e); }
   }
 } finally {
@@ -5877,13 +5921,15 @@ class TestWebPagesInChromium:
             got = run_pages_browser(directory, {
                 "worker": w.url, "token": ACCESS_TOKEN, "foreign": site, "shots": shots,
                 "userKey": keys["alice"], "newUser": names["new"], "budgetUser": names["budget"],
-                "editUser": names["carol"], "deleteUser": names["dave"], "evilUser": names["evil"]})
+                "editUser": names["carol"], "deleteUser": names["dave"], "evilUser": names["evil"],
+                "pricedKey": keys["bob"]})
             os.makedirs(SCREENSHOTS_OUT, exist_ok=True)
             for name in os.listdir(shots):
                 shutil.copy(os.path.join(shots, name), SCREENSHOTS_OUT)
             self.check_admin(w, got["admin"], names, keys)
             self.check_me(w, got["me"], names, keys)
-            assert len([n for n in os.listdir(shots) if n.endswith(".png")]) == 14
+            self.check_dollars(got["dollars"], names)
+            assert len([n for n in os.listdir(shots) if n.endswith(".png")]) == 16
 
     def check_admin(self, w: Worker, got: Dict[str, Any], names: Dict[str, str],
                     keys: Dict[str, str]) -> None:
@@ -5978,6 +6024,16 @@ class TestWebPagesInChromium:
         self.check_looks(got["loginLooks"])
         assert not [line for line in got["console"] if "error" in line.lower()
                     and "Failed to load resource" not in line], got["console"]
+
+    def check_dollars(self, got: Dict[str, Any], names: Dict[str, str]) -> None:
+        """INTERFACE.md's money fields, added to the server's real answers in the
+        browser (until the spend branch adds them itself), are shown as dollars."""
+        assert "error" not in got, (got.get("failed"), got.get("error"), got.get("console"))
+        assert got["today"].startswith("$") and got["chartTitle"].startswith("Spend per day")
+        assert "$4.60 of $5 this month" in got["users"] and "resets Jan 1, 2099" in got["users"]
+        assert "92" in got["meters"] and "$" in got["models"], got
+        assert got["use"] == "$1.25" and "of $5 · $3.75 left · resets" in got["useSub"], got
+        assert got["meChart"].startswith("Your spend") and "$5 a month" in got["limits"], got
 
     @staticmethod
     def check_looks(looks: Dict[str, Any]) -> None:

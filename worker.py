@@ -3987,6 +3987,8 @@ main{max-width:1120px;margin:0 auto;padding:20px 16px 48px;display:grid;gap:16px
 .card h2{font-size:15px;margin:0 0 12px;font-weight:650}
 .row{display:flex;flex-wrap:wrap;align-items:center;justify-content:space-between;gap:10px}
 .row h2{margin:0}
+.tools{display:flex;gap:8px;flex-wrap:wrap;flex:1;justify-content:flex-end}
+.tools input{width:auto;flex:0 1 220px;min-width:0}
 .stats{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:16px}
 .stat .label{color:var(--muted);font-size:13px}
 .stat .value{font-size:26px;font-weight:650;letter-spacing:-.01em;font-variant-numeric:tabular-nums}
@@ -4078,7 +4080,7 @@ const compact = new Intl.NumberFormat('en', { notation: 'compact', maximumFracti
 const tokens = (n) => compact.format(n || 0);
 function money(v) {
   v = v || 0;
-  if (v === 0) return '$0';
+  if (Number.isInteger(v)) return '$' + v.toLocaleString('en');
   if (v >= 100) return '$' + v.toFixed(0);
   if (v >= 1) return '$' + v.toFixed(2);
   return '$' + v.toPrecision(2).replace(/0+$/, '');
@@ -4231,7 +4233,8 @@ DASHBOARD_PAGE = WebPage("Dashboard · worker.py", r"""
 <section class="card" aria-labelledby="chart-title"><h2 id="chart-title">Spend per day, last 30 days</h2>
 <div class="chart" id="chart"></div></section>
 <section class="card" aria-labelledby="users-title"><div class="row"><h2 id="users-title">Users</h2>
-<button class="primary" id="add">Register a user</button></div>
+<div class="tools"><input type="search" id="filter" aria-label="Filter users by name" placeholder="Filter by name"
+autocomplete="off" spellcheck="false"><button class="primary" id="add">Register a user</button></div></div>
 <div class="tablewrap"><table class="stack"><thead><tr><th>Name</th><th>Limits</th><th>This period</th>
 <th class="num">Requests</th><th>Last use</th><th>Expires</th><th><span class="sr">Actions</span></th></tr></thead>
 <tbody id="users"></tbody></table></div></section>
@@ -4282,10 +4285,11 @@ function lastUse(u) {
 }
 function periodCell(u) {
   const per = u.period && u.period !== 'all' ? ' this ' + u.period : '';
+  const resets = u.resets_at ? h('div', { class: 'muted small', text: 'resets ' + day(u.resets_at) }) : null;
   if (u.budget > 0) return [h('div', { text: `${money(u.spent)} of ${money(u.budget)}${per}` }),
-    meter(u.spent, u.budget, `${u.name}: budget used`)];
+    meter(u.spent, u.budget, `${u.name}: budget used`), resets];
   if (u.quota > 0) return [h('div', { text: `${tokens(u.used)} of ${tokens(u.quota)} tokens${per}` }),
-    meter(u.used, u.quota, `${u.name}: quota used`)];
+    meter(u.used, u.quota, `${u.name}: quota used`), resets];
   return h('div', { text: ('spent' in u ? money(u.spent) + ' · ' : '') + tokens(u.used) + ' tokens',
     class: 'muted' });
 }
@@ -4325,8 +4329,10 @@ function render() {
   const days = lastDays(30);
   chart($('#chart'), days, stacked(stats.usage, days, (r) => r.user, spend, 8), amount,
     'Stacked bar chart of ' + (hasMoney() ? 'spend' : 'tokens') + ' per day by user');
-  $('#users').replaceChildren(...(users.length ? users.map(userRow)
-    : [h('tr', {}, h('td', { colspan: 7, class: 'muted', text: 'No users yet: register the first one.' }))]));
+  const find = $('#filter').value.trim().toLowerCase();
+  const shown = find ? users.filter((u) => u.name.toLowerCase().includes(find)) : users;
+  $('#users').replaceChildren(...(shown.length ? shown.map(userRow) : [h('tr', {}, h('td', { colspan: 7,
+    class: 'muted', text: users.length ? 'No user matches.' : 'No users yet: register the first one.' }))]));
   const byModel = new Map();
   for (const r of stats.usage.filter((r) => r.day >= days[0])) {
     if (!byModel.has(r.model)) byModel.set(r.model, []);
@@ -4343,10 +4349,11 @@ function render() {
     hasMoney() ? h('td', { class: 'num', 'data-label': 'Cost', text: money(t.cost) }) : null))
     : [h('tr', {}, h('td', { colspan: 6, class: 'muted', text: 'No usage in the last 30 days.' }))]));
 }
-async function load() {
+// Usage only on opening: register, set and delete change the users, not the stats.
+async function load(withStats = true) {
   try {
     [users, stats] = await Promise.all([api('GET', '/admin/users?format=json').then((d) => d.users),
-                                        api('GET', '/admin/stats?format=json&days=31')]);
+                                        withStats ? api('GET', '/admin/stats?format=json&days=31') : stats]);
     money_ = 'cost' in stats.total || stats.usage.some((r) => 'cost' in r);
     lastDay = new Map(stats.usage.map((r) => [r.user, r.day]));  // (rows are oldest first)
     $('#problem').textContent = '';
@@ -4392,7 +4399,7 @@ $('#edit form').addEventListener('submit', async (e) => {
       showKey(made.name, made.key);
       say('Registered ' + made.name);
     }
-    await load();
+    await load(false);
   } catch (err) { $('#edit-error').textContent = err.message; }
 });
 async function reset(u) {
@@ -4404,10 +4411,11 @@ async function reset(u) {
 async function remove(u) {
   if (!await confirmAction('Delete ' + u.name + '?',
     'Their key stops working at once. Their past usage stays in the stats.', 'Delete')) return;
-  try { await api('DELETE', '/admin/' + encodeURIComponent(u.name)); say('Deleted ' + u.name); await load(); }
+  try { await api('DELETE', '/admin/' + encodeURIComponent(u.name)); say('Deleted ' + u.name); await load(false); }
   catch (e) { $('#problem').textContent = e.message; }
 }
 $('#add').addEventListener('click', () => edit(null));
+$('#filter').addEventListener('input', render);
 let width = innerWidth;
 addEventListener('resize', () => { if (innerWidth !== width) { width = innerWidth; render(); } });
 load();
