@@ -5597,6 +5597,41 @@ class TestWebPagesHttp:
         assert secret == worker.cookie_secret(ACCESS_TOKEN) != worker.cookie_secret(ACCESS_TOKEN + "x")
 
 
+class TestScanOffTheLoop:
+    """The dashboard's stats scan every user's usage: DbmKV reads its snapshot in a
+    thread, and a checkpoint that replaces the snapshot meanwhile changes nothing
+    in what a scan returns."""
+
+    def test_scan_during_checkpoints(self, tmp_path):
+        import worker
+
+        async def run() -> None:
+            kv = worker.DbmKV(str(tmp_path / "db")).open()
+            expected: Dict[str, Any] = {}
+            for round_no in range(4):
+                ops = {f"usage:u{i}:{round_no}": json.dumps([i, round_no]) for i in range(300)}
+                ops.update({f"usage:u{i}:{round_no - 1}": None for i in range(0, 300, 7)})
+                await kv.write(ops)
+                expected.update(ops)
+                await kv.write({"other:x": "1"})
+                want = {k: v for k, v in sorted(expected.items()) if v is not None}
+                scans = await asyncio.gather(kv.scan("usage:"), kv.checkpoint(),
+                                             kv.scan_counts("usage:u1"), kv.scan("usage:"))
+                assert scans[0] == want and scans[3] == want
+                assert scans[2] == {k: json.loads(v) for k, v in want.items()
+                                    if k.startswith("usage:u1")}
+                # The snapshot replaced while a thread reads it: read again, here.
+                await kv.write({"usage:late": "[1]"})
+                expected["usage:late"] = want["usage:late"] = "[1]"
+                scan = asyncio.ensure_future(kv.scan("usage:"))
+                await asyncio.sleep(0)  # (it has handed the read to a thread)
+                kv.checkpoint_now()
+                assert await scan == dict(sorted(want.items()))
+            await kv.aclose()
+
+        asyncio.run(run())
+
+
 # Drives both pages in one headless Chromium as a person would, and reports what
 # it saw as one JSON line. Every request each page makes is recorded; axe-core is
 # put in by an init script (the pages' CSP would refuse an injected <script>).
