@@ -4336,9 +4336,9 @@ function render() {
     $('#' + id + '-sub').textContent = `${compact.format(t.requests)} requests` +
       (hasMoney() ? ` · ${tokens(t.total_tokens)} tokens` : '');
   }
-  $('#count').textContent = users.length;
+  $('#count').textContent = users.length.toLocaleString('en');
   const active = new Set(stats.usage.filter((r) => r.day.startsWith(month)).map((r) => r.user));
-  $('#count-sub').textContent = `${active.size} active this month`;
+  $('#count-sub').textContent = `${active.size.toLocaleString('en')} active this month`;
   $('#chart-title').textContent = (hasMoney() ? 'Spend' : 'Tokens') + ' per day, last 30 days, by user';
   const days = lastDays(30);
   chart($('#chart'), days, stacked(stats.usage, days, (r) => r.user, spend, 8), amount,
