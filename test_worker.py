@@ -5648,6 +5648,7 @@ const out = { admin: { steps: [] }, me: { steps: [] }, dollars: { steps: [] } };
 async function open(result) {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   await context.addInitScript({ content: axeSource });
+  await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: cfg.worker });
   const page = await context.newPage();
   result.requests = []; result.console = [];
   page.on('request', (r) => result.requests.push(r.method() + ' ' + r.url()));
@@ -5686,8 +5687,10 @@ async function shownKey(page) {
   await page.waitForSelector('#keydialog[open]');
   const key = await page.inputValue('#newkey');
   const notice = await page.textContent('#keydialog .notice');
+  await page.click('#keydialog button[data-copy]');
+  const copied = await page.evaluate(() => navigator.clipboard.readText());
   await page.click('#keydialog button[value=done]');
-  return { key, notice };
+  return { key, notice, copied, after: await page.inputValue('#newkey') };
 }
 async function confirm(page, go) {
   await page.waitForSelector('#confirm[open]');
@@ -5988,6 +5991,7 @@ class TestWebPagesInChromium:
         # Register: the key shown once works; the form's limits reached the server.
         new_key = got["registered"]["key"]
         assert KEY_LINE.match(new_key + "\n") and "Shown once" in got["registered"]["notice"]
+        assert got["registered"]["copied"] == new_key and got["registered"]["after"] == ""  # gone
         assert names["new"] in got["usersAfterRegister"]
         # Reset (confirmed): the key it showed works, the one before is 401.
         reset_key = got["reset"]["key"]
