@@ -5905,18 +5905,33 @@ console.log(JSON.stringify(out));
 """
 
 
+# What node_browser_dir installs; a change to this list installs again.
+NODE_BROWSER_PACKAGES = ("playwright-core", "openai@6", "axe-core")
+
+
 def node_browser_dir() -> str:
     """``~/.cache/worker-py-tests/browser`` with playwright-core (no browser download:
-    it drives /usr/bin/chromium) and the `openai` npm package, installed once."""
+    it drives /usr/bin/chromium), the `openai` npm package and axe-core, installed once
+    (and again when NODE_BROWSER_PACKAGES changes)."""
     directory = os.path.join(os.path.expanduser("~"), ".cache", "worker-py-tests", "browser")
     modules = os.path.join(directory, "node_modules")
-    if not all(os.path.exists(os.path.join(modules, name, "package.json"))
-               for name in ("playwright-core", "openai")):
+    marker = os.path.join(directory, "installed.txt")
+    wanted = "\n".join(NODE_BROWSER_PACKAGES)
+    try:
+        with open(marker) as f:
+            installed = f.read()
+    except OSError:
+        installed = ""
+    if installed != wanted or not all(
+            os.path.exists(os.path.join(modules, name.split("@")[0], "package.json"))
+            for name in NODE_BROWSER_PACKAGES):
         os.makedirs(directory, exist_ok=True)
         done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", directory,
-                               "playwright-core", "openai@6"],
+                               *NODE_BROWSER_PACKAGES],
                               capture_output=True, timeout=300, cwd=directory)
         assert done.returncode == 0, f"npm install failed:\n{done.stderr.decode()[-2000:]}"
+        with open(marker, "w") as f:
+            f.write(wanted)
     return directory
 
 
@@ -7293,6 +7308,698 @@ class TestBillingViews:
         assert answer.status == 400 and "start_date" in answer.json()["error"]["message"]
         answer = request("GET", worker.url + "/dashboard/billing/usage")
         assert answer.status == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+
+
+# ---------------------------------------------------------------------------
+# Web pages: /admin and /me in a browser
+# ---------------------------------------------------------------------------
+
+# Names this block takes from the rest of test_worker.py: ACCESS_TOKEN, Worker,
+# running_worker, request, post_json, chat_json, bearer, unique, new_test_id,
+# make_certificate, free_port, CHAT_USAGE, CHROMIUM, BROWSER_ARGS, node_browser_dir,
+# static_site, clean_environ; fixtures tmp_root, upstream.
+# External: /usr/bin/chromium, node and npm (playwright-core and axe-core, installed
+# once by node_browser_dir). Screenshots go to a folder under the test's tmp dir and
+# are copied to screenshots-out/ beside this file (not committed) for a person to see.
+
+SCREENSHOTS_OUT = os.path.join(HERE, "screenshots-out")
+
+
+def page_form(url: str, fields: Dict[str, str], cookie: str = "",
+              headers: Optional[Dict[str, str]] = None) -> Answer:
+    """A form POST as a browser sends it (the admin page's sign-in and sign-out)."""
+    sent = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "text/html"}
+    if cookie:
+        sent["Cookie"] = cookie
+    sent.update(headers or {})
+    return request("POST", url, urllib.parse.urlencode(fields).encode(), sent)
+
+
+def sign_in(w: Worker, token: str = ACCESS_TOKEN) -> Tuple[str, str]:
+    """Sign in at /admin; returns the session cookie (``name=value``) and the page's XSRF token."""
+    answer = page_form(w.url + "/admin/", {"token": token})
+    assert answer.status == 303 and answer.headers["Location"] == "/admin/", answer
+    cookie = answer.headers["Set-Cookie"].split(";")[0]
+    page = request("GET", w.url + "/admin/", headers={"Cookie": cookie, "Accept": "text/html"})
+    assert page.status == 200 and 'id="users"' in page.text, page
+    return cookie, re.search(r'data-xsrf="([0-9a-f]{64})"', page.text).group(1)
+
+
+def inline(html: str, tag: str) -> str:
+    """The text of the page's one inline ``<script>`` or ``<style>``."""
+    found = re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def csp_sources(csp: str) -> Dict[str, List[str]]:
+    return {parts[0]: parts[1:] for parts in (d.split() for d in csp.split(";") if d.strip())}
+
+
+@pytest.fixture(scope="class")
+def pages_worker(tmp_root: str, upstream: FakeUpstream) -> Iterator[Worker]:
+    with running_worker(tmp_root, upstream.url) as w:
+        yield w
+
+
+class TestWebPagesHttp:
+    """The pages' server side over plain HTTP (issue 18): what a browser is sent,
+    the session cookie, the XSRF token, the lockout, and /me's JSON left alone."""
+
+    @pytest.fixture
+    def w(self, pages_worker: Worker) -> Worker:
+        return pages_worker
+
+    @pytest.mark.parametrize("path", ["/admin", "/admin/", "/me"])
+    def test_page_headers_and_csp(self, w, path):
+        answer = request("GET", w.url + path, headers={"Accept": "text/html,*/*;q=0.8"})
+        assert answer.status == 200 and answer.headers["Content-Type"].startswith("text/html")
+        assert len(answer.body) < 60_000, len(answer.body)
+        csp = csp_sources(answer.headers["Content-Security-Policy"])
+        assert csp["default-src"] == ["'none'"] and csp["frame-ancestors"] == ["'none'"]
+        assert csp["base-uri"] == ["'none'"] and csp["form-action"] == ["'self'"]
+        assert csp["connect-src"] == ["'self'"] and csp["img-src"] == ["'self'", "data:"]
+        for directive, tag in (("script-src", "script"), ("style-src", "style")):
+            digest = base64.b64encode(hashlib.sha256(inline(answer.text, tag).encode()).digest())
+            assert csp[directive] == [f"'sha256-{digest.decode()}'"], csp  # no unsafe-inline
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert answer.headers["Referrer-Policy"] == "no-referrer"
+        assert answer.headers["Cache-Control"] == "no-store"
+        assert "Access-Control-Allow-Origin" not in answer.headers
+        assert ACCESS_TOKEN not in answer.text and "http://" not in answer.text.replace(
+            "http://www.w3.org/2000/svg", "")  # nothing from another origin
+
+    def test_me_stays_json_for_api_clients(self, w):
+        key = w.register(unique("mejson"))
+        for headers in ({}, {"Accept": "application/json"}, {"Accept": "*/*"}):
+            is_openai_error(request("GET", w.url + "/me", headers=headers), 401, "invalid_api_key")
+        for headers in ({}, {"Accept": "text/html"}):  # a key: JSON, whatever it accepts
+            answer = request("GET", w.url + "/me", headers=dict(bearer(key), **headers))
+            assert answer.status == 200 and answer.headers["Content-Type"].startswith(
+                "application/json") and answer.json()["name"].startswith("mejson"), answer
+        answer = request("GET", w.url + "/me", headers={"Accept": "text/html", "api-key": "sk-cfwx"})
+        is_openai_error(answer, 401, "invalid_api_key")
+        answer = request("GET", w.url + "/me/other", headers={"Accept": "text/html"})
+        assert answer.status == 401, answer  # only /me itself is a page
+
+    def test_sign_in_sets_a_strict_session_cookie(self, w):
+        answer = page_form(w.url + "/admin/", {"token": ACCESS_TOKEN})
+        assert answer.status == 303, answer
+        cookie = answer.headers["Set-Cookie"]
+        flags = [part.strip().lower() for part in cookie.split(";")[1:]]
+        assert "httponly" in flags and "samesite=strict" in flags and "path=/admin" in flags
+        assert "secure" not in flags  # plain HTTP here; see the TLS test
+        expires = datetime.datetime.strptime(
+            next(f for f in cookie.split(";") if f.strip().lower().startswith("expires="))
+            .split("=", 1)[1], "%a, %d %b %Y %H:%M:%S GMT").replace(tzinfo=datetime.timezone.utc)
+        hours = (expires - datetime.datetime.now(datetime.timezone.utc)).total_seconds() / 3600
+        assert 11.9 < hours <= 12.01, hours
+        value = cookie.split(";")[0].split("=", 1)[1]
+        assert ACCESS_TOKEN not in cookie and ACCESS_TOKEN not in urllib.parse.unquote(value)
+
+    def test_wrong_token_is_refused(self, w):
+        answer = page_form(w.url + "/admin/", {"token": ACCESS_TOKEN + "x"})
+        assert answer.status == 403 and "Set-Cookie" not in answer.headers
+        assert "not the access token" in answer.text and ACCESS_TOKEN not in answer.text
+
+    def test_session_calls_admin_api_only_with_its_xsrf_token(self, w):
+        cookie, xsrf = sign_in(w)
+        name = unique("paged")
+        sent = {"Cookie": cookie, "Accept": "application/json"}
+        for headers in ({}, {"X-XSRF-Token": "0" * 64}, {"X-XSRF-Token": xsrf[:-1]}):
+            answer = request("POST", f"{w.url}/admin/register/{name}", b"",
+                             dict(sent, **headers))
+            assert answer.status == 403, answer
+        answer = request("POST", f"{w.url}/admin/register/{name}", b"rpm=3",
+                         dict(sent, **{"X-XSRF-Token": xsrf,
+                                       "Content-Type": "application/x-www-form-urlencoded"}))
+        assert answer.status == 200 and answer.json()["name"] == name, answer
+        assert w.models(answer.json()["key"]).status == 200
+        users = request("GET", w.url + "/admin/users?format=json",
+                        headers=dict(sent, **{"X-XSRF-Token": xsrf})).json()["users"]
+        assert [u["rpm"] for u in users if u["name"] == name] == [3]
+        # A forged or tampered cookie is no session; Bearer curl needs no XSRF token.
+        forged = cookie[:-4] + ("0000" if not cookie.endswith("0000") else "1111")
+        answer = request("GET", w.url + "/admin/users?format=json",
+                         headers={"Cookie": forged, "X-XSRF-Token": xsrf})
+        assert answer.status == 403, answer
+        answer = request("GET", w.url + "/admin/users?format=json", headers=bearer(ACCESS_TOKEN))
+        assert answer.status == 200 and name in answer.text
+        # The cookie reaches /admin/… only: the path-token routes ignore it.
+        answer = request("GET", w.url + "/wrong-token/users",
+                         headers={"Cookie": cookie, "X-XSRF-Token": xsrf})
+        assert answer.status == 403, answer
+
+    def test_sign_out_clears_the_cookie(self, w):
+        cookie, xsrf = sign_in(w)
+        answer = page_form(w.url + "/admin/", {"action": "logout"}, cookie)
+        assert answer.status == 403 and "Set-Cookie" not in answer.headers, answer  # no token
+        answer = page_form(w.url + "/admin/", {"action": "logout", "xsrf": xsrf}, cookie)
+        assert answer.status == 303, answer
+        cleared = answer.headers["Set-Cookie"]
+        assert cleared.startswith("worker_session=") and "Path=/admin" in cleared, cleared
+        expires = datetime.datetime.strptime(cleared.split("expires=")[1].split(";")[0],
+                                             "%a, %d %b %Y %H:%M:%S GMT")
+        assert expires < datetime.datetime.utcnow(), cleared  # gone at once
+
+    def test_requests_without_the_xsrf_token_do_not_lock_the_owner_out(self, tmp_root, upstream):
+        with running_worker(tmp_root, upstream.url) as w:
+            cookie, xsrf = sign_in(w)
+            for _ in range(12):  # what another page on this host could make the browser send
+                answer = page_form(w.url + "/admin/register/" + unique("csrf"), {}, cookie)
+                assert answer.status == 403, answer
+            assert request("GET", w.admin + "/users").status == 200
+            answer = request("GET", w.url + "/admin/users?format=json",
+                             headers={"Cookie": cookie, "X-XSRF-Token": xsrf})
+            assert answer.status == 200 and answer.json()["users"] == [], answer
+
+    def test_a_new_token_ends_every_session(self, tmp_root, upstream):
+        w = Worker(tmp_root, upstream.url).start()
+        try:
+            cookie, xsrf = sign_in(w)
+            w.stop()
+            w.env["ACCESS_TOKEN"] = "other-" + secrets.token_hex(8)
+            w.start()
+            answer = request("GET", w.url + "/admin/users?format=json",
+                             headers={"Cookie": cookie, "X-XSRF-Token": xsrf})
+            assert answer.status == 403, answer
+            page = request("GET", w.url + "/admin/", headers={"Cookie": cookie})
+            assert 'name="token"' in page.text and 'id="users"' not in page.text
+        finally:
+            w.stop()
+
+    def test_wrong_tokens_on_the_form_count_toward_the_lockout(self, tmp_root, upstream):
+        with running_worker(tmp_root, upstream.url) as w:
+            for _ in range(10):
+                assert page_form(w.url + "/admin/", {"token": "wrong-" + secrets.token_hex(4)}).status == 403
+            answer = page_form(w.url + "/admin/", {"token": ACCESS_TOKEN})
+            assert answer.status == 429 and "Set-Cookie" not in answer.headers, answer
+            assert request("GET", w.admin + "/users").status == 429  # the same lockout
+
+    def test_cookie_is_secure_under_tls(self, tmp_root, upstream):
+        directory = tempfile.mkdtemp(dir=tmp_root)
+        cert, key_file = make_certificate(directory)
+        context = ssl.create_default_context(cafile=cert)
+        with running_worker(tmp_root, upstream.url, ssl_context=context, TLS_CERT=cert,
+                            TLS_KEY=key_file) as w:
+            answer = request("POST", w.url + "/admin/", urllib.parse.urlencode(
+                {"token": ACCESS_TOKEN}).encode(), {
+                "Content-Type": "application/x-www-form-urlencoded"}, context=context)
+            assert answer.status == 303, answer
+            flags = [p.strip().lower() for p in answer.headers["Set-Cookie"].split(";")[1:]]
+            assert "secure" in flags and "httponly" in flags and "samesite=strict" in flags
+
+    def test_cookie_secret_is_derived_not_the_token(self):
+        import worker
+        secret = worker.cookie_secret(ACCESS_TOKEN)
+        assert ACCESS_TOKEN not in secret and len(secret) == 64
+        assert secret == worker.cookie_secret(ACCESS_TOKEN) != worker.cookie_secret(ACCESS_TOKEN + "x")
+
+
+class TestScanOffTheLoop:
+    """The dashboard's stats scan every user's usage: DbmKV reads its snapshot in a
+    thread, and a checkpoint that replaces the snapshot meanwhile changes nothing
+    in what a scan returns."""
+
+    def test_scan_during_checkpoints(self, tmp_path):
+        import worker
+
+        async def run() -> None:
+            kv = worker.DbmKV(str(tmp_path / "db")).open()
+            expected: Dict[str, Any] = {}
+            for round_no in range(4):
+                ops = {f"usage:u{i}:{round_no}": json.dumps([i, round_no]) for i in range(300)}
+                ops.update({f"usage:u{i}:{round_no - 1}": None for i in range(0, 300, 7)})
+                await kv.write(ops)
+                expected.update(ops)
+                await kv.write({"other:x": "1"})
+                want = {k: v for k, v in sorted(expected.items()) if v is not None}
+                scans = await asyncio.gather(kv.scan("usage:"), kv.checkpoint(),
+                                             kv.scan_counts("usage:u1"), kv.scan("usage:"))
+                assert scans[0] == want and scans[3] == want
+                assert scans[2] == {k: json.loads(v) for k, v in want.items()
+                                    if k.startswith("usage:u1")}
+                # The snapshot replaced while a thread reads it: read again, here.
+                await kv.write({"usage:late": "[1]"})
+                expected["usage:late"] = want["usage:late"] = "[1]"
+                scan = asyncio.ensure_future(kv.scan("usage:"))
+                await asyncio.sleep(0)  # (it has handed the read to a thread)
+                kv.checkpoint_now()
+                assert await scan == dict(sorted(want.items()))
+            await kv.aclose()
+
+        asyncio.run(run())
+
+
+# Drives both pages in one headless Chromium as a person would, and reports what
+# it saw as one JSON line. Every request each page makes is recorded; axe-core is
+# put in by an init script (the pages' CSP would refuse an injected <script>).
+PAGES_SCRIPT = r"""
+import { chromium } from 'playwright-core';
+import fs from 'node:fs';
+
+const cfg = JSON.parse(process.argv[2]);
+const axeSource = fs.readFileSync(cfg.axe, 'utf8');
+const browser = await chromium.launch({ executablePath: cfg.executablePath, args: cfg.args,
+                                        headless: true, timeout: 30000 });
+const out = { admin: { steps: [] }, me: { steps: [] }, dollars: { steps: [] } };
+
+async function open(result) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  await context.addInitScript({ content: axeSource });
+  await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: cfg.worker });
+  const page = await context.newPage();
+  result.requests = []; result.console = [];
+  page.on('request', (r) => result.requests.push(r.method() + ' ' + r.url()));
+  page.on('console', (m) => result.console.push(m.type() + ': ' + m.text()));
+  page.on('pageerror', (e) => result.console.push('pageerror: ' + e.message));
+  return { context, page };
+}
+async function step(result, name, run) {
+  try { await run(); result.steps.push(name); }
+  catch (e) { result.failed = name + ': ' + String((e && e.message) || e); throw e; }
+}
+const loaded = (page) => page.evaluate(() => document.body.dataset.loaded || '');
+async function reloaded(page, before) {
+  await page.waitForFunction((b) => (document.body.dataset.loaded || '') !== b, before, { timeout: 10000 });
+}
+async function looks(page, name) {
+  const result = {};
+  for (const [size, viewport] of [['desktop', { width: 1280, height: 900 }], ['phone', { width: 360, height: 780 }]]) {
+    await page.setViewportSize(viewport);
+    for (const scheme of ['light', 'dark']) {
+      await page.emulateMedia({ colorScheme: scheme });
+      await page.waitForTimeout(200);
+      await page.screenshot({ path: `${cfg.shots}/${name}-${size}-${scheme}.png`, fullPage: true });
+      const audit = await page.evaluate(() => axe.run(document, { resultTypes: ['violations'] }));
+      result[`${size}-${scheme}`] = {
+        sideways: await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth),
+        violations: audit.violations.map((v) => ({ id: v.id, impact: v.impact, help: v.help,
+          nodes: v.nodes.slice(0, 3).map((n) => n.target.join(' ')) })) };
+    }
+  }
+  await page.setViewportSize({ width: 1280, height: 900 });
+  await page.emulateMedia({ colorScheme: 'light' });
+  return result;
+}
+async function shownKey(page) {
+  await page.waitForSelector('#keydialog[open]');
+  const key = await page.inputValue('#newkey');
+  const notice = await page.textContent('#keydialog .notice');
+  await page.click('#keydialog button[data-copy]');
+  const copied = await page.evaluate(() => navigator.clipboard.readText());
+  await page.click('#keydialog button[value=done]');
+  return { key, notice, copied, after: await page.inputValue('#newkey') };
+}
+async function confirm(page, go) {
+  await page.waitForSelector('#confirm[open]');
+  const text = await page.textContent('#confirm');
+  await page.click(go ? '#confirm .go' : '#confirm button[value=cancel]');
+  return text;
+}
+async function secrets(page, context, r, secret) {
+  r.storage = await page.evaluate(() => [localStorage.length, sessionStorage.length]);
+  r.secretInSource = (await page.content()).includes(secret);
+  r.cookies = await context.cookies();
+}
+
+async function admin() {
+  const r = out.admin;
+  const { context, page } = await open(r);
+  await step(r, 'login page', async () => {
+    const answer = await page.goto(cfg.worker + '/admin');
+    r.loginStatus = answer.status(); r.loginHeaders = answer.headers();
+    r.loginSource = await answer.text();
+  });
+  await step(r, 'wrong token', async () => {
+    await page.fill('#token', cfg.token + 'x');
+    const [answer] = await Promise.all([page.waitForNavigation(), page.click('button[type=submit]')]);
+    r.wrongStatus = answer.status(); r.wrongMessage = await page.textContent('.error');
+  });
+  await step(r, 'right token', async () => {
+    await page.fill('#token', cfg.token);
+    await Promise.all([page.waitForNavigation(), page.click('button[type=submit]')]);
+    await page.waitForSelector('body[data-loaded]');
+    r.dashboardUrl = page.url(); r.problem = await page.textContent('#problem');
+    r.users = await page.textContent('#users'); r.models = await page.textContent('#models');
+    r.today = await page.textContent('#today'); r.month = await page.textContent('#month');
+    r.bars = await page.$$eval('#chart rect', (rs) => rs.length);
+    r.meters = await page.$$eval('#users [role=progressbar]', (ms) => ms.map((m) => m.getAttribute('aria-valuenow')));
+  });
+  await step(r, 'looks', async () => { r.looks = await looks(page, 'dashboard'); });
+  await step(r, 'keyboard', async () => {
+    r.focus = [];
+    for (let i = 0; i < 8; i++) {
+      await page.keyboard.press('Tab');
+      r.focus.push(await page.evaluate(() => { const e = document.activeElement;
+        return e.tagName + ':' + (e.getAttribute('aria-label') || e.textContent.trim()); }));
+    }
+  });
+  await step(r, 'register', async () => {
+    let before = await loaded(page);
+    await page.click('#add');
+    await page.fill('#f-name', cfg.newUser);
+    await page.fill('#f-rpm', '5');
+    await page.screenshot({ path: `${cfg.shots}/dialog-register.png` });
+    await page.click('#save');
+    await page.waitForSelector('#keydialog[open]');
+    await page.setViewportSize({ width: 360, height: 780 });
+    await page.screenshot({ path: `${cfg.shots}/dialog-key-phone.png` });
+    await page.setViewportSize({ width: 1280, height: 900 });
+    r.registered = await shownKey(page);
+    await reloaded(page, before);
+    r.usersAfterRegister = await page.textContent('#users');
+  });
+  await step(r, 'budget', async () => {
+    await page.click('#add');
+    await page.fill('#f-name', cfg.budgetUser);
+    await page.fill('#f-budget', '2.5');
+    await page.selectOption('#f-period', 'month');
+    await page.click('#save');
+    await page.waitForFunction(() => document.querySelector('#keydialog').open
+      || document.querySelector('#edit-error').textContent !== '', null, { timeout: 10000 });
+    r.budget = { error: await page.textContent('#edit-error'), editOpen: await page.$eval('#edit', (d) => d.open) };
+    if (r.budget.editOpen) await page.click('#edit button[value=cancel]');
+    else r.budget.key = (await shownKey(page)).key;
+    r.budget.problem = await page.textContent('#problem');
+  });
+  await step(r, 'change limits', async () => {
+    const before = await loaded(page);
+    await page.click(`button[aria-label="Edit limits of ${cfg.editUser}"]`);
+    r.editPrefill = { quota: await page.inputValue('#f-quota'), models: await page.inputValue('#f-models'),
+                      expires: await page.inputValue('#f-expires') };
+    await page.fill('#f-models', 'gpt-4o-mini');
+    await page.fill('#f-quota', '123456');
+    await page.fill('#f-expires', '2099-01-02');
+    await page.click('#save');
+    await reloaded(page, before);
+    r.usersAfterEdit = await page.textContent('#users');
+  });
+  await step(r, 'reset', async () => {
+    await page.click(`button[aria-label="Reset key of ${cfg.newUser}"]`);
+    r.resetConfirm = await confirm(page, true);
+    r.reset = await shownKey(page);
+  });
+  await step(r, 'delete cancelled', async () => {
+    await page.click(`button[aria-label="Delete ${cfg.deleteUser}"]`);
+    r.deleteConfirm = await confirm(page, false);
+  });
+  await step(r, 'delete', async () => {
+    const before = await loaded(page);
+    await page.click(`button[aria-label="Delete ${cfg.deleteUser}"]`);
+    await confirm(page, true);
+    await reloaded(page, before);
+    r.usersAfterDelete = await page.textContent('#users');
+  });
+  await step(r, 'secrets', async () => { await secrets(page, context, r, cfg.token); });
+  await step(r, 'cross-site', async () => {
+    const foreign = await context.newPage();
+    await foreign.goto(cfg.foreign + '/nothing-here');
+    const [answer] = await Promise.all([foreign.waitForNavigation(), foreign.evaluate((url) => {
+      const f = document.createElement('form');
+      f.method = 'POST'; f.action = url;
+      const i = document.createElement('input'); i.name = 'rpm'; i.value = '1'; f.append(i);
+      document.body.append(f); f.submit();
+    }, cfg.worker + '/admin/register/' + cfg.evilUser)]);
+    r.crossSite = { status: answer.status(), body: await answer.text() };
+    r.crossSiteFetch = await foreign.evaluate(async (url) => {
+      try { const a = await fetch(url, { method: 'POST', credentials: 'include', mode: 'no-cors' }); return a.type; }
+      catch (e) { return 'error: ' + e.message; } }, cfg.worker + '/admin/register/' + cfg.evilUser);
+    await foreign.close();
+  });
+  await step(r, 'logout', async () => {
+    const xsrf = await page.getAttribute('main', 'data-xsrf');
+    await Promise.all([page.waitForNavigation(), page.click('header button[type=submit]')]);
+    r.afterLogout = { login: !!(await page.$('#token')), cookies: await context.cookies(),
+      api: await page.evaluate(async (x) => (await fetch('/admin/users?format=json',
+        { headers: { 'X-XSRF-Token': x } })).status, xsrf) };
+  });
+  await context.close();
+}
+
+async function me() {
+  const r = out.me;
+  const { context, page } = await open(r);
+  await step(r, 'page', async () => {
+    const answer = await page.goto(cfg.worker + '/me');
+    r.status = answer.status(); r.headers = answer.headers(); r.source = await answer.text();
+  });
+  await step(r, 'wrong key', async () => {
+    await page.fill('#key', 'sk-cfw' + 'x'.repeat(45));
+    await page.click('#signin button[type=submit]');
+    await page.waitForFunction(() => document.querySelector('#signin-error').textContent !== '');
+    r.wrongError = await page.textContent('#signin-error');
+  });
+  await step(r, 'right key', async () => {
+    await page.fill('#key', cfg.userKey);
+    await page.click('#signin button[type=submit]');
+    await page.waitForSelector('body[data-loaded]');
+    r.text = await page.textContent('#mine'); r.base = await page.inputValue('#base');
+    r.keyField = await page.inputValue('#key');
+    r.bars = await page.$$eval('#chart rect', (rs) => rs.length);
+  });
+  await step(r, 'looks', async () => { r.looks = await looks(page, 'me'); });
+  await step(r, 'secrets', async () => { await secrets(page, context, r, cfg.userKey); });
+  await step(r, 'reset', async () => {
+    const before = await loaded(page);
+    await page.click('#reset');
+    r.resetConfirm = await confirm(page, true);
+    r.reset = await shownKey(page);
+    await reloaded(page, before);
+    r.textAfter = await page.textContent('#mine');
+    r.secretInSourceAfter = (await page.content()).includes(r.reset.key);
+  });
+  await step(r, 'login page looks', async () => {
+    const login = await context.newPage();
+    await login.goto(cfg.worker + '/admin');
+    r.loginLooks = await looks(login, 'login');
+    await login.close();
+  });
+  await context.close();
+}
+
+// Dollars as INTERFACE.md puts them into the JSON (budget, spent, period,
+// resets_at, cost), added to the server's real answers: the pages show money.
+async function dollars() {
+  const r = out.dollars;
+  const { context, page } = await open(r);
+  const priced = (rows) => rows.forEach((row) => { row.cost = row.total_tokens / 1e5; });
+  const change = (pattern, edit) => context.route(pattern, async (route) => {
+    if (route.request().resourceType() !== 'fetch') return route.continue();  // the page itself
+    const answer = await route.fetch();
+    const body = await answer.json();
+    edit(body);
+    await route.fulfill({ response: answer, json: body });
+  });
+  await change(/\/admin\/users\?format=json$/, (body) => body.users.forEach((u, i) => Object.assign(u, {
+    period: 'month', budget: i === 0 ? 5 : 0, spent: i === 0 ? 4.6 : 0.25, resets_at: '2099-01-01T00:00:00Z',
+    last_used: '2099-01-01', models: String(u.models).split(',') })));
+  await change(/\/admin\/stats\?/, (body) => { priced(body.usage); body.total.cost = 1; });
+  await change(/\/me$/, (body) => { priced(body.usage); Object.assign(body, { period: 'month', budget: 5,
+    spent: 1.25, budget_left: 3.75, resets_at: '2099-01-01T00:00:00Z' }); });
+  await step(r, 'dashboard', async () => {
+    await page.goto(cfg.worker + '/admin');
+    await page.fill('#token', cfg.token);
+    await Promise.all([page.waitForNavigation(), page.click('button[type=submit]')]);
+    await page.waitForSelector('body[data-loaded]');
+    r.today = await page.textContent('#today'); r.chartTitle = await page.textContent('#chart-title');
+    r.users = await page.textContent('#users'); r.models = await page.textContent('#models');
+    r.meters = await page.$$eval('#users [role=progressbar]', (ms) => ms.map((m) => m.getAttribute('aria-valuenow')));
+    await page.screenshot({ path: `${cfg.shots}/dollars-dashboard-desktop.png`, fullPage: true });
+  });
+  await step(r, 'me', async () => {
+    await page.goto(cfg.worker + '/me');
+    await page.fill('#key', cfg.pricedKey);
+    await page.click('#signin button[type=submit]');
+    await page.waitForSelector('body[data-loaded]');
+    r.use = await page.textContent('#use'); r.useSub = await page.textContent('#use-sub');
+    r.meChart = await page.textContent('#chart-title'); r.limits = await page.textContent('#limits');
+    await page.setViewportSize({ width: 360, height: 780 });
+    await page.emulateMedia({ colorScheme: 'dark' });
+    await page.waitForTimeout(200);
+    await page.screenshot({ path: `${cfg.shots}/dollars-me-phone-dark.png`, fullPage: true });
+  });
+  await context.close();
+}
+
+try {
+  for (const [name, run] of [['admin', admin], ['me', me], ['dollars', dollars]]) {
+    try { await run(); } catch (e) { out[name].error = String((e && e.stack) || e); }
+  }
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def run_pages_browser(directory: str, config: Dict[str, Any]) -> Dict[str, Any]:
+    script = os.path.join(directory, f"pages-{os.getpid()}-{secrets.token_hex(4)}.mjs")
+    with open(script, "w") as f:
+        f.write(PAGES_SCRIPT)
+    try:
+        done = subprocess.run(["node", script, json.dumps(dict(
+            config, executablePath=CHROMIUM, args=BROWSER_ARGS,
+            axe=os.path.join(directory, "node_modules", "axe-core", "axe.min.js")))],
+            capture_output=True, timeout=240, cwd=directory, env=clean_environ())
+    finally:
+        os.unlink(script)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+def chat_as(w: Worker, key: str, model: str = "gpt-4o-mini") -> Answer:
+    return post_json(w, "/v1/chat/completions", key, chat_json(model))
+
+
+class TestWebPagesInChromium:
+    """Both pages in a real headless Chromium (issue 18): signed in, used, changed,
+    looked at (screenshots, 360 px, dark mode, axe-core), and checked from outside
+    with real API calls."""
+
+    def test_dashboard_and_user_page(self, tmp_root, upstream):
+        if not os.path.exists(CHROMIUM):
+            pytest.skip(f"{CHROMIUM} is missing (Debian: apt-get install chromium)")
+        if shutil.which("node") is None or shutil.which("npm") is None:
+            pytest.fail("node and npm are needed to drive Chromium (playwright-core)")
+        directory = node_browser_dir()
+        shots = tempfile.mkdtemp(prefix="screenshots-", dir=tmp_root)
+        with contextlib.ExitStack() as stack:
+            w = stack.enter_context(running_worker(tmp_root, upstream.url))
+            site = stack.enter_context(static_site(os.path.join(directory, "node_modules", "openai")))
+            names = {role: unique(role) for role in ("alice", "bob", "carol", "dave", "new",
+                                                     "budget", "evil")}
+            limits = {"alice": "?quota=200", "bob": "?quota=20&rpm=60&models=gpt-4.1,gpt-4o"}
+            keys = {role: w.register(names[role], limits.get(role, ""))
+                    for role in ("alice", "bob", "carol", "dave")}
+            for _ in range(3):
+                assert chat_as(w, keys["alice"]).status == 200
+            assert chat_as(w, keys["bob"], "gpt-4.1").status == 200
+            got = run_pages_browser(directory, {
+                "worker": w.url, "token": ACCESS_TOKEN, "foreign": site, "shots": shots,
+                "userKey": keys["alice"], "newUser": names["new"], "budgetUser": names["budget"],
+                "editUser": names["carol"], "deleteUser": names["dave"], "evilUser": names["evil"],
+                "pricedKey": keys["bob"]})
+            os.makedirs(SCREENSHOTS_OUT, exist_ok=True)
+            for name in os.listdir(shots):
+                shutil.copy(os.path.join(shots, name), SCREENSHOTS_OUT)
+            self.check_admin(w, got["admin"], names, keys)
+            self.check_me(w, got["me"], names, keys)
+            self.check_dollars(got["dollars"], names)
+            assert len([n for n in os.listdir(shots) if n.endswith(".png")]) == 16
+
+    def check_admin(self, w: Worker, got: Dict[str, Any], names: Dict[str, str],
+                    keys: Dict[str, str]) -> None:
+        assert "error" not in got, (got.get("failed"), got.get("error"), got.get("console"))
+        assert got["loginStatus"] == 200 and ACCESS_TOKEN not in got["loginSource"]
+        headers = got["loginHeaders"]
+        assert "'unsafe-inline'" not in headers["content-security-policy"]
+        assert headers["x-content-type-options"] == "nosniff"
+        # Signing in: a wrong token refused, the right one in, on /admin/.
+        assert got["wrongStatus"] == 403 and "not the access token" in got["wrongMessage"]
+        assert got["dashboardUrl"] == w.url + "/admin/" and got["problem"] == ""
+        # The users and the usage of real proxied requests are on the page.
+        for role in ("alice", "bob", "carol", "dave"):
+            assert names[role] in got["users"], got["users"]
+        assert "gpt-4o-mini" in got["models"] and "gpt-4.1" in got["models"], got["models"]
+        assert got["bars"] >= 2, got
+        spend = admin_json(w, "users")
+        money = any("spent" in u for u in spend["users"])
+        total = 4 * CHAT_USAGE["total_tokens"]
+        assert (got["today"].startswith("$") if money else got["today"] == f"{total} tokens"), got
+        # Register: the key shown once works; the form's limits reached the server.
+        new_key = got["registered"]["key"]
+        assert KEY_LINE.match(new_key + "\n") and "Shown once" in got["registered"]["notice"]
+        assert got["registered"]["copied"] == new_key and got["registered"]["after"] == ""  # gone
+        assert names["new"] in got["usersAfterRegister"]
+        # Reset (confirmed): the key it showed works, the one before is 401.
+        reset_key = got["reset"]["key"]
+        assert "stops working" in got["resetConfirm"] and reset_key != new_key
+        assert w.models(reset_key).status == 200
+        is_openai_error(w.models(new_key), 401, "invalid_api_key")
+        # Delete: cancelled once, then confirmed; the key is 401.
+        assert "Delete" in got["deleteConfirm"]
+        assert names["dave"] not in got["usersAfterDelete"]
+        is_openai_error(w.models(keys["dave"]), 401, "invalid_api_key")
+        users = {u["name"]: u for u in admin_json(w, "users")["users"]}
+        assert names["dave"] not in users and users[names["new"]]["rpm"] == 5
+        # Change limits: prefilled from the row, saved through /admin/set.
+        assert got["editPrefill"] == {"quota": "0", "models": "*", "expires": "never"}
+        carol = users[names["carol"]]
+        assert carol["quota"] == 123456 and carol["expires"].startswith("2099-01-02"), carol
+        assert carol["models"] in ("gpt-4o-mini", ["gpt-4o-mini"]), carol
+        assert chat_as(w, keys["carol"], "gpt-4.1").status == 404
+        assert chat_as(w, keys["carol"]).status == 200
+        # Budget and period: taken where the server knows them, else its error shown.
+        if money:
+            assert got["budget"].get("key") and users[names["budget"]]["budget"] == 2.5, got["budget"]
+        else:
+            assert got["budget"]["editOpen"] and "unknown field" in got["budget"]["error"], got["budget"]
+            assert names["budget"] not in users and got["budget"]["problem"] == ""
+        # A cross-site form POST is refused, and nothing was registered.
+        assert got["crossSite"]["status"] == 403, got["crossSite"]
+        assert names["evil"] not in users
+        # Every request went to this origin, no token in a URL, storage or source.
+        for line in got["requests"]:
+            url = line.split(" ", 1)[1]
+            assert url.startswith(w.url + "/") or url.startswith("data:"), line
+            assert ACCESS_TOKEN not in urllib.parse.unquote(url), line
+        assert got["storage"] == [0, 0] and not got["secretInSource"]
+        (session,) = [c for c in got["cookies"] if c["name"] == "worker_session"]
+        assert session["httpOnly"] and session["sameSite"] == "Strict" and session["path"] == "/admin"
+        assert not session["secure"] and 11.9 * 3600 < session["expires"] - time.time() <= 12 * 3600
+        assert ACCESS_TOKEN not in session["value"]
+        # Sign out: the login form again, no cookie, the API refuses the old page.
+        assert got["afterLogout"]["login"] and got["afterLogout"]["api"] == 403
+        assert not [c for c in got["afterLogout"]["cookies"] if c["name"] == "worker_session"]
+        self.check_looks(got["looks"])
+        # (The browser logs each 4xx answer: the refused budget, the cross-site POST.)
+        assert not [line for line in got["console"] if "error" in line.lower()
+                    and "Failed to load resource" not in line], got["console"]
+        assert len(got["focus"]) == 8 and got["focus"][0] == "BUTTON:Sign out", got["focus"]
+
+    def check_me(self, w: Worker, got: Dict[str, Any], names: Dict[str, str],
+                 keys: Dict[str, str]) -> None:
+        assert "error" not in got, (got.get("failed"), got.get("error"), got.get("console"))
+        assert got["status"] == 200 and got["headers"]["content-type"].startswith("text/html")
+        assert "'unsafe-inline'" not in got["headers"]["content-security-policy"]
+        assert len(got["source"].encode()) < 60_000
+        assert "Incorrect API key" in got["wrongError"]
+        assert names["alice"] in got["text"], got["text"]
+        assert f"{3 * CHAT_USAGE['total_tokens']} tokens" in got["text"], got["text"]
+        assert got["base"] == w.url + "/v1" and got["keyField"] == "" and got["bars"] >= 1
+        assert got["storage"] == [0, 0] and not got["secretInSource"] and got["cookies"] == []
+        for line in got["requests"]:
+            url = line.split(" ", 1)[1]
+            assert url.startswith(w.url + "/") or url.startswith("data:"), line
+            assert keys["alice"] not in url and ACCESS_TOKEN not in url, line
+        new_key = got["reset"]["key"]
+        assert "stops working" in got["resetConfirm"] and "Shown once" in got["reset"]["notice"]
+        assert w.models(new_key).status == 200 and not got["secretInSourceAfter"]
+        is_openai_error(w.models(keys["alice"]), 401, "invalid_api_key")
+        assert names["alice"] in got["textAfter"]
+        self.check_looks(got["looks"])
+        self.check_looks(got["loginLooks"])
+        assert not [line for line in got["console"] if "error" in line.lower()
+                    and "Failed to load resource" not in line], got["console"]
+
+    def check_dollars(self, got: Dict[str, Any], names: Dict[str, str]) -> None:
+        """INTERFACE.md's money fields, added to the server's real answers in the
+        browser (until the spend branch adds them itself), are shown as dollars."""
+        assert "error" not in got, (got.get("failed"), got.get("error"), got.get("console"))
+        assert got["today"].startswith("$") and got["chartTitle"].startswith("Spend per day")
+        assert "$4.60 of $5 this month" in got["users"] and "resets Jan 1, 2099" in got["users"]
+        assert "92" in got["meters"] and "$" in got["models"], got
+        assert got["use"] == "$1.25" and "of $5 · $3.75 left · resets" in got["useSub"], got
+        assert got["meChart"].startswith("Your spend") and "$5 a month" in got["limits"], got
+
+    @staticmethod
+    def check_looks(looks: Dict[str, Any]) -> None:
+        assert set(looks) == {"desktop-light", "desktop-dark", "phone-light", "phone-dark"}
+        for size, seen in looks.items():
+            assert seen["sideways"] <= 0, (size, seen)
+            bad = [v for v in seen["violations"] if v["impact"] in ("serious", "critical")]
+            assert not bad, (size, bad)
 
 
 # ---------------------------------------------------------------------------

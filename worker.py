@@ -32,6 +32,7 @@ Other commands::
 """
 
 import asyncio
+import base64
 import binascii
 import collections
 import concurrent.futures
@@ -67,6 +68,7 @@ try:
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
+import tornado.escape
 import tornado.gen
 import tornado.httpclient
 import tornado.httpserver
@@ -628,20 +630,34 @@ class DbmKV:
 
     async def scan(self, prefix: str) -> Dict[str, str]:
         """Every key starting with ``prefix``, with its value, sorted by key."""
-        found: Dict[str, Optional[str]] = {}
+        return await self._scan(prefix, None)
+
+    async def _scan(self, prefix: str, decode: Optional[Callable[[str], Any]]) -> Dict[str, Any]:
+        """``scan``, each value through ``decode`` if given. The snapshot's part is
+        read and decoded in a thread: the snapshot never changes, and a scan of
+        every user's usage reads a hundred thousand keys (dbm.dumb opens its file
+        once per key), which on the event loop would hold up every request for seconds."""
+        found: Dict[str, Any] = {}
         if self._snapshot is not None:
-            raw = prefix.encode()
-            for key in self._snapshot.keys():
-                if key.startswith(raw):
-                    found[key.decode()] = None
+            snapshot = self._snapshot
+            try:
+                found = await asyncio.get_running_loop().run_in_executor(
+                    None, self._read_snapshot, snapshot, prefix, decode)
+            except Exception:  # a checkpoint closed that snapshot meanwhile
+                snapshot = None
+            if snapshot is not self._snapshot:  # read the one now current, here
+                found = self._read_snapshot(self._snapshot, prefix, decode)
         for layer in (self._frozen, self._overlay):
-            found.update((k, v) for k, v in layer.items() if k.startswith(prefix))
-        result = {}
-        for key in sorted(found):
-            value = self._get(key)
-            if value is not None:
-                result[key] = value
-        return result
+            found.update((k, v if v is None or decode is None else decode(v))
+                         for k, v in layer.items() if k.startswith(prefix))
+        return {key: value for key, value in sorted(found.items()) if value is not None}
+
+    @staticmethod
+    def _read_snapshot(snapshot: Any, prefix: str,
+                       decode: Optional[Callable[[str], Any]]) -> Dict[str, Any]:
+        raw = prefix.encode()
+        values = {key.decode(): snapshot[key].decode() for key in snapshot.keys() if key.startswith(raw)}
+        return values if decode is None else {key: decode(value) for key, value in values.items()}
 
     async def follow(self, key: str, prefix: str) -> Tuple[Optional[str], Optional[str]]:
         """The value of ``key``, and the value of ``prefix`` + that value."""
@@ -653,7 +669,7 @@ class DbmKV:
                 for value in (self._get(key) for key in keys)]
 
     async def scan_counts(self, prefix: str) -> Dict[str, List[int]]:
-        return {key: json.loads(value) for key, value in (await self.scan(prefix)).items()}
+        return await self._scan(prefix, json.loads)
 
     async def ping(self) -> bool:
         return True
@@ -4623,9 +4639,19 @@ class UserHandler(BaseHandler):
 
 
 class MeHandler(UserHandler):
-    """``GET /me``: the caller's own record and usage. ``POST /me/reset``: a new key."""
+    """``GET /me``: the caller's own record and usage (in a browser with no key:
+    the page that asks for the key and shows them). ``POST /me/reset``: a new key."""
+
+    async def prepare(self) -> None:
+        self.page = (self.request.method == "GET" and not self.path_args[0]
+                     and is_page_request(self.request))
+        if not self.page:
+            await super().prepare()
 
     async def get(self, action: Optional[str]) -> None:
+        if self.page:
+            ME_PAGE.render(self)
+            return
         if action:
             raise ApiError(404, f"Invalid URL (GET /me/{action}): try GET /me or POST /me/reset",
                            code="unknown_url")
@@ -4717,6 +4743,8 @@ class AdminHandler(BaseHandler):
         return self.request.path
 
     def prepare(self) -> None:
+        if self.authorised_by_session():
+            return
         if not self.names_a_command():
             # What scanners try on every open port (/wp-admin/…, /.git/config):
             # no try at the token, so no step towards locking the owner out.
@@ -4741,6 +4769,19 @@ class AdminHandler(BaseHandler):
             return "Authorization" in self.request.headers  # a Bearer on /admin/…
         command, name = self._split()
         return command in ADMIN_COMMANDS or (self.request.method == "DELETE" and name is None)
+    def authorised_by_session(self) -> bool:
+        """The dashboard's own request: its session cookie (sent to ``/admin/…``
+        only) and that session's XSRF token in a header, which a page from
+        another origin cannot know; a session without it gets 403."""
+        if self.token_in_path or "Authorization" in self.request.headers:
+            return False
+        session = read_session(self)
+        if session is None:
+            return False
+        if not hmac.compare_digest(self.request.headers.get(XSRF_HEADER, ""),
+                                   xsrf_token(self, session)):
+            raise AdminError(403, "Access forbidden")
+        return True
 
     def wants_json(self) -> bool:
         return (self.get_query_argument("format", "") == "json"
@@ -4926,6 +4967,687 @@ def _cell(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Web pages: /admin and /me in a browser
+# ---------------------------------------------------------------------------
+
+# The owner's session: a signed cookie holding a random session id, valid this
+# long (the cookie's Expires and the signature's age both). Its secret is
+# derived from ACCESS_TOKEN, so a new token and a restart end every session.
+SESSION_COOKIE = "worker_session"
+SESSION_DAYS = 0.5
+XSRF_HEADER = "X-XSRF-Token"  # the dashboard's fetches carry it beside the cookie
+
+
+def cookie_secret(access_token: str) -> str:
+    """HKDF (RFC 5869) from the token: a key for the cookies, never the token itself."""
+    prk = hmac.new(b"worker.py web pages", access_token.encode("utf-8", "surrogateescape"),
+                   hashlib.sha256).digest()
+    return hmac.new(prk, b"session cookie\x01", hashlib.sha256).hexdigest()
+
+
+def xsrf_token(handler: tornado.web.RequestHandler, session: str) -> str:
+    """The session's XSRF token: only a page this server sent holds it."""
+    secret = handler.application.settings["cookie_secret"].encode()
+    return hmac.new(secret, b"xsrf:" + session.encode(), hashlib.sha256).hexdigest()
+
+
+def read_session(handler: tornado.web.RequestHandler) -> Optional[str]:
+    """The session id of a valid, unexpired session cookie, or None."""
+    # Tornado 6.3 renamed get_secure_cookie to get_signed_cookie.
+    get = getattr(handler, "get_signed_cookie", None) or handler.get_secure_cookie
+    value = get(SESSION_COOKIE, max_age_days=SESSION_DAYS)
+    return value.decode() if value else None
+
+
+def start_session(handler: tornado.web.RequestHandler) -> None:
+    put = getattr(handler, "set_signed_cookie", None) or handler.set_secure_cookie
+    put(SESSION_COOKIE, secrets.token_urlsafe(24), expires_days=SESSION_DAYS, path="/admin",
+        httponly=True, samesite="Strict", secure=handler.request.protocol == "https")
+
+
+def is_page_request(request: tornado.httputil.HTTPServerRequest) -> bool:
+    """A browser's navigation: it accepts HTML and carries no key (API clients do)."""
+    return ("text/html" in request.headers.get("Accept", "")
+            and key_from_headers(request.headers) is None)
+
+
+def csp_hash(text: str) -> str:
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
+class WebPage:
+    """One page: HTML around a constant style sheet and script, allowed by their
+    hashes in its Content-Security-Policy (no inline script or style otherwise)."""
+
+    def __init__(self, title: str, body: str, script: str):
+        self.title, self.body, self.script = title, body, PAGE_SCRIPT + script
+        self.csp = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+                    "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
+                    "base-uri 'none'" % (csp_hash(self.script), csp_hash(PAGE_STYLE)))
+
+    def render(self, handler: tornado.web.RequestHandler, status: int = 200, **values: str) -> None:
+        body = self.body
+        for name, value in values.items():  # every value is escaped for HTML
+            body = body.replace("{%s}" % name, tornado.escape.xhtml_escape(value))
+        for name in ("Access-Control-Allow-Origin", "Access-Control-Expose-Headers", "Vary"):
+            handler.clear_header(name)
+        handler.set_status(status)
+        handler.set_header("Content-Type", "text/html; charset=utf-8")
+        handler.set_header("Content-Security-Policy", self.csp)
+        handler.set_header("X-Content-Type-Options", "nosniff")
+        handler.set_header("X-Frame-Options", "DENY")
+        handler.set_header("Referrer-Policy", "no-referrer")
+        handler.set_header("Cache-Control", "no-store")
+        handler.finish(
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            '<meta name="color-scheme" content="light dark"><meta name="referrer" content="no-referrer">'
+            f'<title>{self.title}</title><link rel="icon" href="data:,">'
+            f'<style>{PAGE_STYLE}</style></head><body>{body}<script>{self.script}</script>'
+            '</body></html>')
+
+
+class AdminPageHandler(BaseHandler):
+    """``/admin``: the login form, or the owner's dashboard for a session.
+    ``POST`` logs in (field ``token``; a wrong one counts toward the lockout) or,
+    with ``action=logout``, out. The dashboard calls the admin API itself."""
+
+    def get(self) -> None:
+        session = read_session(self)
+        if session is None:
+            LOGIN_PAGE.render(self, message="")
+        else:
+            DASHBOARD_PAGE.render(self, xsrf=xsrf_token(self, session))
+
+    def post(self) -> None:
+        if self.get_body_argument("action", "") == "logout":
+            session = read_session(self)
+            if session is not None and not hmac.compare_digest(
+                    self.get_body_argument("xsrf", ""), xsrf_token(self, session)):
+                raise AdminError(403, "Access forbidden")  # another site's form
+            self.clear_cookie(SESSION_COOKIE, path="/admin")
+            self.redirect("/admin/", status=303)
+            return
+        client = self.app.client_address(self.request)
+        wait = self.app.admin_locked_out(client)
+        if wait:
+            self.set_header("Retry-After", str(math.ceil(wait)))
+            LOGIN_PAGE.render(self, 429, message="Too many wrong tokens: try again in a minute.")
+        elif not self.app.is_access_token(self.get_body_argument("token", "")):
+            self.app.note_admin_failure(client)
+            LOGIN_PAGE.render(self, 403, message="That is not the access token.")
+        else:
+            log.info("admin: signed in from the web page")
+            start_session(self)
+            self.redirect("/admin/", status=303)
+
+
+PAGE_STYLE = r"""
+:root{--bg:#f4f6fa;--card:#fff;--text:#1b2030;--muted:#5b6477;--line:#e2e6ee;--accent:#3461d9;
+--accent-text:#fff;--ok:#17875a;--warn:#b86e00;--bad:#c62f45;--track:#e7eaf1;--focus:#3461d9;
+--shadow:0 1px 2px rgba(20,30,60,.06),0 4px 16px rgba(20,30,60,.05)}
+@media (prefers-color-scheme:dark){:root{--bg:#0f131a;--card:#181e28;--text:#e6e9ef;--muted:#9aa4b5;
+--line:#2a3240;--accent:#7fa2ff;--accent-text:#0b1020;--ok:#3ccf8e;--warn:#f2b53d;--bad:#ff7489;
+--track:#273041;--focus:#9db8ff;--shadow:none}}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%}
+body{margin:0;background:var(--bg);color:var(--text);font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,Ubuntu,sans-serif}
+header{display:flex;align-items:center;justify-content:space-between;gap:12px;padding:14px 20px;
+background:var(--card);border-bottom:1px solid var(--line)}
+header h1,h1.title{font-size:17px;margin:0;font-weight:650}
+header h1 span,h1.title span{color:var(--muted);font-weight:400}
+main{max-width:1120px;margin:0 auto;padding:20px 16px 48px;display:grid;gap:16px}
+.card{background:var(--card);border:1px solid var(--line);border-radius:14px;padding:18px 20px;box-shadow:var(--shadow);min-width:0}
+.card h2{font-size:15px;margin:0 0 12px;font-weight:650}
+.row{display:flex;flex-wrap:wrap;align-items:center;justify-content:space-between;gap:10px}
+.row h2{margin:0}
+.tools{display:flex;gap:8px;flex-wrap:wrap;flex:1;justify-content:flex-end}
+.tools input{width:auto;flex:0 1 220px;min-width:0}
+.stats{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:16px}
+.stat .label{color:var(--muted);font-size:13px}
+.stat .value{font-size:26px;font-weight:650;letter-spacing:-.01em;font-variant-numeric:tabular-nums}
+.stat .sub{color:var(--muted);font-size:13px}
+.muted{color:var(--muted)}
+.small{font-size:13px}
+button,.button{font:inherit;font-size:14px;border-radius:9px;padding:7px 14px;border:1px solid var(--line);
+background:var(--card);color:var(--text);cursor:pointer;min-height:36px}
+button.primary{background:var(--accent);border-color:var(--accent);color:var(--accent-text);font-weight:600}
+button.danger{color:var(--bad)}
+button.danger.primary{background:var(--bad);border-color:var(--bad);color:#fff}
+button:hover{filter:brightness(.97)}
+:focus-visible{outline:3px solid var(--focus);outline-offset:2px}
+input,select{font:inherit;font-size:15px;width:100%;padding:8px 10px;border-radius:9px;border:1px solid var(--muted);
+background:var(--bg);color:var(--text);min-height:38px}
+label{display:block;font-size:13px;font-weight:600;margin:0 0 4px}
+.field{margin:0 0 12px}
+.grid2{display:grid;grid-template-columns:1fr 1fr;gap:0 12px;align-items:end}
+.actions{display:flex;gap:8px;flex-wrap:wrap;justify-content:flex-end;margin-top:8px}
+.error{color:var(--bad);font-weight:600;min-height:1.5em;margin:4px 0}
+.bar{height:8px;border-radius:5px;background:var(--track);overflow:hidden;min-width:80px}
+.bar>div{height:100%;border-radius:5px;background:var(--ok)}
+.bar.warn>div{background:var(--warn)}.bar.bad>div{background:var(--bad)}
+.big .bar{height:12px;border-radius:8px;margin:8px 0 6px}
+table{width:100%;border-collapse:collapse;font-size:14px}
+th{text-align:left;font-size:12px;text-transform:uppercase;letter-spacing:.04em;color:var(--muted);font-weight:600;
+padding:8px 10px;border-bottom:1px solid var(--line)}
+td{padding:10px;border-bottom:1px solid var(--line);vertical-align:top}
+tr:last-child td{border-bottom:0}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+td .bar{margin-top:6px}
+.name{font-weight:650;overflow-wrap:anywhere}
+td.date{white-space:nowrap}
+td .actions{flex-wrap:nowrap;margin:0}
+td .actions button{padding:4px 10px;min-height:32px;font-size:13px;white-space:nowrap}
+.stat .value small{font-size:60%;font-weight:500;color:var(--muted)}
+.tag{display:inline-block;font-size:12px;padding:1px 8px;border-radius:99px;background:var(--track);margin:2px 4px 0 0}
+.tablewrap{overflow-x:auto}
+.chart svg{display:block;width:100%;height:auto}
+.chart text{fill:var(--muted);font-size:11px}
+.chart line{stroke:var(--line)}
+.legend{display:flex;flex-wrap:wrap;gap:6px 14px;list-style:none;margin:10px 0 0;padding:0;font-size:13px;color:var(--muted)}
+.legend i{display:inline-block;width:10px;height:10px;border-radius:3px;margin-right:6px;vertical-align:-1px}
+dialog{border:1px solid var(--line);border-radius:14px;background:var(--card);color:var(--text);
+padding:20px;width:min(520px,calc(100vw - 24px));box-shadow:0 10px 40px rgba(0,0,0,.25)}
+dialog::backdrop{background:rgba(10,14,22,.45)}
+dialog h2{margin:0 0 12px;font-size:17px}
+.key{display:flex;gap:8px}
+.key input{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px}
+.notice{background:var(--track);border-radius:9px;padding:10px 12px;font-size:14px;margin:0 0 12px}
+.login{max-width:400px;margin:10vh auto;padding:0 16px}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px;overflow-wrap:anywhere}
+dl{display:grid;grid-template-columns:auto 1fr;gap:6px 16px;margin:0}
+dt{color:var(--muted)}dd{margin:0;font-variant-numeric:tabular-nums}
+[hidden]{display:none!important}
+#problem:empty{display:none}
+#mine{display:grid;gap:16px}
+.sr{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}
+@media (max-width:700px){
+ header{padding:12px 14px}main{padding:12px 10px 40px;gap:12px}.card{padding:14px}#mine{gap:12px}
+ .stats{grid-template-columns:1fr 1fr;gap:12px}.stats .stat:last-child:nth-child(odd){grid-column:1/-1}
+ .stat .value{font-size:21px}
+ table.stack thead{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0)}
+ table.stack,table.stack tbody,table.stack tr,table.stack td{display:block;width:100%}
+ table.stack tr{border-bottom:1px solid var(--line);padding:8px 0}
+ table.stack td{border:0;padding:3px 0;display:flex;justify-content:space-between;gap:12px;text-align:right}
+ table.stack td::before{content:attr(data-label);color:var(--muted);font-size:13px;text-align:left}
+ table.stack td.name{font-size:16px}table.stack td.name::before{content:none}
+ table.stack td.wide{display:block;text-align:left}table.stack td.wide::before{display:block}
+ .tablewrap{overflow:visible}
+}
+"""
+
+# Shared by both pages: DOM helpers, number formats, the stacked bar chart,
+# dialogs, and the copy button.
+PAGE_SCRIPT = r"""'use strict';
+const $ = (s) => document.querySelector(s);
+function h(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === 'text') e.textContent = v; else if (k.startsWith('on')) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v === true ? '' : v);
+  }
+  for (const k of kids.flat()) if (k !== null && k !== undefined) e.append(k);
+  return e;
+}
+const compact = new Intl.NumberFormat('en', { notation: 'compact', maximumFractionDigits: 1 });
+const tokens = (n) => compact.format(n || 0);
+function money(v) {
+  v = v || 0;
+  if (Number.isInteger(v)) return '$' + v.toLocaleString('en');
+  if (v >= 100) return '$' + v.toFixed(0);
+  if (v >= 1) return '$' + v.toFixed(2);
+  return '$' + v.toPrecision(2).replace(/0+$/, '');
+}
+const day = (iso) => iso ? new Date(iso.length === 10 ? iso + 'T00:00:00Z' : iso)
+  .toLocaleDateString('en', { month: 'short', day: 'numeric', year: 'numeric', timeZone: 'UTC' }) : '—';
+const when = (iso) => iso ? new Date(iso).toLocaleString('en', { month: 'short', day: 'numeric',
+  hour: '2-digit', minute: '2-digit', timeZone: 'UTC', timeZoneName: 'short' }) : '—';
+function lastDays(n) {
+  const out = [], now = Date.now();
+  for (let i = n - 1; i >= 0; i--) out.push(new Date(now - i * 864e5).toISOString().slice(0, 10));
+  return out;
+}
+const COLORS = ['#4f7cff', '#1fa97a', '#f0a132', '#e2557a', '#8b6cf0', '#23a9bd', '#c27a3c', '#8e98aa'];
+function meter(used, limit, label) {
+  const share = limit > 0 ? Math.min(1, used / limit) : 0;
+  const fill = h('div');
+  fill.style.width = (share * 100).toFixed(1) + '%';
+  return h('div', { class: 'bar' + (share >= 0.9 ? ' bad' : share >= 0.7 ? ' warn' : ''), role: 'progressbar',
+    'aria-label': label, 'aria-valuemin': 0, 'aria-valuemax': 100,
+    'aria-valuenow': Math.round(share * 100) }, fill);
+}
+// A stacked bar per day; series: [{name, values: [per day]}]; draws into host.
+function chart(host, days, series, fmt, label) {
+  const NS = 'http://www.w3.org/2000/svg';
+  const s = (tag, attrs, text) => { const e = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text; return e; };
+  const totals = days.map((_, i) => series.reduce((a, x) => a + x.values[i], 0));
+  const raw = Math.max(...totals, 0), step = raw > 0 ? Math.pow(10, Math.floor(Math.log10(raw))) : 1;
+  const top = raw > 0 ? Math.ceil(raw / step) * step : 1;
+  const W = Math.max(280, host.clientWidth || 600), H = W < 500 ? 180 : 220, B = 22, T = 8;
+  const L = 12 + 7 * Math.max(...[0, top / 2, top].map((v) => fmt(v).length));
+  const svg = s('svg', { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: 'img', 'aria-label': label });
+  const y = (v) => T + (H - T - B) * (1 - v / top);
+  for (const v of [0, top / 2, top]) {
+    svg.append(s('line', { x1: L, x2: W, y1: y(v), y2: y(v) }));
+    svg.append(s('text', { x: L - 6, y: y(v) + 4, 'text-anchor': 'end' }, fmt(v)));
+  }
+  const bw = (W - L) / days.length;
+  days.forEach((d, i) => {
+    let base = 0;
+    series.forEach((x, j) => {
+      const v = x.values[i];
+      if (v > 0) {
+        const r = s('rect', { x: L + i * bw + bw * 0.15, width: Math.max(1, bw * 0.7), y: y(base + v),
+          height: Math.max(1, y(base) - y(base + v)), rx: 2, fill: x.color || COLORS[j % COLORS.length] });
+        r.append(s('title', {}, `${d} · ${x.name}: ${fmt(v)}`));
+        svg.append(r);
+      }
+      base += v;
+    });
+    const last = i === days.length - 1;
+    if (i % 7 === (days.length - 1) % 7) svg.append(s('text', { x: last ? W : L + (i + 0.5) * bw, y: H - 5,
+      'text-anchor': last ? 'end' : 'middle' }, day(d).replace(/, \d+$/, '')));
+  });
+  host.replaceChildren(svg, h('ul', { class: 'legend', 'aria-hidden': 'true' }, series.map((x, j) => {
+    const dot = h('i'); dot.style.background = x.color || COLORS[j % COLORS.length];
+    return h('li', {}, dot, x.name);
+  })));
+}
+// Series per day for the keys that spend most; the rest as "others".
+function stacked(rows, days, keyOf, valueOf, most) {
+  const sums = new Map();
+  for (const r of rows) sums.set(keyOf(r), (sums.get(keyOf(r)) || 0) + valueOf(r));
+  const names = [...sums.keys()].sort((a, b) => sums.get(b) - sums.get(a));
+  const shown = names.slice(0, names.length > most ? most - 1 : most);
+  const index = new Map(days.map((d, i) => [d, i]));
+  const series = shown.map((name) => ({ name, values: days.map(() => 0) }));
+  const others = { name: 'others', values: days.map(() => 0), color: COLORS[7] };
+  for (const r of rows) {
+    const i = index.get(r.day);
+    if (i === undefined) continue;
+    const j = shown.indexOf(keyOf(r));
+    (j < 0 ? others : series[j]).values[i] += valueOf(r);
+  }
+  return names.length > shown.length ? series.concat([others]) : series;
+}
+function ask(dialog) {
+  return new Promise((resolve) => {
+    dialog.returnValue = '';
+    dialog.addEventListener('close', () => resolve(dialog.returnValue), { once: true });
+    dialog.showModal();
+  });
+}
+function confirmAction(title, text, action) {
+  const d = $('#confirm');
+  d.querySelector('h2').textContent = title;
+  d.querySelector('p').textContent = text;
+  d.querySelector('.go').textContent = action;
+  return ask(d).then((v) => v === 'go');
+}
+async function copy(input, button) {
+  try { await navigator.clipboard.writeText(input.value); }
+  catch (e) { input.select(); document.execCommand('copy'); }
+  button.textContent = 'Copied';
+  setTimeout(() => { button.textContent = 'Copy'; }, 2000);
+}
+function showKey(name, key) {
+  const d = $('#keydialog');
+  d.querySelector('.who').textContent = name;
+  const input = d.querySelector('input');
+  input.value = key;
+  ask(d).then(() => { input.value = ''; });
+  input.select();
+}
+for (const b of document.querySelectorAll('button[data-copy]'))
+  b.addEventListener('click', () => copy($(b.dataset.copy), b));
+for (const b of document.querySelectorAll('dialog button[value]'))
+  b.addEventListener('click', (e) => { e.preventDefault(); b.closest('dialog').close(b.value); });
+function say(text) { $('#status').textContent = text; }
+function setValue(el, text, unit) { el.replaceChildren(text + (unit ? ' ' : ''), unit ? h('small', { text: unit }) : ''); }
+"""
+
+DIALOGS = r"""
+<dialog id="confirm" aria-labelledby="confirm-title"><h2 id="confirm-title"></h2><p></p>
+<div class="actions"><button value="cancel">Cancel</button><button value="go" class="go danger primary"></button></div></dialog>
+<dialog id="keydialog" aria-labelledby="key-title"><h2 id="key-title">New key for <span class="who"></span></h2>
+<p class="notice" role="note"><strong>Shown once.</strong> Copy it now and keep it safe: it is stored only as a
+hash and cannot be shown again (a reset makes a new one).</p>
+<label for="newkey">API key</label><div class="key"><input id="newkey" readonly autocomplete="off" spellcheck="false">
+<button type="button" data-copy="#newkey">Copy</button></div>
+<div class="actions"><button value="done" class="primary">Done</button></div></dialog>
+<p id="status" class="sr" role="status" aria-live="polite"></p>
+"""
+
+LOGIN_PAGE = WebPage("Sign in · worker.py", r"""
+<main class="login"><form class="card" method="post" action="/admin/">
+<h1 class="title">worker.py <span>dashboard</span></h1>
+<p class="muted small">Sign in with the <code>ACCESS_TOKEN</code> this server was started with.</p>
+<input type="text" name="username" value="owner" autocomplete="username" hidden>
+<div class="field"><label for="token">Access token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus></div>
+<p class="error" role="alert">{message}</p>
+<div class="actions"><button class="primary" type="submit">Sign in</button></div></form></main>
+""", "")
+
+DASHBOARD_PAGE = WebPage("Dashboard · worker.py", r"""
+<header><h1>worker.py <span>dashboard</span></h1>
+<form method="post" action="/admin/"><input type="hidden" name="action" value="logout">
+<input type="hidden" name="xsrf" value="{xsrf}">
+<button type="submit">Sign out</button></form></header>
+<main data-xsrf="{xsrf}">
+<p id="problem" class="error" role="alert"></p>
+<section class="stats" aria-label="Totals">
+<div class="card stat"><div class="label">Today</div><div class="value" id="today">…</div><div class="sub" id="today-sub"></div></div>
+<div class="card stat"><div class="label">This month</div><div class="value" id="month">…</div><div class="sub" id="month-sub"></div></div>
+<div class="card stat"><div class="label">Users</div><div class="value" id="count">…</div><div class="sub" id="count-sub"></div></div>
+</section>
+<section class="card" aria-labelledby="chart-title"><h2 id="chart-title">Spend per day, last 30 days</h2>
+<div class="chart" id="chart"></div></section>
+<section class="card" aria-labelledby="users-title"><div class="row"><h2 id="users-title">Users</h2>
+<div class="tools"><input type="search" id="filter" aria-label="Filter users by name" placeholder="Filter by name"
+autocomplete="off" spellcheck="false"><button class="primary" id="add">Register a user</button></div></div>
+<div class="tablewrap"><table class="stack"><thead><tr><th>Name</th><th>Limits</th><th>This period</th>
+<th class="num">Requests</th><th>Last use</th><th>Expires</th><th><span class="sr">Actions</span></th></tr></thead>
+<tbody id="users"></tbody></table></div></section>
+<section class="card" aria-labelledby="models-title"><h2 id="models-title">By model, last 30 days</h2>
+<div class="tablewrap"><table class="stack"><thead><tr><th>Model</th><th class="num">Requests</th>
+<th class="num">Input</th><th class="num">Output</th><th class="num">Total tokens</th><th class="num" id="cost-head">Cost</th></tr></thead>
+<tbody id="models"></tbody></table></div></section>
+</main>
+<dialog id="edit" aria-labelledby="edit-title"><form method="dialog"><h2 id="edit-title"></h2>
+<div class="field" id="name-field"><label for="f-name">Name</label>
+<input id="f-name" name="name" pattern="[A-Za-z0-9][A-Za-z0-9._@\-]{0,63}" autocomplete="off" spellcheck="false"></div>
+<div class="grid2">
+<div class="field"><label for="f-expires">Expires</label><input id="f-expires" name="expires" placeholder="never or YYYY-MM-DD"></div>
+<div class="field"><label for="f-days">Or valid for (days)</label><input id="f-days" name="days" inputmode="numeric" placeholder="30"></div>
+<div class="field"><label for="f-budget">Budget (USD)</label><input id="f-budget" name="budget" inputmode="decimal" placeholder="0 = none"></div>
+<div class="field"><label for="f-period">Period</label><select id="f-period" name="period" aria-describedby="edit-hint">
+<option value="">(default)</option><option value="all">all time</option><option value="day">day</option>
+<option value="week">week</option><option value="month">month</option></select></div>
+<div class="field"><label for="f-quota">Quota (tokens)</label><input id="f-quota" name="quota" inputmode="numeric" placeholder="0 = none"></div>
+<div class="field"><label for="f-rpm">Requests a minute</label><input id="f-rpm" name="rpm" inputmode="numeric" placeholder="0 = none"></div>
+<div class="field"><label for="f-models">Models</label><input id="f-models" name="models" spellcheck="false" placeholder="* = all" aria-describedby="edit-hint"></div>
+<div class="field"><label for="f-scope">Scope</label><select id="f-scope" name="scope"><option value="">(default)</option>
+<option value="own">own objects only</option><option value="all">all objects</option></select></div>
+</div><p class="muted small" id="edit-hint">Budget and quota count over the period (calendar UTC). Models: names
+separated by commas, <code>*</code> for all. Empty fields keep their value (or the default).</p>
+<p class="error" id="edit-error" role="alert"></p>
+<div class="actions"><button type="button" value="cancel">Cancel</button><button class="primary" id="save">Save</button></div>
+</form></dialog>
+""" + DIALOGS, r"""
+const xsrf = document.querySelector('main').dataset.xsrf;
+let users = [], stats = { usage: [], total: {} }, money_ = false, lastDay = new Map();
+async function api(method, path, fields) {
+  const init = { method, credentials: 'same-origin', headers: { Accept: 'application/json', 'X-XSRF-Token': xsrf } };
+  if (fields) init.body = new URLSearchParams(fields);
+  const res = await fetch(path, init);
+  let data = null;
+  try { data = await res.json(); } catch (e) { /* not JSON */ }
+  if (res.status === 403 && !data) throw new Error('Your session has ended: reload the page to sign in again.');
+  if (!res.ok) throw new Error((data && data.error) || `The server answered ${res.status}.`);
+  return data;
+}
+const hasMoney = () => money_;
+const spend = (r) => hasMoney() ? (r.cost || 0) : (r.total_tokens || 0);
+const amount = (v) => hasMoney() ? money(v) : tokens(v);
+const models = (u) => (Array.isArray(u.models) ? u.models : String(u.models || '*').split(',')).join(', ');
+function lastUse(u) {
+  return day(u.last_used || lastDay.get(u.name));
+}
+function periodCell(u) {
+  const per = u.period && u.period !== 'all' ? ' this ' + u.period : '';
+  const resets = u.resets_at ? h('div', { class: 'muted small', text: 'resets ' + day(u.resets_at) }) : null;
+  if (u.budget > 0) return [h('div', { text: `${money(u.spent)} of ${money(u.budget)}${per}` }),
+    meter(u.spent, u.budget, `${u.name}: budget used`), resets];
+  if (u.quota > 0) return [h('div', { text: `${tokens(u.used)} of ${tokens(u.quota)} tokens${per}` }),
+    meter(u.used, u.quota, `${u.name}: quota used`), resets];
+  return h('div', { text: ('spent' in u ? money(u.spent) + ' · ' : '') + tokens(u.used) + ' tokens',
+    class: 'muted' });
+}
+function userRow(u) {
+  const limits = [u.rpm ? u.rpm + ' rpm' : null, 'models ' + models(u), u.scope === 'all' ? 'all objects' : null]
+    .filter(Boolean).map((t) => h('span', { class: 'tag', text: t }));
+  return h('tr', {},
+    h('td', { class: 'name', text: u.name }),
+    h('td', { 'data-label': 'Limits', class: 'wide' }, limits),
+    h('td', { 'data-label': 'This period', class: 'wide' }, periodCell(u)),
+    h('td', { class: 'num', 'data-label': 'Requests', text: compact.format(u.requests || 0) }),
+    h('td', { 'data-label': 'Last use', class: 'date', text: lastUse(u) }),
+    h('td', { 'data-label': 'Expires', class: 'date', text: u.expires ? day(u.expires) : 'never' }),
+    h('td', { 'data-label': 'Actions' }, h('div', { class: 'actions' },
+      h('button', { text: 'Edit', 'aria-label': 'Edit limits of ' + u.name, onclick: () => edit(u) }),
+      h('button', { text: 'Reset key', 'aria-label': 'Reset key of ' + u.name, onclick: () => reset(u) }),
+      h('button', { text: 'Delete', class: 'danger', 'aria-label': 'Delete ' + u.name, onclick: () => remove(u) }))));
+}
+function sums(rows) {
+  const t = { requests: 0, total_tokens: 0, cost: 0, input_tokens: 0, output_tokens: 0 };
+  for (const r of rows) for (const k in t) t[k] += r[k] || 0;
+  return t;
+}
+function render() {
+  const today = new Date().toISOString().slice(0, 10), month = today.slice(0, 7);
+  for (const [id, rows] of [['today', stats.usage.filter((r) => r.day === today)],
+                            ['month', stats.usage.filter((r) => r.day.startsWith(month))]]) {
+    const t = sums(rows);
+    if (hasMoney()) setValue($('#' + id), money(t.cost)); else setValue($('#' + id), tokens(t.total_tokens), 'tokens');
+    $('#' + id + '-sub').textContent = `${compact.format(t.requests)} requests` +
+      (hasMoney() ? ` · ${tokens(t.total_tokens)} tokens` : '');
+  }
+  $('#count').textContent = users.length.toLocaleString('en');
+  const active = new Set(stats.usage.filter((r) => r.day.startsWith(month)).map((r) => r.user));
+  $('#count-sub').textContent = `${active.size.toLocaleString('en')} active this month`;
+  $('#chart-title').textContent = (hasMoney() ? 'Spend' : 'Tokens') + ' per day, last 30 days, by user';
+  const days = lastDays(30);
+  chart($('#chart'), days, stacked(stats.usage, days, (r) => r.user, spend, 8), amount,
+    'Stacked bar chart of ' + (hasMoney() ? 'spend' : 'tokens') + ' per day by user');
+  const find = $('#filter').value.trim().toLowerCase();
+  const shown = find ? users.filter((u) => u.name.toLowerCase().includes(find)) : users;
+  $('#users').replaceChildren(...(shown.length ? shown.map(userRow) : [h('tr', {}, h('td', { colspan: 7,
+    class: 'muted', text: users.length ? 'No user matches.' : 'No users yet: register the first one.' }))]));
+  const byModel = new Map();
+  for (const r of stats.usage.filter((r) => r.day >= days[0])) {
+    if (!byModel.has(r.model)) byModel.set(r.model, []);
+    byModel.get(r.model).push(r);
+  }
+  $('#cost-head').hidden = !hasMoney();
+  const rows = [...byModel].map(([m, rs]) => [m, sums(rs)]).sort((a, b) => spend(b[1]) - spend(a[1]));
+  $('#models').replaceChildren(...(rows.length ? rows.map(([m, t]) => h('tr', {},
+    h('td', { class: 'name', text: m }),
+    h('td', { class: 'num', 'data-label': 'Requests', text: compact.format(t.requests) }),
+    h('td', { class: 'num', 'data-label': 'Input', text: tokens(t.input_tokens) }),
+    h('td', { class: 'num', 'data-label': 'Output', text: tokens(t.output_tokens) }),
+    h('td', { class: 'num', 'data-label': 'Total tokens', text: tokens(t.total_tokens) }),
+    hasMoney() ? h('td', { class: 'num', 'data-label': 'Cost', text: money(t.cost) }) : null))
+    : [h('tr', {}, h('td', { colspan: 6, class: 'muted', text: 'No usage in the last 30 days.' }))]));
+}
+// Usage only on opening: register, set and delete change the users, not the stats.
+async function load(withStats = true) {
+  try {
+    [users, stats] = await Promise.all([api('GET', '/admin/users?format=json').then((d) => d.users),
+                                        withStats ? api('GET', '/admin/stats?format=json&days=31') : stats]);
+    money_ = 'cost' in stats.total || stats.usage.some((r) => 'cost' in r);
+    lastDay = new Map(stats.usage.map((r) => [r.user, r.day]));  // (rows are oldest first)
+    $('#problem').textContent = '';
+    render();
+  } catch (e) { $('#problem').textContent = e.message; }
+  document.body.dataset.loaded = String(Date.now());
+}
+const FIELDS = ['expires', 'days', 'budget', 'period', 'quota', 'rpm', 'models', 'scope'];
+let editing = null;
+function edit(u) {
+  editing = u;
+  const form = $('#edit form');
+  form.reset();
+  $('#edit-title').textContent = u ? 'Change limits of ' + u.name : 'Register a user';
+  $('#name-field').hidden = !!u;
+  $('#f-name').required = !u;
+  $('#save').textContent = u ? 'Save' : 'Register';
+  $('#edit-error').textContent = '';
+  if (u) {
+    const now = { expires: u.expires || 'never', budget: 'budget' in u ? String(u.budget) : '',
+      period: u.period || '', quota: String(u.quota || 0), rpm: String(u.rpm || 0), models: models(u).replace(/ /g, ''),
+      scope: u.scope || '' };
+    for (const k in now) form.elements[k].value = now[k];
+  }
+  form.dataset.initial = JSON.stringify(Object.fromEntries(FIELDS.map((k) => [k, form.elements[k].value])));
+  $('#edit').showModal();
+}
+$('#edit form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  if (e.submitter && e.submitter.value === 'cancel') { $('#edit').close(); return; }
+  const form = e.target, initial = JSON.parse(form.dataset.initial), fields = {};
+  for (const k of FIELDS) { const v = form.elements[k].value.trim(); if (v !== initial[k].trim() && v !== '') fields[k] = v; }
+  try {
+    if (editing) {
+      if (Object.keys(fields).length) await api('POST', '/admin/set/' + encodeURIComponent(editing.name), fields);
+      $('#edit').close();
+      say('Saved the limits of ' + editing.name);
+    } else {
+      const name = form.elements.name.value.trim();
+      if (!name) throw new Error('A name is needed.');
+      const made = await api('POST', '/admin/register/' + encodeURIComponent(name), fields);
+      $('#edit').close();
+      showKey(made.name, made.key);
+      say('Registered ' + made.name);
+    }
+    await load(false);
+  } catch (err) { $('#edit-error').textContent = err.message; }
+});
+async function reset(u) {
+  if (!await confirmAction('Reset the key of ' + u.name + '?',
+    'The current key stops working at once. The new key is shown once.', 'Reset key')) return;
+  try { const made = await api('POST', '/admin/reset/' + encodeURIComponent(u.name)); showKey(made.name, made.key); say('Reset the key of ' + u.name); }
+  catch (e) { $('#problem').textContent = e.message; }
+}
+async function remove(u) {
+  if (!await confirmAction('Delete ' + u.name + '?',
+    'Their key stops working at once. Their past usage stays in the stats.', 'Delete')) return;
+  try { await api('DELETE', '/admin/' + encodeURIComponent(u.name)); say('Deleted ' + u.name); await load(false); }
+  catch (e) { $('#problem').textContent = e.message; }
+}
+$('#add').addEventListener('click', () => edit(null));
+$('#filter').addEventListener('input', render);
+let width = innerWidth;
+addEventListener('resize', () => { if (innerWidth !== width) { width = innerWidth; render(); } });
+load();
+""")
+
+ME_PAGE = WebPage("Your key · worker.py", r"""
+<header><h1>worker.py <span>your key</span></h1><button id="forget" hidden>Forget key</button></header>
+<main>
+<form class="card" id="signin"><h2>See your limits and usage</h2>
+<p class="muted small">Paste the API key the owner gave you. It stays in this tab only: it is not saved,
+and it goes only to this server.</p>
+<div class="field"><label for="key">Your API key</label>
+<input id="key" type="password" autocomplete="off" spellcheck="false" placeholder="sk-cfw…" required></div>
+<p class="error" id="signin-error" role="alert"></p>
+<div class="actions"><button class="primary" type="submit">Show my usage</button></div></form>
+<div id="mine" hidden>
+<section class="stats" aria-label="Your numbers">
+<div class="card stat big"><div class="label" id="use-label">This period</div><div class="value" id="use">…</div>
+<div id="use-bar"></div><div class="sub" id="use-sub"></div></div>
+<div class="card stat"><div class="label">Requests, last 30 days</div><div class="value" id="requests">…</div>
+<div class="sub" id="requests-sub"></div></div>
+</section>
+<section class="card" aria-labelledby="chart-title"><h2 id="chart-title">Your use per day, last 30 days</h2>
+<div class="chart" id="chart"></div></section>
+<section class="card" aria-labelledby="limits-title"><h2 id="limits-title"></h2><dl id="limits"></dl></section>
+<section class="card" aria-labelledby="base-title"><h2 id="base-title">Use it in your app</h2>
+<p class="muted small">Set the base URL (OpenAI SDKs: <code>base_url</code> / <code>baseURL</code>,
+or <code>OPENAI_BASE_URL</code>) and use your key as the API key.</p>
+<label for="base">Base URL</label><div class="key"><input id="base" readonly>
+<button type="button" data-copy="#base">Copy</button></div></section>
+<section class="card" aria-labelledby="reset-title"><h2 id="reset-title">Reset your key</h2>
+<p class="muted small">If your key leaked: get a new one. The current key stops working at once.</p>
+<div class="actions"><button class="danger" id="reset">Reset my key</button></div></section>
+</div>
+<p id="problem" class="error" role="alert"></p>
+</main>
+""" + DIALOGS, r"""
+let key = null;
+$('#base').value = location.origin + '/v1';
+async function call(method, path) {
+  const res = await fetch(path, { method, headers: { Authorization: 'Bearer ' + key, Accept: 'application/json' },
+                                  credentials: 'omit', cache: 'no-store' });
+  const data = await res.json().catch(() => null);
+  if (!res.ok) throw new Error((data && data.error && data.error.message) || `The server answered ${res.status}.`);
+  return data;
+}
+function show(me) {
+  const money_ = 'budget' in me, per = me.period && me.period !== 'all' ? 'Used this ' + me.period : 'Used so far';
+  $('#use-label').textContent = per;
+  let used = tokens(me.used), unit = 'tokens', sub = '';
+  if (me.budget > 0) {
+    used = money(me.spent); unit = ''; sub = `of ${money(me.budget)} · ${money(me.budget_left)} left`;
+    $('#use-bar').replaceChildren(meter(me.spent, me.budget, 'Budget used'));
+  } else if (me.quota > 0) {
+    sub = `of ${tokens(me.quota)} tokens · ${tokens(Math.max(0, me.quota - me.used))} left`;
+    $('#use-bar').replaceChildren(meter(me.used, me.quota, 'Quota used'));
+  } else {
+    if (money_) { used = money(me.spent); unit = ''; }
+    sub = 'no limit set';
+    $('#use-bar').replaceChildren();
+  }
+  if (me.resets_at) sub += ` · resets ${when(me.resets_at)}`;
+  setValue($('#use'), used, unit);
+  $('#use-sub').textContent = sub;
+  const t = sums(me.usage || []);
+  $('#requests').textContent = compact.format(t.requests);
+  $('#requests-sub').textContent = tokens(t.total_tokens) + ' tokens' + ('cost' in ((me.usage || [])[0] || {}) ? ' · ' + money(t.cost) : '');
+  const cost = (me.usage || []).some((r) => 'cost' in r), days = lastDays(30);
+  $('#chart-title').textContent = (cost ? 'Your spend' : 'Your tokens') + ' per day, last 30 days';
+  chart($('#chart'), days, stacked(me.usage || [], days, (r) => r.model, (r) => cost ? r.cost || 0 : r.total_tokens || 0, 6),
+    cost ? money : (v) => tokens(v), 'Bar chart of your use per day by model');
+  $('#limits-title').textContent = 'Your key: ' + me.name;
+  const models = Array.isArray(me.models) ? me.models.join(', ') : String(me.models);
+  const items = [['Expires', me.expires ? when(me.expires) : 'never'], ['Created', day(me.created)],
+    ['Budget', me.budget > 0 ? money(me.budget) + (me.period && me.period !== 'all' ? ' a ' + me.period : '') : (money_ ? 'none' : null)],
+    ['Token quota', me.quota > 0 ? tokens(me.quota) : 'none'], ['Requests per minute', me.rpm > 0 ? String(me.rpm) : 'no limit'],
+    ['Models', models === '*' ? 'all' : models], ['Requests so far', compact.format(me.requests || 0)]];
+  $('#limits').replaceChildren(...items.filter((i) => i[1] !== null).flatMap(([k, v]) => [h('dt', { text: k }), h('dd', { text: v })]));
+}
+function sums(rows) {
+  const t = { requests: 0, total_tokens: 0, cost: 0 };
+  for (const r of rows) for (const k in t) t[k] += r[k] || 0;
+  return t;
+}
+let last = null;
+async function refresh() {
+  last = await call('GET', '/me');
+  $('#signin').hidden = true; $('#mine').hidden = false; $('#forget').hidden = false;
+  show(last);
+  document.body.dataset.loaded = String(Date.now());
+}
+$('#signin').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  key = $('#key').value.trim();
+  $('#key').value = '';
+  try { await refresh(); $('#signin-error').textContent = ''; }
+  catch (err) { key = null; $('#signin-error').textContent = err.message; }
+});
+$('#forget').addEventListener('click', () => {
+  key = null; last = null;
+  $('#signin').hidden = false; $('#mine').hidden = true; $('#forget').hidden = true; $('#key').focus();
+});
+$('#reset').addEventListener('click', async () => {
+  if (!await confirmAction('Reset your key?', 'Your current key stops working at once, in every app that uses it. ' +
+    'The new key is shown once.', 'Reset key')) return;
+  try {
+    const made = await call('POST', '/me/reset');
+    key = made.key;
+    showKey(made.name, made.key);
+    await refresh();
+  } catch (e) { $('#problem').textContent = e.message; }
+});
+let width = innerWidth;
+addEventListener('resize', () => { if (last && innerWidth !== width) { width = innerWidth; show(last); } });
+""")
+
+
+# ---------------------------------------------------------------------------
 # The application
 # ---------------------------------------------------------------------------
 
@@ -5070,6 +5792,7 @@ def make_app(app: App) -> tornado.web.Application:
             (WebSocketUpgrade(r"/v\d+(?:/.*)?"), RealtimeHandler),
             (WithBody(r"/v\d+(?:/.*)?"), UploadProxyHandler),
             (r"/v\d+(?:/.*)?", ProxyHandler),
+            (r"/admin/?", AdminPageHandler),
             (r"/admin/(.*)", AdminHandler, {"token_in_path": False}),
             (r"/(?:%s)(?:/.*)?" % "|".join(sorted(OPENAI_ROOTS)), MissingVersionHandler),
             (r"/([^/]+)/(.+)", AdminHandler, {"token_in_path": True}),
@@ -5078,6 +5801,7 @@ def make_app(app: App) -> tornado.web.Application:
         app=app,
         log_function=app.log_request,
         compress_response=False,
+        cookie_secret=cookie_secret(app.settings.access_token),
     )
 
 
