@@ -94,7 +94,7 @@ USER_KEY = re.compile(r"sk-cfw[A-Za-z0-9]{45}\Z")
 WORKER_VARIABLES = (
     "OPENAPI_API_KEY", "ACCESS_TOKEN", "UPSTREAM_URL", "HOST", "PORT", "DB_PATH",
     "KV_URL", "WORKERS", "TLS_CERT", "TLS_KEY", "CORS_ORIGINS", "MAX_BODY_MB",
-    "UPSTREAM_TIMEOUT", "LOG_LEVEL",
+    "UPSTREAM_TIMEOUT", "LOG_LEVEL", "PRICES_FILE",
 )
 
 READY_SECONDS = 10.0
@@ -5877,6 +5877,442 @@ class TestIsolationBypasses:
         assert skill not in alice.pages("skills", 100)
         alice.hidden(upstream, "GET", f"/v1/skills/{skill}", "Skill", skill)
         alice.hidden(upstream, "DELETE", f"/v1/skills/{skill}", "Skill", skill)
+
+
+# ---------------------------------------------------------------------------
+# Prices: the built-in table, PRICES_FILE, token kinds, exact costs (issue 17)
+# ---------------------------------------------------------------------------
+
+def import_worker() -> Any:
+    """worker.py as a module, for its pure functions."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import worker
+    return worker
+
+
+def write_json(directory: str, data: Any, name: str = "prices.json") -> str:
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def prices_command(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """``python worker.py prices ARGS`` with no other setting than ``env``."""
+    environ = dict(clean_environ(), **env)
+    return subprocess.run([sys.executable, WORKER_PY, "prices", *args], cwd=HERE, env=environ,
+                          capture_output=True, timeout=30)
+
+
+PER_MILLION = 10 ** 6  # picodollars per token of a price in USD per 1M tokens, per USD
+
+
+@pytest.fixture(scope="module")
+def table() -> Any:
+    """The built-in price table."""
+    return import_worker().load_prices(None)
+
+
+class TestTokenCounts:
+    """token_counts_of: every usage shape OpenAI answers with, as its API reference shows it."""
+
+    @pytest.mark.parametrize("usage, expected", [
+        # Chat completions, with cached and audio parts of the prompt.
+        ({"prompt_tokens": 2006, "completion_tokens": 300, "total_tokens": 2306,
+          "prompt_tokens_details": {"cached_tokens": 1920, "audio_tokens": 0},
+          "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                        "accepted_prediction_tokens": 0,
+                                        "rejected_prediction_tokens": 0}},
+         dict(input=2006, cached=1920, output=300)),
+        ({"prompt_tokens": 70, "completion_tokens": 120, "total_tokens": 190,
+          "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 50},
+          "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 100}},
+         dict(input=70, audio_input=50, output=120, audio_output=100)),
+        # The Responses API: reasoning tokens are output tokens.
+        ({"input_tokens": 36, "input_tokens_details": {"cached_tokens": 10},
+          "output_tokens": 87, "output_tokens_details": {"reasoning_tokens": 64},
+          "total_tokens": 123},
+         dict(input=36, cached=10, output=87)),
+        # Embeddings.
+        ({"prompt_tokens": 8, "total_tokens": 8}, dict(input=8)),
+        # Realtime response.done.
+        ({"total_tokens": 253, "input_tokens": 132, "output_tokens": 121,
+          "input_token_details": {"text_tokens": 119, "audio_tokens": 13, "image_tokens": 0,
+                                  "cached_tokens": 64,
+                                  "cached_tokens_details": {"text_tokens": 64, "audio_tokens": 0,
+                                                            "image_tokens": 0}},
+          "output_token_details": {"text_tokens": 30, "audio_tokens": 91}},
+         dict(input=132, cached=64, audio_input=13, output=121, audio_output=91)),
+        ({"total_tokens": 1000, "input_tokens": 900, "output_tokens": 100,
+          "input_token_details": {"text_tokens": 100, "audio_tokens": 700, "image_tokens": 100,
+                                  "cached_tokens": 500,
+                                  "cached_tokens_details": {"text_tokens": 50, "audio_tokens": 400,
+                                                            "image_tokens": 50}},
+          "output_token_details": {"text_tokens": 20, "audio_tokens": 80}},
+         dict(input=900, cached=500, audio_input=700, image_input=100, cached_audio=400,
+              cached_image=50, output=100, audio_output=80)),
+        # Transcriptions: tokens (gpt-4o-transcribe) or duration (whisper-1).
+        ({"type": "tokens", "input_tokens": 14,
+          "input_token_details": {"text_tokens": 0, "audio_tokens": 14},
+          "output_tokens": 45, "total_tokens": 59},
+         dict(input=14, audio_input=14, output=45)),
+        ({"type": "duration", "seconds": 3}, dict(seconds=3)),
+        ({"type": "duration", "seconds": 2.5}, dict(seconds=2.5)),
+        # Image generation (gpt-image-1).
+        ({"total_tokens": 100, "input_tokens": 50, "output_tokens": 50,
+          "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}},
+         dict(input=50, image_input=40, output=50)),
+        ({"input_tokens": 20, "output_tokens": 4160, "total_tokens": 4180,
+          "input_tokens_details": {"text_tokens": 20, "image_tokens": 0},
+          "output_tokens_details": {"text_tokens": 0, "image_tokens": 4160}},
+         dict(input=20, output=4160, image_output=4160)),
+        # Odd shapes never raise: what is not a count counts 0.
+        (None, {}), ([], {}), ("usage", {}), ({}, {}),
+        ({"prompt_tokens": "12", "completion_tokens": -3, "total_tokens": True}, {}),
+        ({"prompt_tokens": 5.0, "prompt_tokens_details": "x"}, {}),
+        ({"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": None,
+                                                        "audio_tokens": [1]}}, dict(input=5)),
+        ({"type": "duration", "seconds": "3"}, {}),
+        ({"type": "duration", "seconds": -1}, {}),
+        ({"type": "duration", "seconds": float("inf")}, {}),
+        ({"type": "duration", "seconds": True}, {}),
+        ({"input_tokens": 9, "input_token_details": {"cached_tokens_details": [3]}}, dict(input=9)),
+    ])
+    def test_usage_shapes(self, usage, expected):
+        worker = import_worker()
+        assert worker.token_counts_of(usage) == worker.TokenCounts(**expected)
+
+
+class TestPriceTable:
+    """The built-in table, the cost of each kind, fallbacks, exactness."""
+
+    def test_gpt_4o_mini_as_the_issue_fixes_it(self, table):
+        price = table.lookup("gpt-4o-mini")
+        assert (price.input, price.cached, price.output) == (
+            150_000, 75_000, 600_000)  # $0.15, $0.075, $0.60 per 1M tokens
+        assert import_worker().COST_UNITS_PER_USD == 10 ** 12
+
+    @pytest.mark.parametrize("model", [
+        "gpt-5", "gpt-5-mini", "gpt-5-nano", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano",
+        "gpt-4o", "gpt-4o-mini", "o1", "o3", "o3-mini", "o4-mini", "gpt-4o-audio-preview",
+        "gpt-audio", "gpt-realtime", "gpt-4o-realtime-preview", "gpt-4o-mini-realtime-preview",
+        "gpt-image-1", "dall-e-3", "dall-e-2", "text-embedding-3-small",
+        "text-embedding-3-large", "text-embedding-ada-002", "whisper-1", "gpt-4o-transcribe",
+        "gpt-4o-mini-transcribe", "tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-3.5-turbo",
+        "gpt-4-turbo", "omni-moderation-latest",
+    ])
+    def test_the_models_it_must_price(self, table, model):
+        assert table.has_price(model)
+
+    @pytest.mark.parametrize("model, counts, usd_per_million_sum", [
+        # input, cached input (a part of input), output
+        ("gpt-4o-mini", dict(input=1000), 1000 * 0.15),
+        ("gpt-4o-mini", dict(input=1000, cached=400), 600 * 0.15 + 400 * 0.075),
+        ("gpt-4o-mini", dict(output=1000), 1000 * 0.60),
+        ("gpt-4o", dict(input=10, cached=10, output=10), 10 * 1.25 + 10 * 10),
+        # a model without a cached price: cached input costs as input
+        ("gpt-4-turbo", dict(input=100, cached=50), 100 * 10),
+        # audio tokens in and out (parts of input and output)
+        ("gpt-4o-audio-preview", dict(input=100, audio_input=60, output=50, audio_output=40),
+         40 * 2.50 + 60 * 40 + 10 * 10 + 40 * 80),
+        # realtime: cached text and cached audio at their cached prices
+        ("gpt-realtime", dict(input=900, cached=500, audio_input=700, image_input=100,
+                              cached_audio=400, cached_image=50, output=100, audio_output=80),
+         50 * 4 + 50 * 0.40 + 300 * 32 + 400 * 0.40 + 50 * 5 + 50 * 0.50 + 20 * 16 + 80 * 64),
+        # cached tokens without their details: the cached price of text
+        ("gpt-4o-realtime-preview", dict(input=100, cached=30, audio_input=50, output=10),
+         20 * 5 + 30 * 2.50 + 50 * 40 + 10 * 20),
+        # image tokens in and out
+        ("gpt-image-1", dict(input=50, image_input=40, output=4160, image_output=4160),
+         10 * 5 + 40 * 10 + 4160 * 40),
+        ("gpt-image-1", dict(input=20, output=4160), 20 * 5 + 4160 * 40),
+        # transcription: tokens, or seconds at the price per minute
+        ("gpt-4o-transcribe", dict(input=14, audio_input=14, output=45), 14 * 6 + 45 * 10),
+        ("whisper-1", dict(seconds=60), 0.006 * 10 ** 6),
+        ("whisper-1", dict(seconds=2.5), 0.006 / 60 * 2.5 * 10 ** 6),
+        ("gpt-4o-mini-transcribe", dict(seconds=120), 0.006 * 10 ** 6),
+        # speech: characters; gpt-4o-mini-tts: text in, audio out
+        ("tts-1", dict(characters=1000), 1000 * 15),
+        ("tts-1-hd", dict(characters=1000), 1000 * 30),
+        ("gpt-4o-mini-tts", dict(input=100, output=1000), 100 * 0.60 + 1000 * 12),
+        # images
+        ("dall-e-3", dict(images=2), 2 * 0.04 * 10 ** 6),
+        ("hd/1792-x-1024/dall-e-3", dict(images=1), 0.12 * 10 ** 6),
+        ("256-x-256/dall-e-2", dict(images=3), 3 * 0.016 * 10 ** 6),
+        # embeddings, moderation (free)
+        ("text-embedding-3-small", dict(input=8), 8 * 0.02),
+        ("omni-moderation-latest", dict(input=1000), 0),
+        # counts that contradict each other are bounded by their whole
+        ("gpt-4o-mini", dict(input=10, cached=50), 10 * 0.075),
+        ("gpt-4o-audio-preview", dict(output=10, audio_output=30), 10 * 80),
+    ])
+    def test_cost_of_each_kind(self, table, model, counts, usd_per_million_sum):
+        worker = import_worker()
+        expected = round(usd_per_million_sum * PER_MILLION)
+        assert table.cost(model, worker.TokenCounts(**counts)) == expected
+
+    @pytest.mark.parametrize("model, priced_as", [
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"),  # a snapshot with its own price keeps it
+        ("o3-2025-04-16", "o3"),
+        ("gpt-4.1-2025-04-14", "gpt-4.1"),
+        ("gpt-4-0613", "gpt-4"),
+        ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"),
+        ("gpt-realtime-2025-08-28", "gpt-realtime"),
+        ("gpt-4o-realtime-preview-2024-12-17", "gpt-4o-realtime-preview"),
+        ("gpt-4o-realtime-preview-2024-10-01", "gpt-4o-realtime-preview-2024-10-01"),
+        ("omni-moderation-2024-09-26", "omni-moderation"),
+        ("openai/gpt-4o", "gpt-4o"),
+        ("openai/gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        ("openrouter/openai/o3", "o3"),
+        ("hd/1024-x-1024/dall-e-3", "hd/1024-x-1024/dall-e-3"),
+        ("hd/640-x-480/dall-e-3", "dall-e-3"),
+    ])
+    def test_fallbacks(self, table, model, priced_as):
+        assert table.lookup(model) is table.lookup(priced_as) is not None
+
+    @pytest.mark.parametrize("model", [
+        "gpt-9-ultra", "", "gpt-4o-mini-fast", "ft:gpt-4o-mini-2024-07-18:org::abc123",
+        "my-gpt-4o", "gpt-4o/", None, 42,
+    ])
+    def test_unknown_model_has_no_price(self, table, model):
+        worker = import_worker()
+        assert table.lookup(model) is None and not table.has_price(model)
+        assert table.cost(model, worker.TokenCounts(input=1)) is None
+
+    def test_sums_are_exact(self, table):
+        """Integer picodollars: a million small costs add up to the cost of
+        their sum, to the last unit (floats would drift)."""
+        worker = import_worker()
+        one = worker.TokenCounts(input=7, cached=3, output=1)
+        single = table.cost("gpt-4.1-nano", one)
+        assert single == 4 * 100_000 + 3 * 25_000 + 400_000
+        total = sum(table.cost("gpt-4.1-nano", one) for _ in range(100_000))
+        assert total == table.cost("gpt-4.1-nano", worker.TokenCounts(
+            input=700_000, cached=300_000, output=100_000)) == 100_000 * single
+        assert isinstance(total, int)
+        assert sum([0.1] * 10) != 1.0  # (what floats would do)
+
+    @pytest.mark.parametrize("model, size, quality, name", [
+        ("dall-e-3", "1024x1792", "hd", "hd/1024-x-1792/dall-e-3"),
+        ("dall-e-3", None, None, "standard/1024-x-1024/dall-e-3"),
+        ("dall-e-3", "1792x1024", "standard", "standard/1792-x-1024/dall-e-3"),
+        ("dall-e-2", "256x256", None, "256-x-256/dall-e-2"),
+        ("gpt-image-1", "1024x1024", "high", "gpt-image-1"),
+    ])
+    def test_image_price_names(self, table, model, size, quality, name):
+        worker = import_worker()
+        assert worker.image_price_name(model, size, quality) == name
+        assert table.has_price(name)
+
+    @pytest.mark.parametrize("text, units", [
+        ("5", 5 * 10 ** 12), ("5.00", 5 * 10 ** 12), ("$0.25", 25 * 10 ** 10),
+        ("0.000000000001", 1), ("1e-6", 10 ** 6), ("0", 0),
+    ])
+    def test_dollar_amounts(self, text, units):
+        worker = import_worker()
+        assert worker.usd_units(text) == units
+        assert worker.usd_units(worker.usd_text(units)[1:]) == units
+
+    @pytest.mark.parametrize("text", ["", "-1", "five", "nan", "inf", "1e"])
+    def test_bad_dollar_amounts(self, text):
+        with pytest.raises(ValueError):
+            import_worker().usd_units(text)
+
+    @pytest.mark.parametrize("units, text", [
+        (5 * 10 ** 12, "$5.00"), (5_030_000_000_000, "$5.03"), (336_900_000, "$0.0003369"),
+        (0, "$0.00"), (1, "$0.000000000001"),
+    ])
+    def test_dollar_text(self, units, text):
+        assert import_worker().usd_text(units) == text
+
+
+class TestPricesFile:
+    """PRICES_FILE in LiteLLM's format: read, kept small, checked."""
+
+    LITELLM = {
+        "sample_spec": {"input_cost_per_token": 0.0, "litellm_provider": "one of …",
+                        "mode": "one of: chat, embedding, …"},
+        "gpt-4o-mini": {"input_cost_per_token": 1.5e-07, "cache_read_input_token_cost": 7.5e-08,
+                        "output_cost_per_token": 6e-07, "litellm_provider": "openai",
+                        "mode": "chat", "max_tokens": 16384, "supports_vision": True,
+                        "supported_regions": ["global"],
+                        "search_context_cost_per_query": {"search_context_size_low": 0.025}},
+        "gpt-4o": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.2e-05,
+                   "litellm_provider": "openai", "mode": "chat"},
+        "my-local-model": {"input_cost_per_token": "0.000001", "output_cost_per_token": 2e-6},
+        "gpt-realtime": {"input_cost_per_token": 4e-06, "input_cost_per_audio_token": 3.2e-05,
+                         "input_cost_per_image_token": 5e-06, "output_cost_per_token": 1.6e-05,
+                         "output_cost_per_audio_token": 6.4e-05,
+                         "cache_read_input_token_cost": 4e-07,
+                         "cache_read_input_audio_token_cost": 4e-07,
+                         "litellm_provider": "openai", "mode": "chat"},
+        "whisper-1": {"input_cost_per_second": 0.0001, "output_cost_per_second": 0.0001,
+                      "litellm_provider": "openai", "mode": "audio_transcription"},
+        "tts-1": {"input_cost_per_character": 1.5e-05, "litellm_provider": "openai",
+                  "mode": "audio_speech"},
+        "512-x-512/dall-e-2": {"input_cost_per_pixel": 6.86e-08, "output_cost_per_pixel": 0.0,
+                               "litellm_provider": "openai", "mode": "image_generation"},
+        "aiml/dall-e-3": {"output_cost_per_image": 0.052, "litellm_provider": "aiml",
+                          "mode": "image_generation"},
+        "claude-3-5-sonnet-20240620": {"input_cost_per_token": 3e-06,
+                                       "output_cost_per_token": 1.5e-05,
+                                       "litellm_provider": "anthropic", "mode": "chat"},
+        "claude-3-5-sonnet": {"input_cost_per_token": 1e-06, "litellm_provider": "anthropic"},
+        "rerank-english-v3.0": {"input_cost_per_query": 0.002, "litellm_provider": "cohere",
+                                "mode": "rerank"},
+    }
+
+    def test_extends_and_overrides(self, tmp_path):
+        worker = import_worker()
+        table = worker.load_prices(write_json(str(tmp_path), self.LITELLM))
+        assert table.lookup("gpt-4o").input == 3_000_000  # overridden
+        assert table.lookup("gpt-4o-2024-08-06") is table.lookup("gpt-4o")
+        assert table.lookup("gpt-4o-mini") == worker.Price(input=150_000, cached=75_000,
+                                                           output=600_000)
+        assert table.lookup("o3") is not None  # the built-in ones stay
+        assert table.lookup("my-local-model") == worker.Price(input=1_000_000, output=2_000_000)
+        assert table.lookup("whisper-1").second == 100_000_000  # (not input plus output)
+        assert table.lookup("tts-1").character == 15_000_000
+        assert table.lookup("512-x-512/dall-e-2").image == round(6.86e-08 * 512 * 512 * 10 ** 12)
+        assert table.lookup("aiml/dall-e-3").image == 52 * 10 ** 9
+        assert table.lookup("rerank-english-v3.0") is None  # nothing worker.py counts
+        assert table.lookup("sample_spec") is None
+        counts = worker.TokenCounts(input=900, cached=500, audio_input=700, image_input=100,
+                                    cached_audio=400, cached_image=50, output=100,
+                                    audio_output=80)
+        assert table.cost("gpt-realtime", counts) == round(
+            (50 * 4 + 50 * 0.40 + 300 * 32 + 400 * 0.40 + 50 * 5 + 50 * 0.40 + 20 * 16 + 80 * 64)
+            * PER_MILLION)  # (no cached image price in the file: the cached text price)
+
+    def test_other_providers_only_by_exact_name(self, tmp_path):
+        table = import_worker().load_prices(write_json(str(tmp_path), self.LITELLM))
+        assert table.lookup("claude-3-5-sonnet-20240620").input == 3_000_000
+        assert table.lookup("anthropic/claude-3-5-sonnet-20240620") is None
+        assert table.lookup("claude-3-5-sonnet-20240621") is None  # no snapshot fallback
+        assert table.lookup("aiml/dall-e-3") is not table.lookup("dall-e-3")
+
+    @pytest.mark.parametrize("number, units", [
+        (1.5e-07, 150_000), (2.5e-09, 2_500), (3e-06, 3_000_000), (1e-12, 1), (0, 0),
+        (1.25e-06, 1_250_000), (1.1e-06, 1_100_000), (4.4e-06, 4_400_000), (2.75e-07, 275_000),
+        ("1.5e-7", 150_000), (0.1, 100_000_000_000),
+    ])
+    def test_floats_convert_exactly(self, tmp_path, number, units):
+        path = write_json(str(tmp_path), {"m": {"input_cost_per_token": number}})
+        assert import_worker().load_prices(path).lookup("m").input == units
+
+    @pytest.mark.parametrize("content, says", [
+        (None, "cannot read"),
+        ("{not json", "is not JSON"),
+        ("", "is not JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+        ('"prices"', "must hold a JSON object"),
+        ('{"m": 5}', "'m' must be an object"),
+        ('{"m": [1]}', "'m' must be an object"),
+        ('{"m": {"input_cost_per_token": -1e-6}}', "input_cost_per_token must be a number"),
+        ('{"m": {"output_cost_per_token": "cheap"}}', "output_cost_per_token must be a number"),
+        ('{"m": {"input_cost_per_second": true}}', "input_cost_per_second must be a number"),
+        ('{"m": {"cache_read_input_token_cost": [1]}}', "cache_read_input_token_cost must be"),
+        ('{"m": {"input_cost_per_token": NaN}}', "is not JSON"),
+        ('{"m": {"input_cost_per_token": Infinity}}', "is not JSON"),
+        ('{"m": {"input_cost_per_token": "Infinity"}}', "must be a number"),
+        (b"\xff\xfe\x00garbage", "is not JSON"),
+    ])
+    def test_bad_files(self, tmp_path, content, says):
+        worker = import_worker()
+        path = os.path.join(str(tmp_path), "bad.json")
+        if content is not None:
+            with open(path, "wb") as f:
+                f.write(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(worker.ConfigError) as caught:
+            worker.load_prices(path)
+        message = str(caught.value)
+        assert message.startswith("PRICES_FILE") and says in message and "\n" not in message
+
+    def test_a_setting_read_once_into_settings(self, tmp_path):
+        worker = import_worker()
+        env = {"OPENAPI_API_KEY": "sk-x", "ACCESS_TOKEN": "a-long-token",
+               "PRICES_FILE": write_json(str(tmp_path), self.LITELLM)}
+        settings = worker.load_settings(env)
+        assert settings.prices_file == env["PRICES_FILE"]
+        assert settings.prices.lookup("gpt-4o").input == 3_000_000
+        assert worker.load_settings(dict(env, PRICES_FILE="")).prices.lookup("gpt-4o").input \
+            == 2_500_000
+        with pytest.raises(worker.ConfigError, match="PRICES_FILE"):
+            worker.load_settings(dict(env, PRICES_FILE=str(tmp_path / "missing.json")))
+
+
+class TestPricesCommand:
+    """``python worker.py prices``: the table in effect, without any other setting."""
+
+    def test_the_built_in_table(self):
+        done = prices_command()
+        assert done.returncode == 0, done.stderr
+        out = done.stdout.decode()
+        assert "2026-12-05" in out and "built-in" in out
+        line = next(line for line in out.splitlines() if line.split()[:1] == ["gpt-4o-mini"])
+        assert line.split()[1:4] == ["0.15", "0.075", "0.60"]
+        realtime = next(line for line in out.splitlines() if line.split()[:1] == ["gpt-realtime"])
+        assert "32.00/0.40/64.00" in realtime and "5.00/0.50/-" in realtime
+        whisper = next(line for line in out.splitlines() if line.split()[:1] == ["whisper-1"])
+        assert whisper.split()[-1] == "0.006"  # per minute
+
+    def test_with_a_prices_file(self, tmp_path):
+        path = write_json(str(tmp_path), {"gpt-4o-mini": {"input_cost_per_token": 2e-07,
+                                                          "output_cost_per_token": 8e-07},
+                                          "my-model": {"input_cost_per_token": 1e-06}})
+        done = prices_command(PRICES_FILE=path)
+        assert done.returncode == 0, done.stderr
+        out = done.stdout.decode()
+        assert path in out
+        rows = {line.split()[0]: line.split() for line in out.splitlines()
+                if not line.startswith("#")}
+        assert rows["gpt-4o-mini"][1:4] == ["0.20", "-", "0.80"]
+        assert rows["my-model"][1:4] == ["1.00", "-", "-"]
+        assert rows["gpt-4o"][1:4] == ["2.50", "1.25", "10.00"]
+
+    def test_json_goes_back_in_as_a_prices_file(self, tmp_path):
+        for args in (["json"], ["--format", "json"]):
+            done = prices_command(*args)
+            assert done.returncode == 0, done.stderr
+            data = json.loads(done.stdout)
+            assert data["gpt-4o-mini"] == {"input_cost_per_token": 1.5e-07,
+                                           "cache_read_input_token_cost": 7.5e-08,
+                                           "output_cost_per_token": 6e-07}
+        worker = import_worker()
+        again = worker.load_prices(write_json(str(tmp_path), done.stdout.decode()))
+        assert again.items() == worker.load_prices(None).items()
+
+    @pytest.mark.parametrize("content", [None, "{oops", "[]", '{"m": {"input_cost_per_token": -1}}'])
+    def test_a_bad_prices_file_stops_with_one_line(self, tmp_path, upstream, content):
+        path = os.path.join(str(tmp_path), "prices.json")
+        if content is not None:
+            write_json(str(tmp_path), content)
+        done = prices_command(PRICES_FILE=path)
+        assert done.returncode == 2
+        assert done.stdout == b"" and done.stderr.decode().count("\n") == 1
+        assert done.stderr.decode().startswith("worker.py: PRICES_FILE")
+        # ... and so does the server, before it listens
+        worker = Worker(str(tmp_path), upstream.url, PRICES_FILE=path).spawn()
+        assert worker.proc.wait(20) == 2
+        log = worker.log()
+        assert log.count("\n") == 1 and log.startswith("worker.py: PRICES_FILE"), log
+
+    def test_a_server_starts_with_a_prices_file(self, tmp_path, upstream):
+        path = write_json(str(tmp_path), {"my-model": {"input_cost_per_token": 1e-06}})
+        with running_worker(str(tmp_path), upstream.url, PRICES_FILE=path) as w:
+            assert request("GET", w.url + "/healthz").status == 200
+
+    def test_bad_arguments(self):
+        done = prices_command("xml")
+        assert done.returncode == 2 and b"usage:" in done.stderr
+
+    def test_help_lists_the_setting(self):
+        done = subprocess.run([sys.executable, WORKER_PY, "--help"], env=clean_environ(),
+                              capture_output=True, timeout=30)
+        assert b"PRICES_FILE" in done.stdout and b"prices" in done.stdout
 
 
 # ---------------------------------------------------------------------------

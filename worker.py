@@ -27,6 +27,7 @@ Other commands::
     python worker.py --help          # every setting
     python worker.py import FILE     # users exported from the Cloudflare version (or from export)
     python worker.py export          # every user as JSON (key hashes, never keys)
+    python worker.py prices          # the price of each model, built in or from PRICES_FILE
 """
 
 import os
@@ -86,7 +87,7 @@ import ssl
 import time
 import urllib.parse
 import zlib
-from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 try:
     import fcntl
@@ -273,6 +274,8 @@ def url_passwords(url: str) -> Tuple[str, ...]:
     return tuple({written, urllib.parse.unquote(written), *query} - {""})
 
 
+USAGE = "python worker.py [import FILE | export | prices [json] | --help]"
+
 # (variable, default, parser, help): the one table behind Settings and --help.
 SETTINGS_TABLE = (
     ("OPENAPI_API_KEY", "", _required, "the owner's upstream key (alias: OPENAI_API_KEY); required"),
@@ -289,6 +292,8 @@ SETTINGS_TABLE = (
     ("MAX_BODY_MB", "512", _positive_number, "largest request body, in MB"),
     ("UPSTREAM_TIMEOUT", "600", _positive_number, "seconds for one upstream request"),
     ("LOG_LEVEL", "info", _log_level, "debug, info, warning or error"),
+    ("PRICES_FILE", "", _optional, "JSON prices (LiteLLM's model_prices_and_context_window.json) "
+                                   "over the built-in ones; see: python worker.py prices"),
 )
 
 
@@ -308,6 +313,8 @@ class Settings:
     max_body_mb: float
     upstream_timeout: float
     log_level: str
+    prices_file: str
+    prices: "PriceTable"  # the built-in prices, and PRICES_FILE's
 
     @property
     def max_body_bytes(self) -> int:
@@ -327,6 +334,7 @@ def load_settings(environ: Dict[str, str]) -> Settings:
     for name, default, parse, _ in SETTINGS_TABLE:
         raw = environ.get(name, "").strip() or default
         values[name.lower()] = parse(raw, name)
+    values["prices"] = load_prices(values["prices_file"])
     settings = Settings(**values)
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("TLS_CERT and TLS_KEY must be set together")
@@ -341,7 +349,7 @@ def settings_help() -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     lines = [f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
     return (
-        "usage: python worker.py [import FILE | export | --help]\n\n"
+        f"usage: {USAGE}\n\n"
         "Settings are read from the environment:\n" + "\n".join(lines) + "\n"
     )
 
@@ -1845,6 +1853,523 @@ class RateLimiter:
                      "x-ratelimit-limit-requests": str(rpm),
                      "x-ratelimit-remaining-requests": "0",
                      "x-ratelimit-reset-requests": f"{wait:.3f}s"})
+
+
+# ---------------------------------------------------------------------------
+# Prices: what each token kind costs
+# ---------------------------------------------------------------------------
+#
+# The interface the rest of worker.py uses (extend it, do not rename):
+#
+#   COST_UNITS_PER_USD           costs are ints of 1e-12 USD (picodollars): exact,
+#                                fine enough for $0.0025 per 1M tokens, and a
+#                                lifetime of spend fits a 64-bit Redis counter
+#   TokenCounts                  what one answer used, by kind (frozen; the kinds
+#                                are PARTS of input/output, as OpenAI reports them)
+#   token_counts_of(usage)       -> TokenCounts, from any OpenAI usage object; never raises
+#   PriceTable.lookup(model)     -> Optional[Price]: a dated snapshot falls back to
+#                                its model, "openai/gpt-4o" to "gpt-4o"
+#   PriceTable.cost(model, counts) -> Optional[int]: None if the model has no price
+#   PriceTable.has_price(model)  -> bool
+#   load_prices(path)            -> PriceTable: the built-in table, extended and
+#                                overridden by a LiteLLM price file; ConfigError
+#                                naming PRICES_FILE on a bad one
+#   image_price_name(model, size, quality) -> the table's name of a DALL-E image
+#                                price ("hd/1024-x-1792/dall-e-3"), to price
+#                                TokenCounts(images=n) with
+#   usd_units(text) / usd_text(units)  "5.00" <-> 5 * COST_UNITS_PER_USD, exactly
+
+COST_UNITS_PER_USD = 10 ** 12
+
+PRICES_DATE = "2026-12-05"
+PRICES_SOURCE = "https://developers.openai.com/api/docs/pricing (Standard tier)"
+
+# USD per 1M tokens: input, cached input, output ("-": no price of its own, so
+# cached input costs as input); then, where the model has them, audio and image
+# tokens as IN/CACHED/OUT, and the prices of what is not counted in tokens:
+# per minute of audio (a transcription that reports its duration), per 1M
+# characters (tts-1), per image (DALL-E, by quality/size as LiteLLM names them).
+BUILTIN_PRICES = """
+gpt-5                               1.25    0.125   10
+gpt-5-mini                          0.25    0.025   2
+gpt-5-nano                          0.05    0.005   0.40
+gpt-5-chat-latest                   1.25    0.125   10
+gpt-5-codex                         1.25    0.125   10
+gpt-5-pro                           15      -       120
+gpt-5.1                             1.25    0.125   10
+gpt-4.1                             2       0.50    8
+gpt-4.1-mini                        0.40    0.10    1.60
+gpt-4.1-nano                        0.10    0.025   0.40
+gpt-4o                              2.50    1.25    10
+gpt-4o-2024-05-13                   5       -       15
+gpt-4o-mini                         0.15    0.075   0.60
+chatgpt-4o-latest                   5       -       15
+gpt-4o-search-preview               2.50    -       10
+gpt-4o-mini-search-preview          0.15    -       0.60
+computer-use-preview                3       -       12
+codex-mini-latest                   1.50    0.375   6
+o1                                  15      7.50    60
+o1-mini                             1.10    0.55    4.40
+o1-pro                              150     -       600
+o3                                  2       0.50    8
+o3-pro                              20      -       80
+o3-mini                             1.10    0.55    4.40
+o3-deep-research                    10      2.50    40
+o4-mini                             1.10    0.275   4.40
+o4-mini-deep-research               2       0.50    8
+gpt-audio                           2.50    -       10      audio 32/-/64
+gpt-audio-mini                      0.60    -       2.40    audio 10/-/20
+gpt-4o-audio-preview                2.50    -       10      audio 40/-/80
+gpt-4o-audio-preview-2024-10-01     2.50    -       10      audio 100/-/200
+gpt-4o-mini-audio-preview           0.15    -       0.60    audio 10/-/20
+gpt-realtime                        4       0.40    16      audio 32/0.40/64     image 5/0.50/-
+gpt-realtime-mini                   0.60    0.06    2.40    audio 10/0.30/20     image 0.80/0.08/-
+gpt-4o-realtime-preview             5       2.50    20      audio 40/2.50/80
+gpt-4o-realtime-preview-2024-10-01  5       2.50    20      audio 100/20/200
+gpt-4o-mini-realtime-preview        0.60    0.30    2.40    audio 10/0.30/20
+gpt-image-1                         5       1.25    40      image 10/2.50/40
+gpt-image-1-mini                    2       0.20    8       image 2.50/0.25/8
+text-embedding-3-small              0.02    -       -
+text-embedding-3-large              0.13    -       -
+text-embedding-ada-002              0.10    -       -
+whisper-1                           -       -       -       per-minute 0.006
+gpt-4o-transcribe                   2.50    -       10      audio 6/-/-          per-minute 0.006
+gpt-4o-mini-transcribe              1.25    -       5       audio 3/-/-          per-minute 0.003
+tts-1                               -       -       -       per-1M-chars 15
+tts-1-hd                            -       -       -       per-1M-chars 30
+gpt-4o-mini-tts                     0.60    -       12      audio -/-/12
+omni-moderation-latest              0       0       0
+omni-moderation                     0       0       0
+text-moderation-latest              0       0       0
+gpt-3.5-turbo                       0.50    -       1.50
+gpt-3.5-turbo-instruct              1.50    -       2
+gpt-4-turbo                         10      -       30
+gpt-4-turbo-preview                 10      -       30
+gpt-4                               30      -       60
+gpt-4-32k                           60      -       120
+dall-e-3                            -       -       -       per-image 0.04
+standard/1024-x-1024/dall-e-3       -       -       -       per-image 0.04
+standard/1024-x-1792/dall-e-3       -       -       -       per-image 0.08
+standard/1792-x-1024/dall-e-3       -       -       -       per-image 0.08
+hd/1024-x-1024/dall-e-3             -       -       -       per-image 0.08
+hd/1024-x-1792/dall-e-3             -       -       -       per-image 0.12
+hd/1792-x-1024/dall-e-3             -       -       -       per-image 0.12
+dall-e-2                            -       -       -       per-image 0.02
+256-x-256/dall-e-2                  -       -       -       per-image 0.016
+512-x-512/dall-e-2                  -       -       -       per-image 0.018
+1024-x-1024/dall-e-2                -       -       -       per-image 0.02
+"""
+
+# A dated snapshot's suffix: gpt-4o-2024-08-06, gpt-4-0613, claude-…-20240620.
+SNAPSHOT_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4}|\d{8})\Z")
+# LiteLLM's providers whose entries are named as OpenAI names its models.
+OPENAI_PROVIDERS = frozenset({"openai", "text-completion-openai"})
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCounts:
+    """What one answer used, by kind. ``cached``, ``audio_input`` and
+    ``image_input`` are parts of ``input`` (``cached_audio``, ``cached_image``
+    parts of ``cached`` and of ``audio_input``/``image_input``), as
+    ``audio_output`` and ``image_output`` are of ``output``: reasoning tokens are
+    plain output tokens. ``seconds``, ``characters`` and ``images`` are for what
+    an endpoint does not count in tokens (``characters`` and ``images`` set by
+    the caller, from the request)."""
+
+    input: int = 0
+    cached: int = 0
+    audio_input: int = 0
+    image_input: int = 0
+    output: int = 0
+    audio_output: int = 0
+    image_output: int = 0
+    seconds: float = 0
+    characters: int = 0
+    images: int = 0
+    cached_audio: int = 0
+    cached_image: int = 0
+
+
+def _whole(obj: Any, *names: str) -> int:
+    """The first of ``names`` in ``obj`` that is a whole number of 0 or more; else 0."""
+    if isinstance(obj, dict):
+        for name in names:
+            value = obj.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+    return 0
+
+
+def _part(obj: Any, *names: str) -> Any:
+    """The first of ``names`` in ``obj`` that is an object (token details); else {}."""
+    if isinstance(obj, dict):
+        for name in names:
+            if isinstance(obj.get(name), dict):
+                return obj[name]
+    return {}
+
+
+def token_counts_of(usage: Any) -> TokenCounts:
+    """The token kinds of a usage object of any OpenAI API: chat completions
+    (``prompt_tokens_details``), Responses and image generation
+    (``input_tokens_details``), realtime ``response.done`` and transcriptions
+    (``input_token_details``), embeddings, and a transcription's
+    ``{"type": "duration", "seconds": …}``. What is not a count counts 0."""
+    if not isinstance(usage, dict):
+        return TokenCounts()
+    if usage.get("type") == "duration":
+        seconds = usage.get("seconds")
+        good = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) \
+            and 0 <= seconds < float("inf")
+        return TokenCounts(seconds=seconds if good else 0)
+    inputs = _part(usage, "prompt_tokens_details", "input_tokens_details", "input_token_details")
+    outputs = _part(usage, "completion_tokens_details", "output_tokens_details",
+                    "output_token_details")
+    cached = _part(inputs, "cached_tokens_details")
+    return TokenCounts(
+        input=_whole(usage, "prompt_tokens", "input_tokens"),
+        cached=_whole(inputs, "cached_tokens"),
+        audio_input=_whole(inputs, "audio_tokens"),
+        image_input=_whole(inputs, "image_tokens"),
+        output=_whole(usage, "completion_tokens", "output_tokens"),
+        audio_output=_whole(outputs, "audio_tokens"),
+        image_output=_whole(outputs, "image_tokens"),
+        cached_audio=_whole(cached, "audio_tokens"),
+        cached_image=_whole(cached, "image_tokens"),
+    )
+
+
+def _first(*prices: Optional[int]) -> int:
+    """The first price that is set: a kind without its own costs as the next."""
+    for price in prices:
+        if price is not None:
+            return price
+    return 0
+
+
+class Price(NamedTuple):
+    """One model's prices, in COST_UNITS_PER_USD per token (per second, per
+    character, per image for the last three), None where it has none. A plain
+    tuple, so the 2,500 models of a LiteLLM file cost a few hundred KB."""
+
+    input: Optional[int] = None
+    cached: Optional[int] = None
+    output: Optional[int] = None
+    audio_input: Optional[int] = None
+    cached_audio: Optional[int] = None
+    audio_output: Optional[int] = None
+    image_input: Optional[int] = None
+    cached_image: Optional[int] = None
+    image_output: Optional[int] = None
+    second: Optional[int] = None
+    character: Optional[int] = None
+    image: Optional[int] = None
+
+    def cost(self, counts: TokenCounts) -> int:
+        """What ``counts`` cost, each kind at its own price (exact, integer).
+        Counts that contradict each other (more cached than input) are bounded
+        by the whole they are parts of, so no token is priced twice."""
+        (p_input, p_cached, p_output, p_audio, p_cached_audio, p_audio_out,
+         p_image, p_cached_image, p_image_out, p_second, p_character, p_image_each) = self
+        audio = min(counts.audio_input, counts.input)
+        image = min(counts.image_input, counts.input - audio)
+        text = counts.input - audio - image
+        cached = min(counts.cached, counts.input)
+        cached_audio = min(counts.cached_audio, audio, cached)
+        cached_image = min(counts.cached_image, image, cached - cached_audio)
+        cached_text = min(cached - cached_audio - cached_image, text)
+        audio_out = min(counts.audio_output, counts.output)
+        image_out = min(counts.image_output, counts.output - audio_out)
+        cost = ((text - cached_text) * _first(p_input)
+                + cached_text * _first(p_cached, p_input)
+                + (audio - cached_audio) * _first(p_audio, p_input)
+                + cached_audio * _first(p_cached_audio, p_cached, p_audio, p_input)
+                + (image - cached_image) * _first(p_image, p_input)
+                + cached_image * _first(p_cached_image, p_cached, p_image, p_input)
+                + (counts.output - audio_out - image_out) * _first(p_output)
+                + audio_out * _first(p_audio_out, p_output)
+                + image_out * _first(p_image_out, p_output)
+                + counts.characters * _first(p_character)
+                + counts.images * _first(p_image_each))
+        if counts.seconds and p_second:
+            seconds = decimal.Decimal(repr(float(counts.seconds)))
+            cost += int((seconds * p_second).to_integral_value(decimal.ROUND_HALF_UP))
+        return cost
+
+
+class PriceTable:
+    """Model name -> Price. ``models`` take part in the fallbacks (a dated
+    snapshot priced as its model, a provider prefix ignored); ``exact`` (other
+    providers' entries of a LiteLLM file) match only by their exact name."""
+
+    def __init__(self, models: Dict[str, Price], exact: Optional[Dict[str, Price]] = None,
+                 sources: Tuple[str, ...] = ()):
+        self.models = models
+        self.exact = exact or {}
+        self.sources = sources
+
+    def __len__(self) -> int:
+        return len(self.models) + len(self.exact)
+
+    def lookup(self, model: str) -> Optional[Price]:
+        if not isinstance(model, str):
+            return None
+        price = self.models.get(model)
+        if price is None:
+            price = self.exact.get(model)
+        if price is None:
+            for name in self._fallbacks(model):
+                price = self.models.get(name)
+                if price is not None:
+                    break
+        return price
+
+    @staticmethod
+    def _fallbacks(model: str) -> List[str]:
+        """"openai/gpt-4o-2024-08-06" -> "gpt-4o-2024-08-06", "gpt-4o"."""
+        bare = model.rsplit("/", 1)[-1]
+        names = [bare] if bare != model else []
+        undated = SNAPSHOT_SUFFIX.sub("", bare)
+        return names + [undated] if undated != bare else names
+
+    def has_price(self, model: str) -> bool:
+        return self.lookup(model) is not None
+
+    def cost(self, model: str, counts: TokenCounts) -> Optional[int]:
+        """What ``counts`` cost on ``model``, in COST_UNITS_PER_USD; None if it has no price."""
+        price = self.lookup(model)
+        return None if price is None else price.cost(counts)
+
+    def items(self) -> List[Tuple[str, Price]]:
+        return sorted({**self.exact, **self.models}.items())
+
+
+def usd_units(text: str) -> int:
+    """A dollar amount ("5", "0.25", "$5.00") as COST_UNITS_PER_USD, exactly; raises ValueError."""
+    try:
+        amount = decimal.Decimal(str(text).strip().lstrip("$"))
+    except decimal.InvalidOperation:
+        raise ValueError(f"not a dollar amount: {text!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"not a dollar amount: {text!r}")
+    return int((amount * COST_UNITS_PER_USD).to_integral_value(decimal.ROUND_HALF_UP))
+
+
+def usd_text(units: int, places: int = 2) -> str:
+    """COST_UNITS_PER_USD as dollars with at least ``places`` decimals: "$5.00", "$0.000123"."""
+    amount = decimal.Decimal(units) / COST_UNITS_PER_USD
+    return "$" + _decimal_text(amount, places)
+
+
+def _decimal_text(amount: decimal.Decimal, places: int = 2) -> str:
+    """At least ``places`` decimals, more only where the amount has them."""
+    text = format(amount.normalize(), "f")
+    whole, _, fraction = text.partition(".")
+    return whole + "." + fraction.ljust(places, "0") if places or fraction else whole
+
+
+def image_price_name(model: str, size: Optional[str], quality: Optional[str]) -> str:
+    """The name DALL-E's per-image price of a size and quality has in the table
+    (LiteLLM's: "hd/1024-x-1792/dall-e-3", "256-x-256/dall-e-2"); a name it
+    lacks falls back to the model's own price."""
+    size_part = (size or "1024x1024").lower().replace("x", "-x-")
+    if model.endswith("dall-e-3"):
+        return f"{'hd' if quality == 'hd' else 'standard'}/{size_part}/{model}"
+    if model.endswith("dall-e-2"):
+        return f"{size_part}/{model}"
+    return model
+
+
+# -- the built-in table, and LiteLLM's file -----------------------------------------
+
+# The built-in table's units: how many of what a price is kept per (per token,
+# per second, per character, per image) each of its prices is for.
+_PER = {"token": 10 ** 6, "per-minute": 60, "per-1M-chars": 10 ** 6, "per-image": 1}
+_UNIT_KIND = {"per-minute": "second", "per-1M-chars": "character", "per-image": "image"}
+
+
+def _units(amount: decimal.Decimal, per: int = 1) -> int:
+    """USD ``amount`` for ``per`` of a thing as COST_UNITS_PER_USD for one."""
+    return int((amount * COST_UNITS_PER_USD / per).to_integral_value(decimal.ROUND_HALF_UP))
+
+
+def builtin_prices() -> Dict[str, Price]:
+    """BUILTIN_PRICES, parsed."""
+    def token(text: str) -> Optional[int]:
+        return None if text == "-" else _units(decimal.Decimal(text), _PER["token"])
+
+    models = {}
+    for line in BUILTIN_PRICES.strip().splitlines():
+        name, *words = line.split()
+        prices = dict(zip(("input", "cached", "output"), map(token, words[:3])))
+        for label, value in zip(words[3::2], words[4::2]):
+            if label in ("audio", "image"):
+                kinds = (label + "_input", "cached_" + label, label + "_output")
+                prices.update(zip(kinds, map(token, value.split("/"))))
+            else:
+                prices[_UNIT_KIND[label]] = _units(decimal.Decimal(value), _PER[label])
+        models[name] = Price(**prices)
+    return models
+
+
+# LiteLLM's field -> the kind it prices (its prices are USD per token, second,
+# character or image).
+LITELLM_FIELDS = {
+    "input_cost_per_token": "input",
+    "cache_read_input_token_cost": "cached",
+    "output_cost_per_token": "output",
+    "input_cost_per_audio_token": "audio_input",
+    "cache_read_input_audio_token_cost": "cached_audio",
+    "output_cost_per_audio_token": "audio_output",
+    "input_cost_per_image_token": "image_input",
+    "cache_read_input_image_token_cost": "cached_image",
+    "output_cost_per_image_token": "image_output",
+    "input_cost_per_second": "second",
+    "output_cost_per_second": "second",  # (when there is no input_cost_per_second)
+    "input_cost_per_character": "character",
+    "output_cost_per_image": "image",
+    "input_cost_per_pixel": "image",  # DALL-E: times the pixels its name says
+}
+LITELLM_KEPT = frozenset(LITELLM_FIELDS) | {"litellm_provider"}
+PIXELS_IN_NAME = re.compile(r"(?:^|/)(\d+)-x-(\d+)/")
+
+
+def _only_prices(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """json's object hook: each object keeps only the values prices need (and
+    the entries themselves; other keys say None), so a 2,000-model file is
+    never whole in memory."""
+    return {key: value if key in LITELLM_KEPT or isinstance(value, dict) else None
+            for key, value in pairs}
+
+
+def _litellm_amount(value: Any, where: str) -> Optional[decimal.Decimal]:
+    """A price of the file as an exact Decimal (1.5e-07 is 0.00000015, not the
+    float's binary neighbour); None for null; ConfigError if not a number >= 0."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise decimal.InvalidOperation
+        amount = decimal.Decimal(repr(value) if isinstance(value, float) else str(value).strip())
+    except decimal.InvalidOperation:
+        amount = decimal.Decimal("NaN")
+    if not amount.is_finite() or amount < 0:
+        raise ConfigError(f"PRICES_FILE: {where} must be a number of 0 or more, got {value!r}"[:300])
+    return amount
+
+
+def litellm_price(name: str, entry: Dict[str, Any]) -> Optional[Price]:
+    """One entry of LiteLLM's file as a Price; None if it prices nothing worker.py counts."""
+    prices: Dict[str, int] = {}
+    for field in sorted(LITELLM_FIELDS, key=lambda f: f.startswith("output_cost_per_second")):
+        amount = _litellm_amount(entry.get(field), f"{name!r}: {field}"[:200])
+        kind = LITELLM_FIELDS[field]
+        if amount is None or kind in prices:
+            continue
+        if field == "input_cost_per_pixel":
+            pixels = PIXELS_IN_NAME.search(name)
+            if pixels is None:
+                continue
+            amount *= int(pixels.group(1)) * int(pixels.group(2))
+        prices[kind] = _units(amount)
+    return Price(**prices) if prices else None
+
+
+def read_price_file(path: str) -> Dict[str, Any]:
+    """The JSON object of a price file, reduced to what prices need; ConfigError if bad."""
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not a number")
+
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(), object_pairs_hook=_only_prices,
+                              parse_constant=no_constants)
+    except OSError as e:
+        raise ConfigError(f"PRICES_FILE: cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError too)
+        raise ConfigError(f"PRICES_FILE: {path} is not JSON: {e}".splitlines()[0][:300]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"PRICES_FILE: {path} must hold a JSON object of models and prices")
+    return data
+
+
+def load_prices(path: Optional[str]) -> PriceTable:
+    """The built-in prices, extended and overridden by the LiteLLM-format file
+    at ``path`` if any (its "sample_spec" skipped; entries of providers other
+    than OpenAI kept by their exact name only). ConfigError naming PRICES_FILE
+    on a file that cannot be read, is not a JSON object, or has a bad price."""
+    models = builtin_prices()
+    sources = [f"built-in: OpenAI's prices of {PRICES_DATE}, {PRICES_SOURCE}"]
+    exact: Dict[str, Price] = {}
+    if path:
+        shared: Dict[int, int] = {}  # one int object per distinct price
+        count = 0
+        for name, entry in read_price_file(path).items():
+            if name == "sample_spec":
+                continue
+            if not isinstance(entry, dict):
+                raise ConfigError(f"PRICES_FILE: {name!r} must be an object of prices"[:300])
+            price = litellm_price(name, entry)
+            if price is None:
+                continue
+            price = Price(*(None if value is None else shared.setdefault(value, value)
+                            for value in price))
+            provider = entry.get("litellm_provider")
+            if provider is None or provider in OPENAI_PROVIDERS:
+                models[name] = price
+            else:
+                exact[name] = price
+            count += 1
+        sources.append(f"PRICES_FILE {path}: {count} models")
+    return PriceTable(models, exact, tuple(sources))
+
+
+# -- `python worker.py prices` ---------------------------------------------------------
+
+def _per_million(units: Optional[int], unit: str = "token") -> str:
+    if units is None:
+        return "-"
+    return _decimal_text(decimal.Decimal(units * _PER[unit]) / COST_UNITS_PER_USD)
+
+
+def price_row(name: str, price: Price) -> List[str]:
+    """One model's line of `prices`: USD per 1M tokens, per minute, per 1M characters, per image."""
+    def triple(label: str) -> str:
+        kinds = (label + "_input", "cached_" + label, label + "_output")
+        values = [getattr(price, kind) for kind in kinds]
+        return "" if values == [None] * 3 else "/".join(map(_per_million, values))
+
+    return [name, _per_million(price.input), _per_million(price.cached),
+            _per_million(price.output), triple("audio"), triple("image"),
+            "" if price.second is None else _per_million(price.second, "per-minute"),
+            "" if price.character is None else _per_million(price.character, "per-1M-chars"),
+            "" if price.image is None else _per_million(price.image, "per-image")]
+
+
+def prices_text(table: PriceTable) -> str:
+    """The table in effect, one aligned line per model."""
+    rows = [["model", "input", "cached", "output", "audio in/cached/out",
+             "image in/cached/out", "per-minute", "per-1M-chars", "per-image"]]
+    rows += [price_row(name, price) for name, price in table.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in rows]
+    head = [f"# prices in effect ({len(table)} models), in USD: per 1M tokens (input, cached "
+            f"input, output; audio and image tokens in/cached/out), per minute of audio, "
+            f"per 1M characters, per image; '-' costs as input/output"]
+    head += [f"# {source}" for source in table.sources]
+    return "\n".join(head + lines) + "\n"
+
+
+def prices_json(table: PriceTable) -> str:
+    """The table in effect in LiteLLM's format (USD per token…): PRICES_FILE takes it back."""
+    fields = {kind: field for field, kind in LITELLM_FIELDS.items()
+              if field not in ("output_cost_per_second", "input_cost_per_pixel")}
+    models = {name: {fields[kind]: float(decimal.Decimal(units) / COST_UNITS_PER_USD)
+                     for kind, units in zip(Price._fields, price) if units is not None}
+              for name, price in table.items()}
+    return json.dumps({"sample_spec": {"date": PRICES_DATE, "sources": list(table.sources)},
+                       **models}, indent=1) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -4467,11 +4992,24 @@ async def run_export(settings: Settings) -> None:
     print()
 
 
+def run_prices(args: List[str], environ: Dict[str, str]) -> int:
+    """`prices [json | --format json|text]`: the table in effect; needs no other setting."""
+    formats = {(): prices_text, ("text",): prices_text, ("json",): prices_json,
+               ("--format", "text"): prices_text, ("--format", "json"): prices_json}
+    if tuple(args) not in formats:
+        raise ConfigError(f"usage: {USAGE}")
+    table = load_prices(environ.get("PRICES_FILE", "").strip())
+    sys.stdout.write(formats[tuple(args)](table))
+    return 0
+
+
 def main(argv: List[str]) -> int:
     if argv[1:2] in (["--help"], ["-h"], ["help"]):
         print(__doc__.split("\n\n")[0] + "\n\n" + settings_help())
         return 0
     try:
+        if argv[1:2] == ["prices"]:
+            return run_prices(argv[2:], dict(os.environ))
         settings = load_settings(dict(os.environ))
         configure_logging(settings.log_level, settings.workers)
         if argv[1:] == []:
@@ -4481,7 +5019,7 @@ def main(argv: List[str]) -> int:
         elif argv[1:] == ["export"]:
             asyncio.run(run_export(settings))
         else:
-            raise ConfigError("usage: python worker.py [import FILE | export | --help]")
+            raise ConfigError(f"usage: {USAGE}")
     except ConfigError as e:
         print(f"worker.py: {e}", file=sys.stderr)
         return 2
