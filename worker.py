@@ -3293,6 +3293,9 @@ EPHEMERAL_KEYS = re.compile(
 USAGE_ON_REQUEST = re.compile(r"/v\d+/(chat/completions|completions)\Z")
 # Text to speech answers audio, with no usage: priced by the input's characters.
 SPEECH = re.compile(r"/v\d+/audio/speech\Z")
+# Answers that do not name their model: the request's is read, to price them.
+MODEL_NOT_IN_ANSWER = re.compile(
+    r"/v\d+/(audio/(speech|transcriptions|translations)|images/(edits|generations|variations))\Z")
 MODELS_LIST = re.compile(r"/v\d+/models\Z")
 MODEL_IN_PATH = re.compile(r"/v\d+/models/(.+)\Z")
 
@@ -3702,7 +3705,7 @@ class ProxyHandler(BaseHandler):
         if self.request.method != "POST":
             return False
         path = self.route
-        return bool(USAGE_ON_REQUEST.match(path) or SPEECH.match(path)
+        return bool(USAGE_ON_REQUEST.match(path) or MODEL_NOT_IN_ANSWER.match(path)
                     or (self.has_allowlist() and (MODEL_IN_BODY.match(path) or self.body_is_json()))
                     or (self.user.get("budget") and MODEL_IN_BODY.match(path))
                     or (self.isolated and self.body_is_json()))
@@ -3721,7 +3724,7 @@ class ProxyHandler(BaseHandler):
         refers = self.body_is_json() and (any(m in body for m in REFERENCE_MARKERS)
                                           or b'"store"' in body)
         if not self.checks_models() and b'"stream"' not in body and not refers \
-                and not SPEECH.match(self.route):
+                and not MODEL_NOT_IN_ANSWER.match(self.route):
             # Not a stream, and no model to check: no need to parse it. The
             # model, for counting a failed request, is usually near the start.
             match = MODEL_NEAR_START.search(body, 0, 4096)
