@@ -3834,7 +3834,8 @@ class TestBudget:
         me = request("GET", priced.url + "/me", headers=bearer(key)).json()
         assert (me["budget"], me["spent"], me["budget_left"], me["period"], me["resets_at"]) == (
             0.0001, 2 * PLAIN_CHAT / UNITS, 0, "month", month_end), me
-        assert [cost_units(row["cost"]) for row in me["usage"]] == [2 * PLAIN_CHAT]
+        assert [cost_units(row["cost"]) for row in me["usage"]
+                if row["model"] == "test-model"] == [2 * PLAIN_CHAT]
         set_limits(priced, name, "budget=1")
         assert post_json(priced, "/v1/chat/completions", key, chat_json("test-model")).status == 200
         row = users_by_name(priced)[name]
@@ -3960,7 +3961,7 @@ class TestBudget:
 def past_days(today: datetime.date) -> Dict[str, datetime.date]:
     return {"today": today, "yesterday": today - datetime.timedelta(days=1),
             "last week": today - datetime.timedelta(days=7),
-            "last month": today.replace(day=1) - datetime.timedelta(days=3)}
+            "last month": today.replace(day=1) - datetime.timedelta(days=10)}
 
 
 class TestPeriods:
