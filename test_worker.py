@@ -3061,7 +3061,8 @@ class TestUsage:
         everyone = admin_json(worker, "stats")
         assert [r for r in everyone["usage"] if r["user"] == name] == \
             admin_json(worker, f"stats/{name}")["usage"]
-        assert admin_json(worker, f"stats/{name}")["total"] == {
+        total = admin_json(worker, f"stats/{name}")["total"]
+        assert {field: total[field] for field in USAGE_FIELDS} == {
             field: summed(rows, field) for field in USAGE_FIELDS}
         row = users_by_name(worker)[name]
         assert (row["used"], row["requests"]) == (reported, calls)
@@ -3226,7 +3227,8 @@ class TestLimits:
             model="gpt-4o-mini", messages=CHAT_MESSAGES).usage.total_tokens == 17
         set_limits(worker, name, "quota=68")
         with pytest.raises(openai.RateLimitError):
-            client.models.list()
+            client.chat.completions.create(model="gpt-4o-mini", messages=CHAT_MESSAGES)
+        assert client.models.list().data  # listing models costs nothing: never refused
 
     def test_rpm_refuses_the_fourth_request_in_a_minute(self, worker, upstream):
         name = unique("rpm")
@@ -3409,8 +3411,8 @@ BAD_PERIODS = [("from=2026-02-30", "from"), ("from=2026-05-02&to=2026-05-01", "f
 class TestAdminViews:
     """``users``, ``stats``, ``stats/NAME`` as tables and JSON; bad values (issue 3 item 5)."""
 
-    USER_COLUMNS = ["name", "created", "expires", "quota", "used", "rpm", "models", "scope",
-                    "requests", "objects"]
+    USER_COLUMNS = ["name", "created", "expires", "quota", "used", "period", "budget", "spent",
+                    "resets_at", "rpm", "models", "scope", "requests", "last_used", "objects"]
 
     def test_users_is_an_aligned_table_with_a_header(self, worker):
         name = unique("table")
@@ -3447,21 +3449,23 @@ class TestAdminViews:
         for model in ("gpt-x", "gpt-x", "gpt-y"):
             assert post_json(worker, "/v1/chat/completions", key, chat_json(model)).status == 200
         today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-        expected = [[today, name, "gpt-x", "2", "22", "12", "34"],
-                    [today, name, "gpt-y", "1", "11", "6", "17"]]
+        expected = [[today, name, "gpt-x", "2", "22", "12", "34", "0.00"],
+                    [today, name, "gpt-y", "1", "11", "6", "17", "0.00"]]
         for query in ("", "?days=1", f"?from={today}", f"?from={today}&to={today}",
                       "?days=7"):
             answer = request("GET", f"{worker.admin}/stats/{name}{query}")
             assert answer.status == 200, (query, answer)
-            rows = assert_aligned_table(answer.text, ["day", "user", "model", *USAGE_FIELDS])
+            rows = assert_aligned_table(answer.text, ["day", "user", "model", *USAGE_FIELDS,
+                                                      "cost"])
             assert rows[1:-1] == expected, (query, answer.text)
-            assert rows[-1] == ["total", "", "", "3", "33", "18", "51"], answer.text
+            assert rows[-1] == ["total", "", "", "3", "33", "18", "51", "0.00"], answer.text
             data = admin_json(worker, f"stats/{name}{query}")
             assert data["to"] == today and data["total"]["total_tokens"] == 51, data
         everyone = request("GET", f"{worker.admin}/stats")
         assert everyone.status == 200
         assert [row for row in assert_aligned_table(
-            everyone.text, ["day", "user", "model", *USAGE_FIELDS]) if row[1:2] == [name]] == \
+            everyone.text, ["day", "user", "model", *USAGE_FIELDS, "cost"])
+            if row[1:2] == [name]] == \
             expected
         before = admin_json(worker, f"stats/{name}?from=2020-01-01&to=2020-01-02")
         assert (before["from"], before["to"], before["usage"]) == ("2020-01-01", "2020-01-02", [])
@@ -6322,11 +6326,11 @@ class TestPricesCommand:
 
 class TestBillingViews:
     """``/dashboard/billing/*``, with and without ``/v1``: the caller's own numbers,
-    in thousands of tokens written as dollars."""
+    the budget and the cost in dollars (the cost in cents)."""
 
     @pytest.mark.parametrize("prefix", ["", "/v1"])
-    def test_subscription_shows_the_quota(self, worker, prefix):
-        key = worker.register(unique("bill"), "?quota=50000&expires=2030-01-31")
+    def test_subscription_shows_the_budget(self, worker, prefix):
+        key = worker.register(unique("bill"), "?budget=50&expires=2030-01-31")
         answer = request("GET", worker.url + prefix + "/dashboard/billing/subscription",
                          headers=bearer(key))
         assert answer.status == 200, answer
@@ -6353,8 +6357,9 @@ class TestBillingViews:
                          f"?start_date={day}&end_date=2099-01-01", headers=bearer(key))
         assert answer.status == 200, answer
         body = answer.json()
-        tokens = 2 * CHAT_USAGE["total_tokens"]
-        assert body["total_usage"] == tokens / 10  # cents of "dollars" of 1,000 tokens
+        # cents, at the built-in price of gpt-4o-mini: $0.15 in, $0.60 out a million tokens
+        cost = 2 * (CHAT_USAGE["prompt_tokens"] * 150_000 + CHAT_USAGE["completion_tokens"] * 600_000)
+        assert round(body["total_usage"] * 10 ** 12) == cost * 100
         assert [item["name"] for day_costs in body["daily_costs"]
                 for item in day_costs["line_items"]] == ["gpt-4o-mini"]
 
