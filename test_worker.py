@@ -3808,6 +3808,15 @@ class TestCost:
         line = [line for line in priced.log().splitlines() if f"user={name}" in line][0]
         assert "tokens=1200 cost=$0.0027 " in line, line
 
+    def test_dall_e_is_priced_per_image_by_size_and_quality(self, worker):
+        name = unique("cost")
+        key = worker.register(name)
+        answer = post_json(worker, "/v1/images/generations", key, compact({
+            "model": "dall-e-3", "prompt": "a cat", "n": 2, "size": "1024x1792",
+            "quality": "hd"}))
+        assert answer.status == 200, answer
+        assert stats_cost(worker, name) == 2 * 120_000_000_000  # $0.12 an hd 1024x1792 image
+
     def test_the_built_in_table_prices_gpt_4o_mini(self, worker):
         # $0.15 / $0.075 cached / $0.60 per million tokens
         name, _ = self.one_chat(worker, CACHED_CHAT, model="gpt-4o-mini")

@@ -3293,6 +3293,8 @@ EPHEMERAL_KEYS = re.compile(
 USAGE_ON_REQUEST = re.compile(r"/v\d+/(chat/completions|completions)\Z")
 # Text to speech answers audio, with no usage: priced by the input's characters.
 SPEECH = re.compile(r"/v\d+/audio/speech\Z")
+# Images: DALL-E reports no usage, and is priced per image (by size and quality).
+IMAGES = re.compile(r"/v\d+/images/(edits|generations|variations)\Z")
 # Answers that do not name their model: the request's is read, to price them.
 MODEL_NOT_IN_ANSWER = re.compile(
     r"/v\d+/(audio/(speech|transcriptions|translations)|images/(edits|generations|variations))\Z")
@@ -3523,6 +3525,8 @@ class ProxyHandler(BaseHandler):
         self.fetches_later: Optional[str] = None  # a METERED_LATER collection's object
         self.counts_later = False  # its usage seen now is to be counted (count_once)
         self.speech_characters = 0  # text to speech: its price is per character
+        self.images_asked: Optional[Tuple[int, Any, Any]] = None  # DALL-E's n, size, quality
+        self.price_name: Optional[str] = None  # the name its price has, if not the model's
         self.route = route_path(self.request.path)  # what the checks look at
         if self.request.method == "OPTIONS":
             return
@@ -3747,6 +3751,12 @@ class ProxyHandler(BaseHandler):
             self.stores = obj.get("store")
             if SPEECH.match(self.route) and isinstance(obj.get("input"), str):
                 self.speech_characters = len(obj["input"])
+            if IMAGES.match(self.route):  # (a form's n, size, quality are not read: 1 image)
+                n = obj.get("n", 1)
+                size, quality = obj.get("size"), obj.get("quality")
+                self.images_asked = (n if isinstance(n, int) and n > 0 else 1,
+                                     size if isinstance(size, str) else None,
+                                     quality if isinstance(quality, str) else None)
         if self.isolated and refers:
             await self.refuse_others_objects(obj)
         if (USAGE_ON_REQUEST.match(self.route) and isinstance(obj, dict) and body is sent
@@ -4041,7 +4051,7 @@ class ProxyHandler(BaseHandler):
         self.accounted = True
         model, usage = self.usage_found() or (None, None)
         model = self.app.model_label(model or self.request_model or "-")
-        counts = usage_counts(self.app.prices, model, usage)
+        counts = usage_counts(self.app.prices, self.price_name or model, usage)
         if self.fetches_later is not None:
             counts[3] //= METERED_LATER[self.fetches_later]  # (the Batch API's price)
         self.app.usage.record(self.user["name"], model, counts)
@@ -4068,6 +4078,10 @@ class ProxyHandler(BaseHandler):
                            "completion_tokens": reader.deltas}
         if found is None and self.speech_characters and 200 <= self.get_status() < 300:
             found = None, TokenCounts(characters=self.speech_characters)
+        if found is None and self.images_asked and 200 <= self.get_status() < 300:
+            n, size, quality = self.images_asked
+            found = None, TokenCounts(images=n)
+            self.price_name = image_price_name(self.request_model or "-", size, quality)
         return found
 
 
