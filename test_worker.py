@@ -6066,6 +6066,16 @@ class TestPriceTable:
         expected = round(usd_per_million_sum * PER_MILLION)
         assert table.cost(model, worker.TokenCounts(**counts)) == expected
 
+    @pytest.mark.parametrize("input_tokens, usd_per_million_sum", [
+        (272_000, 262_000 * 5 + 10_000 * 0.50 + 1000 * 30),
+        (272_001, 262_001 * 10 + 10_000 * 1 + 1000 * 45),  # the whole request at the long price
+    ])
+    def test_long_context_costs_more(self, table, input_tokens, usd_per_million_sum):
+        worker = import_worker()
+        counts = worker.TokenCounts(input=input_tokens, cached=10_000, output=1000)
+        assert table.cost("gpt-5.5", counts) == round(usd_per_million_sum * PER_MILLION)
+        assert table.cost("gpt-5.5-2026-04-23", counts) == round(usd_per_million_sum * PER_MILLION)
+
     @pytest.mark.parametrize("model, priced_as", [
         ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
         ("gpt-4o-2024-08-06", "gpt-4o"),
@@ -6175,6 +6185,17 @@ class TestPricesFile:
                                        "output_cost_per_token": 1.5e-05,
                                        "litellm_provider": "anthropic", "mode": "chat"},
         "claude-3-5-sonnet": {"input_cost_per_token": 1e-06, "litellm_provider": "anthropic"},
+        "gpt-image-1": {"input_cost_per_token": 5e-06, "cache_read_input_token_cost": 1.25e-06,
+                        "input_cost_per_image_token": 1e-05,
+                        "cache_read_input_image_token_cost": 2.5e-06,
+                        "output_cost_per_image_token": 4e-05, "litellm_provider": "openai",
+                        "mode": "image_generation"},
+        "gpt-next": {"input_cost_per_token": 2e-06, "output_cost_per_token": 8e-06,
+                     "cache_read_input_token_cost": 2e-07,
+                     "input_cost_per_token_above_200k_tokens": 4e-06,
+                     "output_cost_per_token_above_200k_tokens": 1.2e-05,
+                     "input_cost_per_token_above_500k_tokens": 9e-06,
+                     "output_cost_per_token_batches": 4e-06, "litellm_provider": "openai"},
         "rerank-english-v3.0": {"input_cost_per_query": 0.002, "litellm_provider": "cohere",
                                 "mode": "rerank"},
     }
@@ -6200,6 +6221,33 @@ class TestPricesFile:
         assert table.cost("gpt-realtime", counts) == round(
             (50 * 4 + 50 * 0.40 + 300 * 32 + 400 * 0.40 + 50 * 5 + 50 * 0.40 + 20 * 16 + 80 * 64)
             * PER_MILLION)  # (no cached image price in the file: the cached text price)
+
+    @pytest.mark.parametrize("usage", [
+        {"input_tokens": 50, "output_tokens": 4160,
+         "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}},
+        {"input_tokens": 50, "output_tokens": 4160,
+         "input_tokens_details": {"text_tokens": 10, "image_tokens": 40},
+         "output_tokens_details": {"text_tokens": 0, "image_tokens": 4160}},
+    ])
+    def test_output_without_a_text_price(self, tmp_path, usage):
+        """LiteLLM prices gpt-image-1's output only as image tokens: output
+        tokens without their details are image tokens then, never free."""
+        worker = import_worker()
+        table = worker.load_prices(write_json(str(tmp_path), self.LITELLM))
+        assert table.lookup("gpt-image-1").output is None
+        assert table.cost("gpt-image-1", worker.token_counts_of(usage)) == round(
+            (10 * 5 + 40 * 10 + 4160 * 40) * PER_MILLION)
+
+    def test_long_context_tier(self, tmp_path):
+        worker = import_worker()
+        table = worker.load_prices(write_json(str(tmp_path), self.LITELLM))
+        price = table.lookup("gpt-next")
+        assert price.long == (200_000, worker.Price(input=4_000_000, cached=200_000,
+                                                    output=12_000_000))
+        counts = worker.TokenCounts(input=200_000, output=10)
+        assert table.cost("gpt-next", counts) == 200_000 * 2_000_000 + 10 * 8_000_000
+        counts = worker.TokenCounts(input=200_001, cached=1, output=10)
+        assert table.cost("gpt-next", counts) == 200_000 * 4_000_000 + 200_000 + 10 * 12_000_000
 
     def test_other_providers_only_by_exact_name(self, tmp_path):
         table = import_worker().load_prices(write_json(str(tmp_path), self.LITELLM))
@@ -6232,6 +6280,8 @@ class TestPricesFile:
         ('{"m": {"input_cost_per_token": NaN}}', "is not JSON"),
         ('{"m": {"input_cost_per_token": Infinity}}', "is not JSON"),
         ('{"m": {"input_cost_per_token": "Infinity"}}', "must be a number"),
+        ('{"m": {"input_cost_per_token": 1e-6, "input_cost_per_token_above_200k_tokens": -2}}',
+         "'m': input_cost_per_token_above_200k_tokens must be a number"),
         (b"\xff\xfe\x00garbage", "is not JSON"),
     ])
     def test_bad_files(self, tmp_path, content, says):
@@ -6244,6 +6294,41 @@ class TestPricesFile:
             worker.load_prices(path)
         message = str(caught.value)
         assert message.startswith("PRICES_FILE") and says in message and "\n" not in message
+
+    def test_a_large_file_costs_little_memory(self, tmp_path):
+        """2,500 entries shaped like LiteLLM's (capabilities, regions, tiers…):
+        what stays in memory is the prices, a few hundred bytes a model."""
+        import gc
+        import tracemalloc
+        worker = import_worker()
+        providers = ["openai", "azure", "bedrock", "vertex_ai", "anthropic", "openrouter"]
+        entries: Dict[str, Any] = {}
+        for i in range(2500):
+            provider = providers[i % len(providers)]
+            entries[f"model-{i}" if provider == "openai" else f"{provider}/model-{i}"] = {
+                "input_cost_per_token": [1.5e-07, 2.5e-06, 3e-06][i % 3],
+                "output_cost_per_token": [6e-07, 1e-05, 1.5e-05, 4.4e-06][i % 4],
+                "cache_read_input_token_cost": 7.5e-08, "input_cost_per_token_batches": 7.5e-08,
+                "litellm_provider": provider, "mode": "chat", "max_tokens": 16384,
+                "max_input_tokens": 128000, "max_output_tokens": 16384,
+                "supports_function_calling": True, "supports_vision": True,
+                "supports_prompt_caching": True, "supports_response_schema": True,
+                "supported_endpoints": ["/v1/chat/completions", "/v1/batch", "/v1/responses"],
+                "supported_modalities": ["text", "image"], "source": f"https://example.com/{i}",
+                "search_context_cost_per_query": {"search_context_size_low": 0.03}}
+        path = write_json(str(tmp_path), entries)
+        assert os.path.getsize(path) > 1_500_000
+        gc.collect()
+        tracemalloc.start()
+        try:
+            table = worker.load_prices(path)
+            gc.collect()
+            kept, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(table) == 2500 + len(worker.load_prices(None))
+        assert kept < 1_000_000, kept  # (measured: ~0.6 MB; the parsed JSON would be ~2.5 MB)
+        assert peak < 4 * os.path.getsize(path), peak  # (measured: 2.5 times the file)
 
     def test_a_setting_read_once_into_settings(self, tmp_path):
         worker = import_worker()
@@ -6272,6 +6357,8 @@ class TestPricesCommand:
         assert "32.00/0.40/64.00" in realtime and "5.00/0.50/-" in realtime
         whisper = next(line for line in out.splitlines() if line.split()[:1] == ["whisper-1"])
         assert whisper.split()[-1] == "0.006"  # per minute
+        gpt_5_5 = next(line for line in out.splitlines() if line.split()[:1] == ["gpt-5.5"])
+        assert gpt_5_5.split()[-2:] == ["over-272K", "10.00/1.00/45.00"]
 
     def test_with_a_prices_file(self, tmp_path):
         path = write_json(str(tmp_path), {"gpt-4o-mini": {"input_cost_per_token": 2e-07,

@@ -330,7 +330,7 @@ def load_settings(environ: Dict[str, str]) -> Settings:
     environ = dict(environ)
     if not environ.get("OPENAPI_API_KEY") and environ.get("OPENAI_API_KEY"):
         environ["OPENAPI_API_KEY"] = environ["OPENAI_API_KEY"]
-    values = {}
+    values: Dict[str, Any] = {}
     for name, default, parse, _ in SETTINGS_TABLE:
         raw = environ.get(name, "").strip() or default
         values[name.lower()] = parse(raw, name)
@@ -1862,15 +1862,20 @@ class RateLimiter:
 # The interface the rest of worker.py uses (extend it, do not rename):
 #
 #   COST_UNITS_PER_USD           costs are ints of 1e-12 USD (picodollars): exact,
-#                                fine enough for $0.0025 per 1M tokens, and a
-#                                lifetime of spend fits a 64-bit Redis counter
-#   TokenCounts                  what one answer used, by kind (frozen; the kinds
-#                                are PARTS of input/output, as OpenAI reports them)
+#                                fine enough for $0.0025 per 1M tokens; a 64-bit
+#                                Redis counter holds up to $9.2 million of them
+#   TokenCounts(input, cached, audio_input, image_input, output, audio_output,
+#               image_output, seconds, characters, images, cached_audio, cached_image)
+#                                what one answer used, by kind (frozen; the kinds
+#                                are PARTS of input/output, as OpenAI reports them;
+#                                characters and images are set by the caller)
 #   token_counts_of(usage)       -> TokenCounts, from any OpenAI usage object; never raises
+#   Settings.prices              the PriceTable in effect (load_settings loads it once)
 #   PriceTable.lookup(model)     -> Optional[Price]: a dated snapshot falls back to
 #                                its model, "openai/gpt-4o" to "gpt-4o"
 #   PriceTable.cost(model, counts) -> Optional[int]: None if the model has no price
 #   PriceTable.has_price(model)  -> bool
+#   Price.cost(counts)           -> int, for a Price already looked up
 #   load_prices(path)            -> PriceTable: the built-in table, extended and
 #                                overridden by a LiteLLM price file; ConfigError
 #                                naming PRICES_FILE on a bad one
@@ -1882,21 +1887,35 @@ class RateLimiter:
 COST_UNITS_PER_USD = 10 ** 12
 
 PRICES_DATE = "2026-12-05"
-PRICES_SOURCE = "https://developers.openai.com/api/docs/pricing (Standard tier)"
+PRICES_SOURCE = ("https://developers.openai.com/api/docs/pricing (Standard tier); the "
+                 "newest models from LiteLLM's model_prices_and_context_window.json")
 
 # USD per 1M tokens: input, cached input, output ("-": no price of its own, so
 # cached input costs as input); then, where the model has them, audio and image
 # tokens as IN/CACHED/OUT, and the prices of what is not counted in tokens:
 # per minute of audio (a transcription that reports its duration), per 1M
-# characters (tts-1), per image (DALL-E, by quality/size as LiteLLM names them).
+# characters (tts-1), per image (DALL-E, by quality/size as LiteLLM names them);
+# over-272K: a request with more input tokens costs these prices instead (all of it).
+# The models after DALL-E-2 are newer than the copies of OpenAI's page at hand:
+# their prices are LiteLLM's (model_prices_and_context_window.json of litellm
+# 1.110.2), as read on PRICES_DATE.
 BUILTIN_PRICES = """
+gpt-5.5                             5       0.50    30                                                over-272K 10/1/45
+gpt-5.5-pro                         30      -       180                                               over-272K 60/-/270
+gpt-5.4                             2.50    0.25    15                                                over-272K 5/0.50/22.50
+gpt-5.4-mini                        0.75    0.075   4.50
+gpt-5.4-nano                        0.20    0.02    1.25
+gpt-5.4-pro                         30      -       180                                               over-272K 60/-/270
+gpt-5.2                             1.75    0.175   14
+gpt-5.1                             1.25    0.125   10
+gpt-5.1-codex                       1.25    0.125   10
+gpt-5.1-codex-mini                  0.25    0.025   2
 gpt-5                               1.25    0.125   10
 gpt-5-mini                          0.25    0.025   2
 gpt-5-nano                          0.05    0.005   0.40
 gpt-5-chat-latest                   1.25    0.125   10
 gpt-5-codex                         1.25    0.125   10
 gpt-5-pro                           15      -       120
-gpt-5.1                             1.25    0.125   10
 gpt-4.1                             2       0.50    8
 gpt-4.1-mini                        0.40    0.10    1.60
 gpt-4.1-nano                        0.10    0.025   0.40
@@ -1923,6 +1942,7 @@ gpt-4o-audio-preview                2.50    -       10      audio 40/-/80
 gpt-4o-audio-preview-2024-10-01     2.50    -       10      audio 100/-/200
 gpt-4o-mini-audio-preview           0.15    -       0.60    audio 10/-/20
 gpt-realtime                        4       0.40    16      audio 32/0.40/64     image 5/0.50/-
+gpt-realtime-1.5                    4       0.40    16      audio 32/0.40/64     image 5/0.50/-
 gpt-realtime-mini                   0.60    0.06    2.40    audio 10/0.30/20     image 0.80/0.08/-
 gpt-4o-realtime-preview             5       2.50    20      audio 40/2.50/80
 gpt-4o-realtime-preview-2024-10-01  5       2.50    20      audio 100/20/200
@@ -1958,6 +1978,26 @@ dall-e-2                            -       -       -       per-image 0.02
 256-x-256/dall-e-2                  -       -       -       per-image 0.016
 512-x-512/dall-e-2                  -       -       -       per-image 0.018
 1024-x-1024/dall-e-2                -       -       -       per-image 0.02
+gpt-6.1-sol                         2       0.10    10                                                over-272K 4/0.20/15
+gpt-6.1-terra                       1       0.05    5                                                 over-272K 2/0.10/7.50
+gpt-6-sol                           2       0.20    10                                                over-272K 4/0.40/15
+gpt-6-luna                          0.10    0.01    0.50                                              over-272K 0.20/0.02/0.75
+gpt-6-astra                         10      1       50                                                over-272K 20/2/75
+gpt-5.6                             4       0.40    20                                                over-272K 8/0.80/30
+gpt-5.6-sol                         4       0.40    20                                                over-272K 8/0.80/30
+gpt-5.6-terra                       2       0.20    12                                                over-272K 4/0.40/18
+gpt-5.6-luna                        0.20    0.02    1.20                                              over-272K 0.40/0.04/1.80
+gpt-5.3-codex                       1.75    0.175   14
+gpt-5.2-codex                       1.75    0.175   14
+gpt-5.2-pro                         21      -       168
+gpt-5.1-codex-max                   1.25    0.125   10
+gpt-realtime-2                      4       0.40    24      audio 32/0.40/64     image 5/0.50/-
+gpt-realtime-2.1                    4       0.40    24      audio 32/0.40/64     image 5/0.50/-
+gpt-realtime-2.1-mini               0.60    0.06    2.40    audio 10/0.30/20     image 0.80/0.08/-
+gpt-audio-1.5                       2.50    -       10      audio 32/-/64
+gpt-image-1.5                       5       1.25    10      image 8/2/32
+gpt-image-2                         5       1.25    -       image 8/2/30
+gpt-transcribe                      -       -       -       per-minute 0.0045
 """
 
 # A dated snapshot's suffix: gpt-4o-2024-08-06, gpt-4-0613, claude-…-20240620.
@@ -2019,9 +2059,10 @@ def token_counts_of(usage: Any) -> TokenCounts:
         return TokenCounts()
     if usage.get("type") == "duration":
         seconds = usage.get("seconds")
-        good = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) \
-            and 0 <= seconds < float("inf")
-        return TokenCounts(seconds=seconds if good else 0)
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) \
+                and 0 <= seconds < float("inf"):
+            return TokenCounts(seconds=float(seconds))
+        return TokenCounts()
     inputs = _part(usage, "prompt_tokens_details", "input_tokens_details", "input_token_details")
     outputs = _part(usage, "completion_tokens_details", "output_tokens_details",
                     "output_token_details")
@@ -2049,7 +2090,9 @@ def _first(*prices: Optional[int]) -> int:
 
 class Price(NamedTuple):
     """One model's prices, in COST_UNITS_PER_USD per token (per second, per
-    character, per image for the last three), None where it has none. A plain
+    character, per image for the last three), None where it has none; and
+    ``long``: (tokens, Price) for a request whose input is over that many
+    tokens, billed whole at other prices (GPT-5.4 and 5.5 over 272K). A plain
     tuple, so the 2,500 models of a LiteLLM file cost a few hundred KB."""
 
     input: Optional[int] = None
@@ -2064,13 +2107,16 @@ class Price(NamedTuple):
     second: Optional[int] = None
     character: Optional[int] = None
     image: Optional[int] = None
+    long: Optional[Tuple[int, "Price"]] = None
 
     def cost(self, counts: TokenCounts) -> int:
         """What ``counts`` cost, each kind at its own price (exact, integer).
         Counts that contradict each other (more cached than input) are bounded
         by the whole they are parts of, so no token is priced twice."""
+        if self.long is not None and counts.input > self.long[0]:
+            return self.long[1].cost(counts)
         (p_input, p_cached, p_output, p_audio, p_cached_audio, p_audio_out,
-         p_image, p_cached_image, p_image_out, p_second, p_character, p_image_each) = self
+         p_image, p_cached_image, p_image_out, p_second, p_character, p_image_each, _) = self
         audio = min(counts.audio_input, counts.input)
         image = min(counts.image_input, counts.input - audio)
         text = counts.input - audio - image
@@ -2078,15 +2124,22 @@ class Price(NamedTuple):
         cached_audio = min(counts.cached_audio, audio, cached)
         cached_image = min(counts.cached_image, image, cached - cached_audio)
         cached_text = min(cached - cached_audio - cached_image, text)
+        # Cached tokens without their details, more than the text: audio, then image.
+        spare = cached - cached_audio - cached_image - cached_text
+        more = min(spare, audio - cached_audio)
+        cached_audio += more
+        cached_image += min(spare - more, image - cached_image)
         audio_out = min(counts.audio_output, counts.output)
         image_out = min(counts.image_output, counts.output - audio_out)
-        cost = ((text - cached_text) * _first(p_input)
-                + cached_text * _first(p_cached, p_input)
+        # A model without a price for text prices its unlabelled tokens as its
+        # other kind (LiteLLM's gpt-image-1 has only output_cost_per_image_token).
+        cost = ((text - cached_text) * _first(p_input, p_image, p_audio)
+                + cached_text * _first(p_cached, p_input, p_image, p_audio)
                 + (audio - cached_audio) * _first(p_audio, p_input)
                 + cached_audio * _first(p_cached_audio, p_cached, p_audio, p_input)
                 + (image - cached_image) * _first(p_image, p_input)
                 + cached_image * _first(p_cached_image, p_cached, p_image, p_input)
-                + (counts.output - audio_out - image_out) * _first(p_output)
+                + (counts.output - audio_out - image_out) * _first(p_output, p_image_out, p_audio_out)
                 + audio_out * _first(p_audio_out, p_output)
                 + image_out * _first(p_image_out, p_output)
                 + counts.characters * _first(p_character)
@@ -2202,14 +2255,27 @@ def builtin_prices() -> Dict[str, Price]:
     for line in BUILTIN_PRICES.strip().splitlines():
         name, *words = line.split()
         prices = dict(zip(("input", "cached", "output"), map(token, words[:3])))
+        above: Dict[str, Any] = {}
         for label, value in zip(words[3::2], words[4::2]):
             if label in ("audio", "image"):
                 kinds = (label + "_input", "cached_" + label, label + "_output")
                 prices.update(zip(kinds, map(token, value.split("/"))))
+            elif label.startswith("over-"):  # over-272K: input/cached/output
+                above = dict(zip(("input", "cached", "output"), map(token, value.split("/"))))
+                above["long"] = int(label[5:-1]) * 1000
             else:
                 prices[_UNIT_KIND[label]] = _units(decimal.Decimal(value), _PER[label])
-        models[name] = Price(**prices)
+        models[name] = _with_long(prices, above)
     return models
+
+
+def _with_long(prices: Dict[str, Any], above: Dict[str, Any]) -> Price:
+    """A Price of ``prices``; with ``above`` (its "long" the number of input
+    tokens), the prices a longer request costs instead, where they differ."""
+    if not above:
+        return Price(**prices)
+    tokens = above.pop("long")
+    return Price(**prices, long=(tokens, Price(**{**prices, **above})))
 
 
 # LiteLLM's field -> the kind it prices (its prices are USD per token, second,
@@ -2231,14 +2297,23 @@ LITELLM_FIELDS = {
     "input_cost_per_pixel": "image",  # DALL-E: times the pixels its name says
 }
 LITELLM_KEPT = frozenset(LITELLM_FIELDS) | {"litellm_provider"}
+# input_cost_per_token_above_272k_tokens: a request with more input tokens costs this.
+LITELLM_LONG = re.compile(r"(\w+?)_above_(\d+)k_tokens\Z")
 PIXELS_IN_NAME = re.compile(r"(?:^|/)(\d+)-x-(\d+)/")
+
+
+def _kept(key: str) -> bool:
+    if key in LITELLM_KEPT:
+        return True
+    long = LITELLM_LONG.match(key) if key.endswith("k_tokens") else None
+    return long is not None and long.group(1) in LITELLM_FIELDS
 
 
 def _only_prices(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     """json's object hook: each object keeps only the values prices need (and
     the entries themselves; other keys say None), so a 2,000-model file is
     never whole in memory."""
-    return {key: value if key in LITELLM_KEPT or isinstance(value, dict) else None
+    return {key: value if isinstance(value, dict) or _kept(key) else None
             for key, value in pairs}
 
 
@@ -2259,11 +2334,24 @@ def _litellm_amount(value: Any, where: str) -> Optional[decimal.Decimal]:
 
 
 def litellm_price(name: str, entry: Dict[str, Any]) -> Optional[Price]:
-    """One entry of LiteLLM's file as a Price; None if it prices nothing worker.py counts."""
+    """One entry of LiteLLM's file as a Price; None if it prices nothing worker.py
+    counts. Of its long-context tiers (``…_above_272k_tokens``), the first."""
+    prices = _litellm_prices(name, entry, "")
+    if not prices:
+        return None
+    tiers = [LITELLM_LONG.match(key) for key in entry if key.endswith("k_tokens")]
+    thousands = sorted(int(tier.group(2)) for tier in tiers if tier is not None)
+    above = _litellm_prices(name, entry, f"_above_{thousands[0]}k_tokens") if thousands else {}
+    return _with_long(prices, dict(above, long=thousands[0] * 1000) if above else {})
+
+
+def _litellm_prices(name: str, entry: Dict[str, Any], suffix: str) -> Dict[str, int]:
+    """The kinds an entry prices (with ``suffix``: those of a long-context tier)."""
     prices: Dict[str, int] = {}
     for field in sorted(LITELLM_FIELDS, key=lambda f: f.startswith("output_cost_per_second")):
+        field += suffix
         amount = _litellm_amount(entry.get(field), f"{name!r}: {field}"[:200])
-        kind = LITELLM_FIELDS[field]
+        kind = LITELLM_FIELDS[field[:len(field) - len(suffix)]]
         if amount is None or kind in prices:
             continue
         if field == "input_cost_per_pixel":
@@ -2272,7 +2360,7 @@ def litellm_price(name: str, entry: Dict[str, Any]) -> Optional[Price]:
                 continue
             amount *= int(pixels.group(1)) * int(pixels.group(2))
         prices[kind] = _units(amount)
-    return Price(**prices) if prices else None
+    return prices
 
 
 def read_price_file(path: str) -> Dict[str, Any]:
@@ -2291,6 +2379,13 @@ def read_price_file(path: str) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"PRICES_FILE: {path} must hold a JSON object of models and prices")
     return data
+
+
+def _sharing(price: Price, shared: Dict[int, int]) -> Price:
+    """``price`` with its ints taken from ``shared``: one object per distinct price."""
+    long = price.long and (price.long[0], _sharing(price.long[1], shared))
+    return Price._make([None if value is None else shared.setdefault(value, value)
+                        for value in price[:-1]] + [long])
 
 
 def load_prices(path: Optional[str]) -> PriceTable:
@@ -2312,8 +2407,7 @@ def load_prices(path: Optional[str]) -> PriceTable:
             price = litellm_price(name, entry)
             if price is None:
                 continue
-            price = Price(*(None if value is None else shared.setdefault(value, value)
-                            for value in price))
+            price = _sharing(price, shared)
             provider = entry.get("litellm_provider")
             if provider is None or provider in OPENAI_PROVIDERS:
                 models[name] = price
@@ -2339,24 +2433,33 @@ def price_row(name: str, price: Price) -> List[str]:
         values = [getattr(price, kind) for kind in kinds]
         return "" if values == [None] * 3 else "/".join(map(_per_million, values))
 
+    def long() -> str:
+        if price.long is None:
+            return ""
+        tokens, above = price.long
+        return f"over-{tokens // 1000}K " + "/".join(
+            map(_per_million, (above.input, above.cached, above.output)))
+
     return [name, _per_million(price.input), _per_million(price.cached),
             _per_million(price.output), triple("audio"), triple("image"),
             "" if price.second is None else _per_million(price.second, "per-minute"),
             "" if price.character is None else _per_million(price.character, "per-1M-chars"),
-            "" if price.image is None else _per_million(price.image, "per-image")]
+            "" if price.image is None else _per_million(price.image, "per-image"), long()]
 
 
 def prices_text(table: PriceTable) -> str:
     """The table in effect, one aligned line per model."""
     rows = [["model", "input", "cached", "output", "audio in/cached/out",
-             "image in/cached/out", "per-minute", "per-1M-chars", "per-image"]]
+             "image in/cached/out", "per-minute", "per-1M-chars", "per-image",
+             "longer input: in/cached/out"]]
     rows += [price_row(name, price) for name, price in table.items()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
              for row in rows]
-    head = [f"# prices in effect ({len(table)} models), in USD: per 1M tokens (input, cached "
-            f"input, output; audio and image tokens in/cached/out), per minute of audio, "
-            f"per 1M characters, per image; '-' costs as input/output"]
+    head = [f"# prices in effect ({len(table)} models), in USD per 1M tokens: input, cached input, "
+            f"output, audio and image tokens in/cached/out;",
+            "# per minute of audio, per 1M characters, per image. '-': as input (output). "
+            "over-N: the prices of a request with more input tokens."]
     head += [f"# {source}" for source in table.sources]
     return "\n".join(head + lines) + "\n"
 
@@ -2365,9 +2468,17 @@ def prices_json(table: PriceTable) -> str:
     """The table in effect in LiteLLM's format (USD per token…): PRICES_FILE takes it back."""
     fields = {kind: field for field, kind in LITELLM_FIELDS.items()
               if field not in ("output_cost_per_second", "input_cost_per_pixel")}
-    models = {name: {fields[kind]: float(decimal.Decimal(units) / COST_UNITS_PER_USD)
-                     for kind, units in zip(Price._fields, price) if units is not None}
-              for name, price in table.items()}
+
+    def entry(price: Price) -> Dict[str, float]:
+        usd = {fields[kind]: float(decimal.Decimal(units) / COST_UNITS_PER_USD)
+               for kind, units in zip(Price._fields, price[:-1]) if units is not None}
+        if price.long is not None:
+            tokens, above = price.long
+            usd.update((f"{field}_above_{tokens // 1000}k_tokens", value)
+                       for field, value in entry(above).items() if usd.get(field) != value)
+        return usd
+
+    models = {name: entry(price) for name, price in table.items()}
     return json.dumps({"sample_spec": {"date": PRICES_DATE, "sources": list(table.sources)},
                        **models}, indent=1) + "\n"
 
