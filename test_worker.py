@@ -3900,6 +3900,41 @@ class TestBudget:
         free = priced.register(unique("free"), "?scope=all")
         assert post_json(priced, path, free, compact({"model": "test-model"})).status == 200
 
+    def test_a_realtime_session_is_held_to_the_budget(self, priced):
+        name = unique("budget")
+        key = priced.register(name, "?budget=0.0001")
+        done = {"type": "response.done", "event_id": "event_1", "response": {
+            "object": "realtime.response", "id": "resp_rt", "status": "completed",
+            "output": [], "usage": CACHED_CHAT}}  # $0.0027: past the budget
+
+        async def session() -> List[Any]:
+            conn = await ws_connect(priced, key, query="model=test-model")
+            await ws_read(conn)  # session.created
+            await conn.write_message("say " + json.dumps(done))
+            await ws_read(conn)  # response.done, counted
+            got = []
+            for event in ({"type": "response.create"},
+                          {"type": "session.update", "session": {"model": "no-such-model"}}):
+                await conn.write_message(json.dumps(event))
+                got.append(json.loads(await ws_read(conn)))
+            conn.close()
+            return got
+
+        over, unpriced = run_async(session())
+        assert (over["type"], over["error"]["code"]) == ("error", "insufficient_quota"), over
+        assert (unpriced["type"], unpriced["error"]["code"]) == ("error", "model_not_priced")
+
+        fresh = priced.register(unique("budget"), "?budget=1")
+
+        async def translation() -> None:  # its usage is not reported: refused
+            url = "ws" + priced.url[len("http"):] + "/v1/realtime/translations?model=test-model"
+            await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
+                url, headers=bearer(fresh), connect_timeout=10, request_timeout=10))
+
+        with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+            run_async(translation())
+        assert refused.value.code == 403
+
     def test_a_background_response_is_counted_once_when_fetched(self, priced):
         name = unique("bg")
         key = priced.register(name, "?budget=5")

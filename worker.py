@@ -1574,11 +1574,10 @@ def usage_counts(prices: "PriceTable", model: str, usage: Any) -> List[int]:
     tokens. ``usage`` is the upstream's usage object, or ``TokenCounts``."""
     if usage is None:
         return [0] * (len(USAGE_FIELDS) - 1)
-    kinds = usage if isinstance(usage, TokenCounts) else token_counts_of(usage)
     if isinstance(usage, TokenCounts):
-        tokens = [usage.input, usage.output, usage.input + usage.output]
+        kinds, tokens = usage, [usage.input, usage.output, usage.input + usage.output]
     else:
-        tokens = token_counts(usage)
+        kinds, tokens = token_counts_of(usage), token_counts(usage)
     cost = prices.cost(model, kinds) or 0
     return tokens + [cost, kinds.cached, kinds.audio_input, kinds.audio_output]
 
@@ -1812,10 +1811,6 @@ class UsageBook:
         lookup), and what this process has not written yet."""
         stored = await self.store.total(name, fresh=fresh, period=period)
         return [a + b for a, b in zip(stored, self.pending_for(name, period))]
-
-    async def used_tokens(self, name: str) -> int:
-        """Tokens used so far over all time."""
-        return (await self.used(name))[1]
 
     async def flush(self) -> None:
         async with self._flushing:  # one batch in the air at a time
