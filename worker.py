@@ -4175,7 +4175,7 @@ class ProxyHandler(BaseHandler):
             return None
         if self.fetches_later is None and (self.request.method != "POST" or self.updates_object):
             return None
-        found = reader.result()
+        found: Optional[Tuple[Optional[str], Any]] = reader.result()
         if found is None and self.client_gone and reader.deltas:
             # Gone before the usage event: the upstream bills what it made, so
             # count an estimate (else hanging up would dodge any quota): a token
