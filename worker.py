@@ -4654,6 +4654,7 @@ class AdminHandler(BaseHandler):
         """A user's line: limits, and what is used of them in the current period."""
         name = user["name"]
         if last_used is None:
+            await self.app.usage.flush()  # (the day of the last request may not be written)
             last_used = await self.app.store.last_used(name)
         requests = (await self.app.usage.used(name, fresh=True))[0]
         spend = await spend_in_period(self.app, user)
@@ -4676,6 +4677,7 @@ class AdminHandler(BaseHandler):
     async def show_users(self) -> None:
         await self.app.owners.flush()
         counts = collections.Counter(r["user"] for r in await self.app.store.objects_of())
+        await self.app.usage.flush()
         last_used = await self.app.store.last_used()
         rows = [{**await self.user_row(user, last_used), "objects": counts[user["name"]]}
                 for user in await self.app.store.list_users()]
