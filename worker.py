@@ -408,6 +408,13 @@ def invalid_api_key(message: str) -> ApiError:
     return ApiError(401, message, code="invalid_api_key")
 
 
+def insufficient_quota(message: str) -> ApiError:
+    """429 for a quota or budget used up: no retry can succeed before the period
+    resets, so it says so (the OpenAI SDKs honour ``x-should-retry``)."""
+    return ApiError(429, message, "insufficient_quota", "insufficient_quota",
+                    headers={"x-should-retry": "false"})
+
+
 class StoreError(Exception):
     """The store refused a write: a conflict or a missing user."""
 
@@ -3449,24 +3456,19 @@ async def refuse_over_limits(app: "App", user: Dict[str, Any]) -> None:
     period = user.get("period") or "all"
     _, tokens, cost = await app.usage.used(user["name"], period)
     if quota and tokens >= quota:
-        raise insufficient_quota(f"quota of {quota} tokens", f"{tokens} used", period)
+        raise insufficient_quota(over_limit(f"quota of {quota} tokens", f"{tokens} used", period))
     if budget and cost >= budget:
-        raise insufficient_quota(f"budget of ${dollar_text(budget)}",
-                                 f"${dollar_text(cost)} used", period)
+        raise insufficient_quota(over_limit(f"budget of ${dollar_text(budget)}",
+                                            f"${dollar_text(cost)} used", period))
 
 
-def insufficient_quota(limit: str, used: str, period: str = "all") -> ApiError:
-    """The 429 for a used-up quota or budget, naming it, the use and the reset;
-    ``x-should-retry: false``, so SDKs do not retry what waiting cannot fix."""
+def over_limit(limit: str, used: str, period: str) -> str:
+    """What the 429 of a used-up quota or budget says: the limit, the use, the reset."""
     resets = period_resets(period, utcnow().date())
     if resets is None:
-        message = (f"You exceeded your {limit} for this key ({used}). "
-                   "Ask the owner of this proxy to raise it.")
-    else:
-        message = (f"You exceeded your {limit}{PERIOD_WORDS[period]} ({used}); "
-                   f"it resets {iso(resets)}.")
-    return ApiError(429, message, "insufficient_quota", "insufficient_quota",
-                    headers={"x-should-retry": "false"})
+        return (f"You exceeded your {limit} for this key ({used}). "
+                "Ask the owner of this proxy to raise it.")
+    return f"You exceeded your {limit}{PERIOD_WORDS[period]} ({used}); it resets {iso(resets)}."
 
 
 def refuse_unpriced(app: "App", user: Dict[str, Any], model: str) -> None:
