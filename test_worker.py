@@ -3532,21 +3532,9 @@ TEST_PRICES = {
 }
 UNITS = 10 ** 12  # cost units per USD: worker.py keeps picodollars
 
-
-def load_worker_module() -> Any:
-    """worker.py imported as the module ``worker``, for its pure functions."""
-    if "worker" not in sys.modules:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("worker", WORKER_PY)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["worker"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["worker"]
-
-
-worker_module = load_worker_module()
 # The same prices in cost units per token (per second, per character).
-P_IN, P_CACHED, P_OUT, P_AUDIO_IN, P_AUDIO_OUT = 2_000_000, 500_000, 8_000_000, 40_000_000, 80_000_000
+P_IN, P_CACHED, P_OUT = 2_000_000, 500_000, 8_000_000
+P_AUDIO_IN, P_AUDIO_OUT = 40_000_000, 80_000_000
 P_EMBED, P_SECOND, P_CHARACTER = 100_000, 100_000_000, 15_000_000
 # The fake's plain chat completion (CHAT_USAGE) on test-model.
 PLAIN_CHAT = CHAT_USAGE["prompt_tokens"] * P_IN + CHAT_USAGE["completion_tokens"] * P_OUT
@@ -3566,7 +3554,8 @@ def priced(upstream: FakeUpstream, tmp_root: str) -> Iterator[Worker]:
         yield w
 
 
-def answered(json_answer: Any = None, sse: Optional[List[str]] = None, **more: Any) -> Dict[str, str]:
+def answered(json_answer: Any = None, sse: Optional[List[str]] = None,
+             **more: Any) -> Dict[str, str]:
     """The x-fake-answer header for an answer the fake sends as written."""
     spec = dict({"json": json_answer} if sse is None else {"sse": sse}, **more)
     return {"x-fake-answer": json.dumps(spec, separators=(",", ":"))}
@@ -3635,29 +3624,29 @@ class TestSpendUnits:
     ])
     def test_period_key_and_reset(self, day, period, key, resets):
         date = datetime.date.fromisoformat(day)
-        assert worker_module.period_key(period, date) == key
-        end = worker_module.period_resets(period, date)
-        assert (None if end is None else worker_module.iso(end)) == resets
+        assert import_worker().period_key(period, date) == key
+        end = import_worker().period_resets(period, date)
+        assert (None if end is None else import_worker().iso(end)) == resets
 
     @pytest.mark.parametrize("text,units", [
         ("5", 5 * UNITS), ("2.50", 2_500_000_000_000), ("0", 0), ("0.000001", 1_000_000),
         ("0.000000000001", 1), ("123456789.5", 123456789 * UNITS + UNITS // 2),
         (" 7.", 7 * UNITS)])
     def test_budget_parses_to_exact_units(self, text, units):
-        assert worker_module.parse_dollars(text, "budget") == units
+        assert import_worker().parse_dollars(text, "budget") == units
 
     @pytest.mark.parametrize("text", ["-1", "NaN", "inf", "1e3", "abc", "", "$5", "1,5",
                                       "0.0000000000001", "1.2.3", "1234567890"])
     def test_bad_budget_is_refused_naming_the_field(self, text):
-        with pytest.raises(worker_module.AdminError) as caught:
-            worker_module.parse_dollars(text, "budget")
+        with pytest.raises(import_worker().AdminError) as caught:
+            import_worker().parse_dollars(text, "budget")
         assert caught.value.status_code == 400 and "budget" in caught.value.message
 
     @pytest.mark.parametrize("units,text", [(0, "0.00"), (5 * UNITS, "5.00"),
                                             (5_250_000, "0.00000525"), (123_000_000, "0.000123"),
                                             (5_030_000_000_000, "5.03")])
     def test_dollar_text(self, units, text):
-        assert worker_module.dollar_text(units) == text
+        assert import_worker().dollar_text(units) == text
 
 
 class TestCost:
@@ -3799,7 +3788,7 @@ class TestCost:
         assert cost_units(data["total"]["cost"]) == sum(singles)
         text = request("GET", f"{priced.admin}/stats/{name}").text
         rows = assert_aligned_table(text, ["day", "user", "model", *USAGE_FIELDS, "cost"])
-        assert rows[-1][-1] == worker_module.dollar_text(sum(singles)), text
+        assert rows[-1][-1] == import_worker().dollar_text(sum(singles)), text
 
     def test_the_log_line_has_the_cost(self, priced):
         name, _ = self.one_chat(priced, CACHED_CHAT)
@@ -3839,7 +3828,7 @@ class TestBudget:
         assert error["type"] == "insufficient_quota"
         assert answer.headers.get("x-should-retry") == "false", answer.headers
         today = datetime.datetime.now(datetime.timezone.utc).date()
-        month_end = worker_module.iso(worker_module.period_resets("month", today))
+        month_end = import_worker().iso(import_worker().period_resets("month", today))
         assert error["message"] == (f"You exceeded your budget of $0.0001 this month "
                                     f"($0.00014 used); it resets {month_end}."), error
         assert len(upstream.find(run)) == 2
@@ -4036,9 +4025,9 @@ class TestPeriods:
         return path, keys
 
     def expected(self, period: str, today: datetime.date) -> int:
-        now = worker_module.period_key(period, today)
+        now = import_worker().period_key(period, today)
         return sum(self.COST[when] for when, day in past_days(today).items()
-                   if worker_module.period_key(period, day) == now)
+                   if import_worker().period_key(period, day) == now)
 
     def test_only_the_current_period_counts(self, upstream, tmp_root, redis_server):
         today = datetime.datetime.now(datetime.timezone.utc).date()
@@ -4050,8 +4039,8 @@ class TestPeriods:
             for period, key in keys.items():
                 row = rows[f"per-{period}"]
                 assert cost_units(row["spent"]) == self.expected(period, today), (period, row)
-                resets = worker_module.period_resets(period, today)
-                assert row["resets_at"] == (resets and worker_module.iso(resets)), row
+                resets = import_worker().period_resets(period, today)
+                assert row["resets_at"] == (resets and import_worker().iso(resets)), row
                 status = post_json(w, "/v1/chat/completions", key, chat_json("test-model")).status
                 over = self.expected(period, today) >= 3 * UNITS // 1000
                 assert status == (429 if over else 200), (period, status)
@@ -6489,7 +6478,8 @@ class TestBillingViews:
         assert answer.status == 200, answer
         body = answer.json()
         # cents, at the built-in price of gpt-4o-mini: $0.15 in, $0.60 out a million tokens
-        cost = 2 * (CHAT_USAGE["prompt_tokens"] * 150_000 + CHAT_USAGE["completion_tokens"] * 600_000)
+        cost = 2 * (CHAT_USAGE["prompt_tokens"] * 150_000
+                    + CHAT_USAGE["completion_tokens"] * 600_000)
         assert round(body["total_usage"] * 10 ** 12) == cost * 100
         assert [item["name"] for day_costs in body["daily_costs"]
                 for item in day_costs["line_items"]] == ["gpt-4o-mini"]

@@ -1806,9 +1806,11 @@ class UsageBook:
     def pending_for(self, name: str, period: str = "all") -> List[int]:
         """``[requests, tokens, cost]`` counted for the user in the current
         ``period`` but not yet written."""
+        def in_period(day: str) -> bool:
+            return period_key(period, datetime.date.fromisoformat(day)) == now
         now = period_key(period, datetime.date.fromisoformat(self.today()))
-        rows = [row for (user, day, _), row in self.unwritten() if user == name
-                and (period == "all" or period_key(period, datetime.date.fromisoformat(day)) == now)]
+        rows = [row for (user, day, _), row in self.unwritten()
+                if user == name and (period == "all" or in_period(day))]
         return [sum(row[0] for row in rows), sum(row[3] for row in rows),
                 sum(row[4] for row in rows)]
 
