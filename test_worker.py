@@ -3529,6 +3529,9 @@ TEST_PRICES = {
                      "input_cost_per_second": 0.0001, "output_cost_per_second": 0},
     "test-tts": {"litellm_provider": "openai", "mode": "audio_speech",
                  "input_cost_per_character": 1.5e-05},
+    "test-transcribe": {"litellm_provider": "openai", "mode": "audio_transcription",
+                        "input_cost_per_token": 3e-06, "input_cost_per_audio_token": 6e-06,
+                        "output_cost_per_token": 1e-05},
 }
 UNITS = 10 ** 12  # cost units per USD: worker.py keeps picodollars
 
@@ -3750,6 +3753,32 @@ class TestCost:
         run_async(session())
         expected = 20 * P_IN + 100 * P_AUDIO_IN + 10 * P_OUT + 40 * P_AUDIO_OUT
         wait_until(lambda: stats_cost(priced, name) == expected, 5, "the realtime cost")
+
+    def test_a_realtime_transcription_at_the_sessions_transcription_model(self, priced):
+        name = unique("cost")
+        key = priced.register(name)
+        updated = {"type": "session.updated", "event_id": "event_2", "session": {
+            "type": "realtime", "model": "test-model", "audio": {"input": {
+                "transcription": {"model": "test-transcribe"}}}}}
+        transcribed = {"type": "conversation.item.input_audio_transcription.completed",
+                       "event_id": "event_3", "item_id": "item_1", "content_index": 0,
+                       "transcript": "hi", "usage": {
+                           "type": "tokens", "input_tokens": 50, "output_tokens": 20,
+                           "total_tokens": 70,
+                           "input_token_details": {"text_tokens": 10, "audio_tokens": 40}}}
+
+        async def session() -> None:
+            conn = await ws_connect(priced, key, query="model=test-model")
+            await ws_read(conn)  # session.created
+            for event in (updated, transcribed):
+                await conn.write_message("say " + json.dumps(event))
+                await ws_read(conn)
+            conn.close()
+
+        run_async(session())
+        expected = 10 * 3_000_000 + 40 * 6_000_000 + 20 * 10_000_000
+        wait_until(lambda: stats_cost(priced, name) == expected, 5, "the transcription's cost")
+        assert admin_json(priced, f"stats/{name}")["usage"][0]["model"] == "test-transcribe"
 
     def test_a_stream_left_early_is_priced_as_estimated(self, priced, upstream):
         name, test_id = unique("cost"), new_test_id()

@@ -4254,6 +4254,27 @@ NOT_FORWARDED_WS = NOT_FORWARDED_UP | {
 }
 
 
+# Server events that carry usage: a realtime response, the Responses API's in
+# WebSocket mode, and a transcription of input audio.
+TRANSCRIBED = "conversation.item.input_audio_transcription.completed"
+USAGE_EVENTS = ('"response.done"', '"response.completed"', f'"{TRANSCRIBED}"')
+# Server events that carry the session's settings (its transcription model).
+SESSION_EVENTS = ('"session.created"', '"session.updated"', '"transcription_session.')
+
+
+def transcription_model(session: Dict[str, Any]) -> Optional[str]:
+    """The input audio transcription model of a realtime session's settings
+    (``audio.input.transcription``, or the beta's ``input_audio_transcription``)."""
+    audio = session.get("audio")
+    places = [session.get("input_audio_transcription")]
+    if isinstance(audio, dict) and isinstance(audio.get("input"), dict):
+        places.insert(0, audio["input"].get("transcription"))
+    for place in places:
+        if isinstance(place, dict) and isinstance(place.get("model"), str):
+            return place["model"]
+    return None
+
+
 class WebSocketUpgrade(tornado.routing.PathMatches):
     """Matches the path only for requests that ask to become a WebSocket."""
 
@@ -4273,6 +4294,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     upstream: Optional[tornado.websocket.WebSocketClientConnection] = None
     user: Optional[Dict[str, Any]] = None
+    transcription_model: Optional[str] = None  # the session's, for its transcriptions
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         origin = self.request.headers.get("Origin")
@@ -4418,9 +4440,10 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                 code, reason = 1011, "upstream connection lost"
             self.close(code, reason or "")
             return None
-        if isinstance(message, str) and ('"response.done"' in message[:200]
-                                         or '"response.completed"' in message[:200]):
-            self.count_usage(message)  # (realtime; the Responses API's WebSocket mode)
+        if isinstance(message, str) and any(kind in message[:200] for kind in USAGE_EVENTS):
+            self.count_usage(message)
+        elif isinstance(message, str) and any(kind in message[:200] for kind in SESSION_EVENTS):
+            self.note_transcription_model(message)
         elif isinstance(message, str) and '"response.created"' in message[:200] and self.user:
             # Responses in WebSocket mode are stored like POSTed ones: the caller's.
             match = FIRST_ID.search(message.encode()[:4096])
@@ -4435,14 +4458,26 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     def count_usage(self, message: str) -> None:
         try:
-            found = usage_in(json.loads(message))
+            event = json.loads(message)
+            found = usage_in(event)
         except ValueError:
             return
         if found is not None and self.user is not None:
             model, usage = found
+            if event.get("type") == TRANSCRIBED:  # (by the session's transcription model)
+                model = model or self.transcription_model
             model = self.app.model_label(model or self.get_query_argument("model", "-"))
             self.app.usage.record(self.user["name"], model,
                                   usage_counts(self.app.prices, model, usage))
+
+    def note_transcription_model(self, message: str) -> None:
+        """The model the session transcribes input audio with, from its
+        ``session.created``/``updated``: the transcription events do not name it."""
+        event = _json_or_none(message.encode())
+        session = event.get("session") if isinstance(event, dict) else None
+        model = transcription_model(session) if isinstance(session, dict) else None
+        if model is not None:
+            self.transcription_model = model
 
     def on_close(self) -> None:
         if self.upstream is not None:
