@@ -3645,6 +3645,24 @@ class TestSpendUnits:
             import_worker().parse_dollars(text, "budget")
         assert caught.value.status_code == 400 and "budget" in caught.value.message
 
+    def test_past_period_counters_are_purged(self, tmp_path):
+        worker = import_worker()
+        today = worker.utcnow().date()
+
+        async def run() -> Dict[str, Any]:
+            store = worker.Store(worker.DbmKV(str(tmp_path / "db")).open())
+            old = today - datetime.timedelta(days=40)
+            await store.add_usage({("ann", day.isoformat(), "m"): [1, 2, 3, 5, 7, 0, 0, 0]
+                                   for day in (today, old)}, "batch1")
+            await store.purge_past_periods()
+            left = await store.kv.scan_counts("spend:")
+            store.kv.close()
+            return left
+
+        left = asyncio.run(run())
+        assert sorted(left) == sorted(worker.period_counter("ann", period, today)
+                                      for period in ("day", "week", "month")), left
+
     @pytest.mark.parametrize("units,text", [(0, "0.00"), (5 * UNITS, "5.00"),
                                             (5_250_000, "0.00000525"), (123_000_000, "0.000123"),
                                             (5_030_000_000_000, "5.03")])

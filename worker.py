@@ -1445,6 +1445,18 @@ class Store:
         except StoreUnavailable:
             pass  # the next hour's try
 
+    async def purge_past_periods(self) -> None:
+        """Drop the period counters of periods that are over (only the current
+        ones are read), so a store does not grow by three counters a user a day."""
+        today = utcnow().date()
+        current = {period_key(period, today) for period in PERIODS}
+        try:
+            past = {key: None for key in await self.kv.scan_counts("spend:")
+                    if key.rsplit(":", 1)[1] not in current}
+            await self.kv.write(past, durable=False)
+        except StoreUnavailable:
+            pass  # the next hour's try
+
     # -- moving between stores --------------------------------------------------
 
     async def import_users(self, users: Dict[str, Any]) -> int:
@@ -4993,6 +5005,8 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
     flusher.start()
     purger = tornado.ioloop.PeriodicCallback(app.store.purge_expired_objects, 3600 * 1000)
     purger.start()
+    period_purger = tornado.ioloop.PeriodicCallback(app.store.purge_past_periods, 3600 * 1000)
+    period_purger.start()
     watcher = tornado.ioloop.PeriodicCallback(
         app.watch_clients, min(1.0, CLIENT_IDLE_SECONDS / 4, CLIENT_BODY_SECONDS / 4) * 1000)
     watcher.start()
