@@ -4537,11 +4537,13 @@ class MeHandler(UserHandler):
         first = (today - datetime.timedelta(days=29)).isoformat()
         usage = await self.app.store.usage_rows(name, first, today.isoformat())
         spend = await spend_in_period(self.app, self.user)
-        budget, spent = self.user.get("budget") or 0, spend.pop("spent_units")
+        budget = self.user.get("budget") or 0
+        left = usd(max(0, budget - spend["spent_units"])) if budget else None
         self.write({"name": name, "created": self.user.get("created"),
                     "expires": self.user.get("expires"), "quota": self.user.get("quota", 0),
-                    "rpm": self.user.get("rpm", 0), **spend, "budget": usd(budget),
-                    "budget_left": usd(max(0, budget - spent)) if budget else None,
+                    "used": spend["used"], "period": spend["period"], "budget": usd(budget),
+                    "spent": spend["spent"], "budget_left": left,
+                    "resets_at": spend["resets_at"], "rpm": self.user.get("rpm", 0),
                     "models": self.user.get("models", ["*"]), "requests": requests,
                     "usage": [in_dollars({k: v for k, v in row.items() if k != "user"})
                               for row in usage]})
@@ -4709,11 +4711,11 @@ class AdminHandler(BaseHandler):
             last_used = await self.app.store.last_used(name)
         requests = (await self.app.usage.used(name, fresh=True))[0]
         spend = await spend_in_period(self.app, user)
-        del spend["spent_units"]
         return {"name": name, "created": user.get("created"),
                 "expires": user.get("expires"), "quota": user.get("quota", 0),
-                "used": spend.pop("used"), "period": spend.pop("period"),
-                "budget": usd(user.get("budget") or 0), **spend, "rpm": user.get("rpm", 0),
+                "used": spend["used"], "period": spend["period"],
+                "budget": usd(user.get("budget") or 0), "spent": spend["spent"],
+                "resets_at": spend["resets_at"], "rpm": user.get("rpm", 0),
                 "models": ",".join(user.get("models") or ["*"]),
                 "scope": user.get("scope", "own"), "requests": requests,
                 "last_used": last_used.get(name)}
