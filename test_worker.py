@@ -3645,6 +3645,24 @@ class TestSpendUnits:
             import_worker().parse_dollars(text, "budget")
         assert caught.value.status_code == 400 and "budget" in caught.value.message
 
+    def test_rows_and_totals_written_before_costs_read_as_zero_cost(self, tmp_path):
+        worker = import_worker()
+
+        async def run() -> Tuple[List[Dict[str, Any]], List[int]]:
+            store = worker.Store(worker.DbmKV(str(tmp_path / "db")).open())
+            await store.kv.write({"usage:ann:2026-01-02:m": [1, 2, 3, 5], "total:ann": [1, 5]})
+            await store.add_usage({("ann", "2026-01-02", "m"): [1, 10, 20, 30, 7, 4, 2, 1]}, "b")
+            found = await store.usage_rows("ann", "", "9999"), await store.total("ann")
+            store.kv.close()
+            return found
+
+        rows, total = asyncio.run(run())
+        assert [{k: v for k, v in row.items() if k not in ("day", "user", "model")}
+                for row in rows] == [{"requests": 2, "input_tokens": 12, "output_tokens": 23,
+                                      "total_tokens": 35, "cost": 7, "cached_tokens": 4,
+                                      "audio_input_tokens": 2, "audio_output_tokens": 1}]
+        assert total == [2, 35, 7]
+
     def test_past_period_counters_are_purged(self, tmp_path):
         worker = import_worker()
         today = worker.utcnow().date()
