@@ -1225,7 +1225,8 @@ class Store:
     - ``total:NAME``: counter ``[requests, tokens, cost]`` over all time, and
       ``spend:NAME:PERIOD`` the same for each day, week and month (``period_key``),
       so a quota or budget is checked with one read;
-    - ``own:ID``: who created an object (user, kind, created, expires);
+    - ``own:ID``: who created an object (user, kind, created, expires; and
+      ``counted: false`` while its usage is still to be seen: ``count_once``);
     - ``rate:NAME``: the user's requests of the last minute (``take_slot``).
 
     A shared store is read at most every ``kv.cache_seconds`` per key for
