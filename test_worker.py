@@ -445,6 +445,8 @@ class UpstreamWebSocket(tornado.websocket.WebSocketHandler):
                 self.write_message(BIG_BLOCK[:65536], binary=True)
         elif message == "drop":  # gone without a close frame: a crash, a cut cable
             self.ws_connection.stream.close()
+        elif isinstance(message, str) and message.startswith("say "):  # "say EVENT": sent back
+            self.write_message(message[4:])
         elif message == "usage":
             self.record["usage_total"] += REALTIME_USAGE["total_tokens"]
             self.write_message(compact({
@@ -612,6 +614,8 @@ class FakeUpstream:
             return await self.fault(h, record, control["x-fake-fault"])
         if control.get("x-fake-echo"):  # whatever the path: the body is not parsed
             return await self.echo(h, record)
+        if control.get("x-fake-answer"):
+            return await self.scripted(h, record, json.loads(control["x-fake-answer"]))
         if control.get("x-fake-sleep"):
             # The time to a first byte of a long generation; ends early if the proxy hangs up.
             if await h.wait_or_gone(float(control["x-fake-sleep"])):
@@ -1103,6 +1107,20 @@ class FakeUpstream:
                 await asyncio.sleep(0.0005 if step == 1 else 0.002)
         await asyncio.sleep(0.2)
         stream.close()
+
+    async def scripted(self, h: UpstreamHandler, record: Dict[str, Any],
+                       spec: Dict[str, Any]) -> None:
+        """x-fake-answer: {"json": OBJECT} (with "gzip": true, compressed) or
+        {"sse": [EVENT, …]} (each a whole event's text, sent "delay" s apart):
+        the answer as the test wrote it, for usage shapes the fake does not make."""
+        if "sse" in spec:
+            return await self.send(h, record, 200, {"Content-Type": "text/event-stream"},
+                                   [event.encode() for event in spec["sse"]], True,
+                                   spec.get("delay", 0.0))
+        data, headers = compact(spec["json"]), {"Content-Type": "application/json"}
+        if spec.get("gzip"):
+            data, headers["Content-Encoding"] = gzip.compress(data, mtime=0), "gzip"
+        await self.send(h, record, 200, headers, [data])
 
     async def echo(self, h: UpstreamHandler, record: Dict[str, Any]) -> None:
         """Any other path: the answer kind the test asks for (x-fake-response)."""
@@ -3568,7 +3586,8 @@ class TestUsage:
         everyone = admin_json(worker, "stats")
         assert [r for r in everyone["usage"] if r["user"] == name] == \
             admin_json(worker, f"stats/{name}")["usage"]
-        assert admin_json(worker, f"stats/{name}")["total"] == {
+        total = admin_json(worker, f"stats/{name}")["total"]
+        assert {field: total[field] for field in USAGE_FIELDS} == {
             field: summed(rows, field) for field in USAGE_FIELDS}
         row = users_by_name(worker)[name]
         assert (row["used"], row["requests"]) == (reported, calls)
@@ -4723,8 +4742,8 @@ BAD_PERIODS = [("from=2026-02-30", "from"), ("from=2026-05-02&to=2026-05-01", "f
 class TestAdminViews:
     """``users``, ``stats``, ``stats/NAME`` as tables and JSON; bad values (issue 3 item 5)."""
 
-    USER_COLUMNS = ["name", "created", "expires", "quota", "used", "rpm", "models", "scope",
-                    "requests", "objects"]
+    USER_COLUMNS = ["name", "created", "expires", "quota", "used", "period", "budget", "spent",
+                    "resets_at", "rpm", "models", "scope", "requests", "last_used", "objects"]
 
     def test_users_is_an_aligned_table_with_a_header(self, worker):
         name = unique("table")
@@ -4761,21 +4780,23 @@ class TestAdminViews:
         for model in ("gpt-x", "gpt-x", "gpt-y"):
             assert post_json(worker, "/v1/chat/completions", key, chat_json(model)).status == 200
         today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-        expected = [[today, name, "gpt-x", "2", "22", "12", "34"],
-                    [today, name, "gpt-y", "1", "11", "6", "17"]]
+        expected = [[today, name, "gpt-x", "2", "22", "12", "34", "0.00"],
+                    [today, name, "gpt-y", "1", "11", "6", "17", "0.00"]]
         for query in ("", "?days=1", f"?from={today}", f"?from={today}&to={today}",
                       "?days=7"):
             answer = request("GET", f"{worker.admin}/stats/{name}{query}")
             assert answer.status == 200, (query, answer)
-            rows = assert_aligned_table(answer.text, ["day", "user", "model", *USAGE_FIELDS])
+            rows = assert_aligned_table(answer.text, ["day", "user", "model", *USAGE_FIELDS,
+                                                      "cost"])
             assert rows[1:-1] == expected, (query, answer.text)
-            assert rows[-1] == ["total", "", "", "3", "33", "18", "51"], answer.text
+            assert rows[-1] == ["total", "", "", "3", "33", "18", "51", "0.00"], answer.text
             data = admin_json(worker, f"stats/{name}{query}")
             assert data["to"] == today and data["total"]["total_tokens"] == 51, data
         everyone = request("GET", f"{worker.admin}/stats")
         assert everyone.status == 200
         assert [row for row in assert_aligned_table(
-            everyone.text, ["day", "user", "model", *USAGE_FIELDS]) if row[1:2] == [name]] == \
+            everyone.text, ["day", "user", "model", *USAGE_FIELDS, "cost"])
+            if row[1:2] == [name]] == \
             expected
         before = admin_json(worker, f"stats/{name}?from=2020-01-01&to=2020-01-02")
         assert (before["from"], before["to"], before["usage"]) == ("2020-01-01", "2020-01-02", [])
@@ -4820,6 +4841,641 @@ class TestAdminViews:
         answer = request("GET", f"{worker.admin}/set/{unique('ghost')}?quota=5")
         assert answer.status == 404, answer
         assert users_by_name(worker) == before
+
+
+# ---------------------------------------------------------------------------
+# Spend in dollars: the cost of each request, budgets that renew (issue 17)
+# ---------------------------------------------------------------------------
+
+# Made-up prices, in LiteLLM's format, so that each expected cost is worked out
+# here: USD per token (per second, per character), exact in decimal.
+TEST_PRICES = {
+    "test-model": {"litellm_provider": "openai", "mode": "chat",
+                   "input_cost_per_token": 2e-06, "cache_read_input_token_cost": 5e-07,
+                   "output_cost_per_token": 8e-06, "input_cost_per_audio_token": 4e-05,
+                   "output_cost_per_audio_token": 8e-05},
+    "test-embed": {"litellm_provider": "openai", "mode": "embedding",
+                   "input_cost_per_token": 1e-07, "output_cost_per_token": 0},
+    "test-whisper": {"litellm_provider": "openai", "mode": "audio_transcription",
+                     "input_cost_per_second": 0.0001, "output_cost_per_second": 0},
+    "test-tts": {"litellm_provider": "openai", "mode": "audio_speech",
+                 "input_cost_per_character": 1.5e-05},
+    "test-transcribe": {"litellm_provider": "openai", "mode": "audio_transcription",
+                        "input_cost_per_token": 3e-06, "input_cost_per_audio_token": 6e-06,
+                        "output_cost_per_token": 1e-05},
+}
+UNITS = 10 ** 12  # cost units per USD: worker.py keeps picodollars
+
+# The same prices in cost units per token (per second, per character).
+P_IN, P_CACHED, P_OUT = 2_000_000, 500_000, 8_000_000
+P_AUDIO_IN, P_AUDIO_OUT = 40_000_000, 80_000_000
+P_EMBED, P_SECOND, P_CHARACTER = 100_000, 100_000_000, 15_000_000
+# The fake's plain chat completion (CHAT_USAGE) on test-model.
+PLAIN_CHAT = CHAT_USAGE["prompt_tokens"] * P_IN + CHAT_USAGE["completion_tokens"] * P_OUT
+
+
+def priced_worker(root: str, upstream_url: str, **env: Optional[str]) -> Any:
+    """A worker.py whose PRICES_FILE holds TEST_PRICES."""
+    path = os.path.join(tempfile.mkdtemp(prefix="prices-", dir=root), "prices.json")
+    with open(path, "w") as f:
+        json.dump(TEST_PRICES, f)
+    return running_worker(root, upstream_url, PRICES_FILE=path, **env)
+
+
+@pytest.fixture(scope="class")
+def priced(upstream: FakeUpstream, tmp_root: str) -> Iterator[Worker]:
+    with priced_worker(tmp_root, upstream.url) as w:
+        yield w
+
+
+def answered(json_answer: Any = None, sse: Optional[List[str]] = None,
+             **more: Any) -> Dict[str, str]:
+    """The x-fake-answer header for an answer the fake sends as written."""
+    spec = dict({"json": json_answer} if sse is None else {"sse": sse}, **more)
+    return {"x-fake-answer": json.dumps(spec, separators=(",", ":"))}
+
+
+def sse_event(kind: Optional[str], data: Any) -> str:
+    return (f"event: {kind}\n" if kind else "") + "data: " + json.dumps(data) + "\n\n"
+
+
+def cost_units(amount: float) -> int:
+    """A USD amount from JSON as cost units (exact for what worker.py writes)."""
+    return round(amount * UNITS)
+
+
+def stats_cost(worker: Worker, name: str) -> int:
+    return cost_units(admin_json(worker, f"stats/{name}")["total"]["cost"])
+
+
+def chat_answer(model: str, usage: Dict[str, Any]) -> Dict[str, Any]:
+    return dict(chat_completion(secrets.token_hex(4), model), usage=usage)
+
+
+CACHED_CHAT = {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200,
+               "prompt_tokens_details": {"cached_tokens": 600, "audio_tokens": 0},
+               "completion_tokens_details": {"reasoning_tokens": 50, "audio_tokens": 0}}
+CACHED_CHAT_COST = 400 * P_IN + 600 * P_CACHED + 200 * P_OUT
+AUDIO_CHAT = {"prompt_tokens": 300, "completion_tokens": 150, "total_tokens": 450,
+              "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 100},
+              "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 50}}
+AUDIO_CHAT_COST = 200 * P_IN + 100 * P_AUDIO_IN + 100 * P_OUT + 50 * P_AUDIO_OUT
+REASONING = {"input_tokens": 500, "input_tokens_details": {"cached_tokens": 100},
+             "output_tokens": 300, "output_tokens_details": {"reasoning_tokens": 250},
+             "total_tokens": 800}
+REASONING_COST = 400 * P_IN + 100 * P_CACHED + 300 * P_OUT
+
+
+def reasoning_stream(model: str) -> List[str]:
+    response = {"id": "resp_" + secrets.token_hex(6), "object": "response", "model": model,
+                "status": "in_progress", "output": [], "usage": None}
+    events = [sse_event("response.created", {"type": "response.created", "response": response})]
+    events += [sse_event("response.reasoning_summary_text.delta", {
+        "type": "response.reasoning_summary_text.delta", "delta": "think"})]
+    events += [sse_event("response.output_text.delta", {"type": "response.output_text.delta",
+                                                        "delta": piece}) for piece in CHAT_PIECES]
+    events.append(sse_event("response.completed", {"type": "response.completed", "response": dict(
+        response, status="completed", usage=REASONING)}))
+    return events
+
+
+class TestSpendUnits:
+    """The pure parts: period keys and reset times (UTC, weeks from Monday),
+    dollar amounts parsed exactly (issue 17)."""
+
+    @pytest.mark.parametrize("day,period,key,resets", [
+        ("2026-12-05", "day", "d2026-12-05", "2026-12-06T00:00:00Z"),
+        ("2026-12-05", "week", "w2026-11-30", "2026-12-07T00:00:00Z"),   # a Saturday
+        ("2026-11-30", "week", "w2026-11-30", "2026-12-07T00:00:00Z"),   # a Monday
+        ("2026-12-06", "week", "w2026-11-30", "2026-12-07T00:00:00Z"),   # a Sunday
+        ("2026-12-31", "week", "w2026-12-28", "2027-01-04T00:00:00Z"),   # across the year
+        ("2026-12-31", "month", "m2026-12", "2027-01-01T00:00:00Z"),
+        ("2026-12-31", "day", "d2026-12-31", "2027-01-01T00:00:00Z"),
+        ("2028-02-28", "month", "m2028-02", "2028-03-01T00:00:00Z"),
+        ("2028-02-29", "day", "d2028-02-29", "2028-03-01T00:00:00Z"),    # leap day
+        ("2026-01-31", "month", "m2026-01", "2026-02-01T00:00:00Z"),
+        ("2026-12-05", "all", "all", None),
+    ])
+    def test_period_key_and_reset(self, day, period, key, resets):
+        date = datetime.date.fromisoformat(day)
+        assert import_worker().period_key(period, date) == key
+        end = import_worker().period_resets(period, date)
+        assert (None if end is None else import_worker().iso(end)) == resets
+
+    @pytest.mark.parametrize("text,units", [
+        ("5", 5 * UNITS), ("2.50", 2_500_000_000_000), ("0", 0), ("0.000001", 1_000_000),
+        ("0.000000000001", 1), ("123456789.5", 123456789 * UNITS + UNITS // 2),
+        (" 7.", 7 * UNITS)])
+    def test_budget_parses_to_exact_units(self, text, units):
+        assert import_worker().parse_dollars(text, "budget") == units
+
+    @pytest.mark.parametrize("text", ["-1", "NaN", "inf", "1e3", "abc", "", "$5", "1,5",
+                                      "0.0000000000001", "1.2.3", "1234567890"])
+    def test_bad_budget_is_refused_naming_the_field(self, text):
+        with pytest.raises(import_worker().AdminError) as caught:
+            import_worker().parse_dollars(text, "budget")
+        assert caught.value.status_code == 400 and "budget" in caught.value.message
+
+    def test_rows_and_totals_written_before_costs_read_as_zero_cost(self, tmp_path):
+        worker = import_worker()
+
+        async def run() -> Tuple[List[Dict[str, Any]], List[int]]:
+            store = worker.Store(worker.DbmKV(str(tmp_path / "db")).open())
+            await store.kv.write({"usage:ann:2026-01-02:m": [1, 2, 3, 5], "total:ann": [1, 5]})
+            await store.add_usage({("ann", "2026-01-02", "m"): [1, 10, 20, 30, 7, 4, 2, 1]}, "b")
+            found = await store.usage_rows("ann", "", "9999"), await store.total("ann")
+            store.kv.close()
+            return found
+
+        rows, total = asyncio.run(run())
+        assert [{k: v for k, v in row.items() if k not in ("day", "user", "model")}
+                for row in rows] == [{"requests": 2, "input_tokens": 12, "output_tokens": 23,
+                                      "total_tokens": 35, "cost": 7, "cached_tokens": 4,
+                                      "audio_input_tokens": 2, "audio_output_tokens": 1}]
+        assert total == [2, 35, 7]
+
+    def test_past_period_counters_are_purged(self, tmp_path):
+        worker = import_worker()
+        today = worker.utcnow().date()
+
+        async def run() -> Dict[str, Any]:
+            store = worker.Store(worker.DbmKV(str(tmp_path / "db")).open())
+            old = today - datetime.timedelta(days=40)
+            await store.add_usage({("ann", day.isoformat(), "m"): [1, 2, 3, 5, 7, 0, 0, 0]
+                                   for day in (today, old)}, "batch1")
+            await store.purge_past_periods()
+            left = await store.kv.scan_counts("spend:")
+            store.kv.close()
+            return left
+
+        left = asyncio.run(run())
+        assert sorted(left) == sorted(worker.period_counter("ann", period, today)
+                                      for period in ("day", "week", "month")), left
+
+    @pytest.mark.parametrize("units,text", [(0, "0.00"), (5 * UNITS, "5.00"),
+                                            (5_250_000, "0.00000525"), (123_000_000, "0.000123"),
+                                            (5_030_000_000_000, "5.03")])
+    def test_dollar_text(self, units, text):
+        assert import_worker().dollar_text(units) == text
+
+
+class TestCost:
+    """Each usage shape priced exactly, every kind at its price, from a
+    PRICES_FILE of made-up prices (issue 17 items 1, 2, 6)."""
+
+    def one_chat(self, worker: Worker, usage: Dict[str, Any], model: str = "test-model",
+                 **headers: str) -> Tuple[str, Answer]:
+        name = unique("cost")
+        key = worker.register(name)
+        answer = post_json(worker, "/v1/chat/completions", key, chat_json(model),
+                           **answered(chat_answer(model, usage)), **headers)
+        assert answer.status == 200, answer
+        return name, answer
+
+    def test_cached_tokens_at_the_cached_price(self, priced):
+        name, _ = self.one_chat(priced, CACHED_CHAT)
+        assert stats_cost(priced, name) == CACHED_CHAT_COST
+        row = admin_json(priced, f"stats/{name}")["usage"][0]
+        assert (row["input_tokens"], row["output_tokens"], row["total_tokens"],
+                row["cached_tokens"]) == (1000, 200, 1200, 600), row
+
+    def test_audio_tokens_at_the_audio_prices(self, priced):
+        name, _ = self.one_chat(priced, AUDIO_CHAT)
+        assert stats_cost(priced, name) == AUDIO_CHAT_COST
+        row = admin_json(priced, f"stats/{name}")["usage"][0]
+        assert (row["audio_input_tokens"], row["audio_output_tokens"]) == (100, 50), row
+
+    def test_a_dated_snapshot_is_priced_as_its_model(self, priced):
+        name, _ = self.one_chat(priced, CACHED_CHAT, model="test-model-2026-01-15")
+        assert stats_cost(priced, name) == CACHED_CHAT_COST
+        assert admin_json(priced, f"stats/{name}")["usage"][0]["model"] == "test-model-2026-01-15"
+
+    def test_a_gzip_answer_is_priced(self, priced):
+        name = unique("cost")
+        key = priced.register(name)
+        answer = request("POST", priced.url + "/v1/chat/completions", chat_json("test-model"),
+                         dict(bearer(key), **{"Content-Type": "application/json",
+                                              "Accept-Encoding": "gzip"},
+                              **answered(chat_answer("test-model", CACHED_CHAT), gzip=True)))
+        assert answer.status == 200 and answer.headers.get("Content-Encoding") == "gzip", answer
+        assert stats_cost(priced, name) == CACHED_CHAT_COST
+
+    def test_a_reasoning_responses_stream(self, priced):
+        name = unique("cost")
+        key = priced.register(name)
+        answer = post_json(priced, "/v1/responses", key,
+                           compact({"model": "test-model", "input": "hi", "stream": True}),
+                           **answered(sse=reasoning_stream("test-model")))
+        assert answer.status == 200 and b"response.completed" in answer.body, answer
+        assert stats_cost(priced, name) == REASONING_COST
+
+    def test_an_embedding(self, priced):
+        name = unique("cost")
+        key = priced.register(name)
+        answer = post_json(priced, "/v1/embeddings", key,
+                           compact({"model": "test-embed", "input": "hello"}),
+                           **answered({"object": "list", "data": [], "model": "test-embed",
+                                       "usage": {"prompt_tokens": 1234, "total_tokens": 1234}}))
+        assert answer.status == 200, answer
+        assert stats_cost(priced, name) == 1234 * P_EMBED
+
+    def test_a_transcription_priced_by_its_duration(self, priced):
+        name = unique("cost")
+        key = priced.register(name)
+        body, content_type = multipart({"model": "test-whisper"}, {
+            "file": ("speech.wav", det_bytes(5000, "wav"), "audio/wav")})
+        answer = request("POST", priced.url + "/v1/audio/transcriptions", body, dict(
+            bearer(key), **{"Content-Type": content_type},
+            **answered({"text": "hi", "usage": {"type": "duration", "seconds": 7}})))
+        assert answer.status == 200, answer
+        assert stats_cost(priced, name) == 7 * P_SECOND
+
+    def test_speech_priced_by_its_characters(self, priced):
+        name = unique("cost")
+        key = priced.register(name)
+        text = "Hello there, \u00e9t\u00e9!"
+        answer = post_json(priced, "/v1/audio/speech", key,
+                           compact({"model": "test-tts", "input": text, "voice": "alloy"}))
+        assert answer.status == 200 and answer.body == SPEECH_BYTES
+        assert stats_cost(priced, name) == len(text) * P_CHARACTER
+
+    def test_a_realtime_response_done(self, priced):
+        name = unique("cost")
+        key = priced.register(name)
+        usage = {"total_tokens": 170, "input_tokens": 120, "output_tokens": 50,
+                 "input_token_details": {"text_tokens": 20, "audio_tokens": 100,
+                                         "cached_tokens": 0},
+                 "output_token_details": {"text_tokens": 10, "audio_tokens": 40}}
+        done = {"type": "response.done", "event_id": "event_1", "response": {
+            "object": "realtime.response", "id": "resp_rt", "status": "completed",
+            "output": [], "usage": usage}}
+
+        async def session() -> None:
+            conn = await ws_connect(priced, key, query="model=test-model")
+            await ws_read(conn)  # session.created
+            await conn.write_message("say " + json.dumps(done))
+            assert json.loads(await ws_read(conn))["type"] == "response.done"
+            conn.close()
+
+        run_async(session())
+        expected = 20 * P_IN + 100 * P_AUDIO_IN + 10 * P_OUT + 40 * P_AUDIO_OUT
+        wait_until(lambda: stats_cost(priced, name) == expected, 5, "the realtime cost")
+
+    def test_a_realtime_transcription_at_the_sessions_transcription_model(self, priced):
+        name = unique("cost")
+        key = priced.register(name)
+        updated = {"type": "session.updated", "event_id": "event_2", "session": {
+            "type": "realtime", "model": "test-model", "audio": {"input": {
+                "transcription": {"model": "test-transcribe"}}}}}
+        transcribed = {"type": "conversation.item.input_audio_transcription.completed",
+                       "event_id": "event_3", "item_id": "item_1", "content_index": 0,
+                       "transcript": "hi", "usage": {
+                           "type": "tokens", "input_tokens": 50, "output_tokens": 20,
+                           "total_tokens": 70,
+                           "input_token_details": {"text_tokens": 10, "audio_tokens": 40}}}
+
+        async def session() -> None:
+            conn = await ws_connect(priced, key, query="model=test-model")
+            await ws_read(conn)  # session.created
+            for event in (updated, transcribed):
+                await conn.write_message("say " + json.dumps(event))
+                await ws_read(conn)
+            conn.close()
+
+        run_async(session())
+        expected = 10 * 3_000_000 + 40 * 6_000_000 + 20 * 10_000_000
+        wait_until(lambda: stats_cost(priced, name) == expected, 5, "the transcription's cost")
+        assert admin_json(priced, f"stats/{name}")["usage"][0]["model"] == "test-transcribe"
+
+    def test_a_stream_left_early_is_priced_as_estimated(self, priced, upstream):
+        name, test_id = unique("cost"), new_test_id()
+        key = priced.register(name)
+        body = chat_json("test-model", stream=True)
+        sock = socket.create_connection(("127.0.0.1", int(priced.env["PORT"])), timeout=10)
+        try:
+            sock.sendall(raw_request("POST", "/v1/chat/completions", key, body, **{
+                "Content-Type": "application/json", "x-fake-delay-ms": "5000",
+                "x-test-id": test_id}))
+            got = b""
+            while b"data: " not in got:
+                got += sock.recv(65536)
+            time.sleep(0.3)
+        finally:
+            sock.close()
+        assert upstream.closed_connections(test_id, timeout=3)
+        # One delta passed (a token each), a token per 4 bytes of the body sent.
+        expected = len(body) // 4 * P_IN + 1 * P_OUT
+        wait_until(lambda: stats_cost(priced, name) == expected, 5, "the estimate's cost")
+
+    def test_sums_in_stats_are_the_sum_of_single_costs(self, priced):
+        name = unique("sum")
+        key = priced.register(name)
+        singles = []
+        for usage, cost in [(CACHED_CHAT, CACHED_CHAT_COST), (AUDIO_CHAT, AUDIO_CHAT_COST),
+                            (CACHED_CHAT, CACHED_CHAT_COST)]:
+            assert post_json(priced, "/v1/chat/completions", key, chat_json("test-model"),
+                             **answered(chat_answer("test-model", usage))).status == 200
+            singles.append(cost)
+        assert post_json(priced, "/v1/chat/completions", key, chat_json("test-model-2026-01-15"),
+                         ).status == 200
+        singles.append(PLAIN_CHAT)
+        data = admin_json(priced, f"stats/{name}")
+        assert sum(cost_units(row["cost"]) for row in data["usage"]) == sum(singles)
+        assert cost_units(data["total"]["cost"]) == sum(singles)
+        text = request("GET", f"{priced.admin}/stats/{name}").text
+        rows = assert_aligned_table(text, ["day", "user", "model", *USAGE_FIELDS, "cost"])
+        assert rows[-1][-1] == import_worker().dollar_text(sum(singles)), text
+
+    def test_the_log_line_has_the_cost(self, priced):
+        name, _ = self.one_chat(priced, CACHED_CHAT)
+        wait_until(lambda: any(f"user={name}" in line for line in priced.log().splitlines()),
+                   3, "the log line")
+        line = [line for line in priced.log().splitlines() if f"user={name}" in line][0]
+        assert "tokens=1200 cost=$0.0027 " in line, line
+
+    def test_dall_e_is_priced_per_image_by_size_and_quality(self, worker):
+        name = unique("cost")
+        key = worker.register(name)
+        answer = post_json(worker, "/v1/images/generations", key, compact({
+            "model": "dall-e-3", "prompt": "a cat", "n": 2, "size": "1024x1792",
+            "quality": "hd"}))
+        assert answer.status == 200, answer
+        assert stats_cost(worker, name) == 2 * 120_000_000_000  # $0.12 an hd 1024x1792 image
+
+    def test_the_built_in_table_prices_gpt_4o_mini(self, worker):
+        # $0.15 / $0.075 cached / $0.60 per million tokens
+        name, _ = self.one_chat(worker, CACHED_CHAT, model="gpt-4o-mini")
+        assert stats_cost(worker, name) == 400 * 150_000 + 600 * 75_000 + 200 * 600_000
+
+
+class TestBudget:
+    """``budget=USD`` and ``period=`` on register and set, checked before a request
+    goes out; what may not be counted is refused (issue 17 items 3, 4)."""
+
+    def test_budget_is_hit_then_lifted_by_set(self, priced, upstream):
+        name, run = unique("budget"), new_test_id()
+        key = priced.register(name, "?budget=0.0001&period=month")
+        for _ in range(2):  # 0, then 0.00007 used: under 0.0001, so each goes
+            assert post_json(priced, "/v1/chat/completions", key, chat_json("test-model"),
+                             **{"x-test-id": run}).status == 200
+        answer = post_json(priced, "/v1/chat/completions", key, chat_json("test-model"),
+                           **{"x-test-id": run})
+        error = is_openai_error(answer, 429, "insufficient_quota")
+        assert error["type"] == "insufficient_quota"
+        assert answer.headers.get("x-should-retry") == "false", answer.headers
+        today = datetime.datetime.now(datetime.timezone.utc).date()
+        month_end = import_worker().iso(import_worker().period_resets("month", today))
+        assert error["message"] == (f"You exceeded your budget of $0.0001 this month "
+                                    f"($0.00014 used); it resets {month_end}."), error
+        assert len(upstream.find(run)) == 2
+        assert priced.models(key).status == 200  # listing models is never refused
+        me = request("GET", priced.url + "/me", headers=bearer(key)).json()
+        assert (me["budget"], me["spent"], me["budget_left"], me["period"], me["resets_at"]) == (
+            0.0001, 2 * PLAIN_CHAT / UNITS, 0, "month", month_end), me
+        assert [cost_units(row["cost"]) for row in me["usage"]
+                if row["model"] == "test-model"] == [2 * PLAIN_CHAT]
+        set_limits(priced, name, "budget=1")
+        assert post_json(priced, "/v1/chat/completions", key, chat_json("test-model")).status == 200
+        row = users_by_name(priced)[name]
+        assert (row["budget"], cost_units(row["spent"]), row["period"], row["resets_at"],
+                row["last_used"]) == (1, 3 * PLAIN_CHAT, "month", month_end,
+                                      today.isoformat()), row
+
+    def test_quota_counts_over_its_period_too(self, priced):
+        name = unique("quota")
+        key = priced.register(name, "?quota=20&period=day")
+        for status in (200, 200, 429):
+            answer = post_json(priced, "/v1/chat/completions", key, chat_json("test-model"))
+            assert answer.status == status, answer
+        error = answer.json()["error"]
+        assert error["message"].startswith("You exceeded your quota of 20 tokens today (34 used)")
+        assert answer.headers.get("x-should-retry") == "false"
+
+    def test_a_model_without_a_price_is_400_for_a_budget_only(self, priced, upstream):
+        run = new_test_id()
+        key = priced.register(unique("budget"), "?budget=5")
+        for path, body in (("/v1/chat/completions", chat_json("no-such-model")),
+                           ("/v1/embeddings", compact({"model": "no-such-model", "input": "x"}))):
+            error = is_openai_error(post_json(priced, path, key, body, **{"x-test-id": run}),
+                                    400, "model_not_priced")
+            assert "no-such-model" in error["message"], error
+        is_openai_error(request("GET", f"{priced.url}/v1/realtime?model=no-such-model",
+                                headers=dict(bearer(key), **{"x-test-id": run})),
+                        400, "model_not_priced")
+        time.sleep(0.1)
+        assert upstream.find(run) == []
+        assert request("GET", priced.url + "/v1/models/no-such-model",
+                       headers=bearer(key)).status == 200  # retrieving it costs nothing
+        free = priced.register(unique("free"))
+        assert post_json(priced, "/v1/chat/completions", free,
+                         chat_json("no-such-model")).status == 200
+
+    @pytest.mark.parametrize("path", ["/v1/fine_tuning/jobs", "/v1/videos", "/v1/evals/eval_1/runs",
+                                      "/v1/threads/runs", "/v1/realtime/calls",
+                                      "/v1/realtime/client_secrets", "/v1/images/variations"])
+    def test_what_the_proxy_cannot_count_is_refused_to_a_budget(self, priced, upstream, path):
+        run = new_test_id()
+        key = priced.register(unique("budget"), "?budget=5")
+        answer = post_json(priced, path, key, compact({"model": "test-model"}),
+                           **{"x-test-id": run})
+        error = is_openai_error(answer, 403, "forbidden")
+        assert "budget" in error["message"] or "limits" in error["message"], error
+        time.sleep(0.1)
+        assert upstream.find(run) == []
+        free = priced.register(unique("free"), "?scope=all")
+        assert post_json(priced, path, free, compact({"model": "test-model"})).status == 200
+
+    def test_a_realtime_session_is_held_to_the_budget(self, priced):
+        name = unique("budget")
+        key = priced.register(name, "?budget=0.0001")
+        done = {"type": "response.done", "event_id": "event_1", "response": {
+            "object": "realtime.response", "id": "resp_rt", "status": "completed",
+            "output": [], "usage": CACHED_CHAT}}  # $0.0027: past the budget
+
+        async def session() -> List[Any]:
+            conn = await ws_connect(priced, key, query="model=test-model")
+            await ws_read(conn)  # session.created
+            await conn.write_message("say " + json.dumps(done))
+            await ws_read(conn)  # response.done, counted
+            got = []
+            for event in ({"type": "response.create"},
+                          {"type": "session.update", "session": {"model": "no-such-model"}}):
+                await conn.write_message(json.dumps(event))
+                got.append(json.loads(await ws_read(conn)))
+            conn.close()
+            return got
+
+        over, unpriced = run_async(session())
+        assert (over["type"], over["error"]["code"]) == ("error", "insufficient_quota"), over
+        assert (unpriced["type"], unpriced["error"]["code"]) == ("error", "model_not_priced")
+
+        fresh = priced.register(unique("budget"), "?budget=1")
+
+        async def translation() -> None:  # its usage is not reported: refused
+            url = "ws" + priced.url[len("http"):] + "/v1/realtime/translations?model=test-model"
+            await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
+                url, headers=bearer(fresh), connect_timeout=10, request_timeout=10))
+
+        with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+            run_async(translation())
+        assert refused.value.code == 403
+
+    def test_a_background_response_is_counted_once_when_fetched(self, priced):
+        name = unique("bg")
+        key = priced.register(name, "?budget=5")
+        response = {"id": "resp_bg" + secrets.token_hex(6), "object": "response",
+                    "model": "test-model", "status": "queued", "output": [], "usage": None}
+        answer = post_json(priced, "/v1/responses", key, compact(
+            {"model": "test-model", "input": "hi", "background": True}), **answered(response))
+        assert answer.status == 200, answer
+        assert stats_cost(priced, name) == 0
+        done = dict(response, status="completed", usage=REASONING)
+        for _ in range(3):  # fetched three times, counted once
+            fetched = request("GET", f"{priced.url}/v1/responses/{response['id']}",
+                              headers=dict(bearer(key), **answered(done)))
+            assert fetched.status == 200 and fetched.json()["usage"] == REASONING, fetched
+        assert stats_cost(priced, name) == REASONING_COST
+        # A response counted when made is not counted again when fetched.
+        made = dict(response, id="resp_fg" + secrets.token_hex(6), status="completed",
+                    usage=REASONING)
+        assert post_json(priced, "/v1/responses", key, compact(
+            {"model": "test-model", "input": "hi"}), **answered(made)).status == 200
+        assert request("GET", f"{priced.url}/v1/responses/{made['id']}",
+                       headers=dict(bearer(key), **answered(made))).status == 200
+        assert stats_cost(priced, name) == 2 * REASONING_COST
+
+    def test_a_batch_is_counted_once_at_half_price_when_fetched(self, priced):
+        name = unique("batch")
+        key = priced.register(name, "?budget=5&scope=all")
+        batch = {"id": "batch_" + secrets.token_hex(8), "object": "batch",
+                 "endpoint": "/v1/chat/completions", "model": "test-model",
+                 "status": "validating", "output_file_id": None, "usage": None}
+        answer = post_json(priced, "/v1/batches", key, compact(
+            {"input_file_id": "file-x", "endpoint": "/v1/chat/completions",
+             "completion_window": "24h"}), **answered(batch))
+        assert answer.status == 200, answer
+        done = dict(batch, status="completed", usage=CACHED_CHAT)
+        for _ in range(2):
+            fetched = request("GET", f"{priced.url}/v1/batches/{batch['id']}",
+                              headers=dict(bearer(key), **answered(done)))
+            assert fetched.status == 200, fetched
+        assert stats_cost(priced, name) == CACHED_CHAT_COST // 2
+
+    def test_billing_views_in_real_dollars_and_cents(self, priced):
+        name = unique("bill")
+        key = priced.register(name, "?budget=2.50")
+        for _ in range(2):
+            assert post_json(priced, "/v1/chat/completions", key, chat_json("test-model"),
+                             **answered(chat_answer("test-model", CACHED_CHAT))).status == 200
+        for prefix in ("", "/v1"):
+            sub = request("GET", priced.url + prefix + "/dashboard/billing/subscription",
+                          headers=bearer(key)).json()
+            assert sub["hard_limit_usd"] == sub["soft_limit_usd"] == 2.5, sub
+            day = time.strftime("%Y-%m-%d", time.gmtime())
+            usage = request("GET", priced.url + prefix + "/dashboard/billing/usage"
+                            f"?start_date={day}&end_date=2099-01-01", headers=bearer(key)).json()
+            assert round(usage["total_usage"] * UNITS) == 2 * CACHED_CHAT_COST * 100, usage
+            items = [item for d in usage["daily_costs"] for item in d["line_items"]]
+            assert [(i["name"], round(i["cost"] * UNITS)) for i in items] == [
+                ("test-model", 2 * CACHED_CHAT_COST * 100)], usage
+
+    @pytest.mark.parametrize("query,field", [("budget=-1", "budget"), ("budget=NaN", "budget"),
+                                             ("budget=5x", "budget"), ("period=year", "period"),
+                                             ("period=", "period")])
+    def test_bad_budget_or_period_is_400_naming_it(self, priced, query, field):
+        for command in ("register", "set"):
+            name = unique("bad")
+            if command == "set":
+                priced.register(name)
+            answer = request("GET", f"{priced.admin}/{command}/{name}?{query}")
+            assert answer.status == 400 and field in answer.text, answer
+
+
+def past_days(today: datetime.date) -> Dict[str, datetime.date]:
+    return {"today": today, "yesterday": today - datetime.timedelta(days=1),
+            "last week": today - datetime.timedelta(days=7),
+            "last month": today.replace(day=1) - datetime.timedelta(days=10)}
+
+
+class TestPeriods:
+    """Only the current period counts: usage rows dated yesterday, last week and
+    last month, made with ``import``; export and import keep costs, budgets
+    and periods, dbm to Redis (issue 17 items 2, 4)."""
+
+    COST = {"today": 1 * UNITS // 1000, "yesterday": 2 * UNITS // 1000,
+            "last week": 4 * UNITS // 1000, "last month": 8 * UNITS // 1000}
+
+    def import_file(self, root: str, today: datetime.date) -> Tuple[str, Dict[str, str]]:
+        users, keys = {}, {}
+        for period in ("day", "week", "month", "all"):
+            name = f"per-{period}"
+            keys[period] = "sk-cfw" + secrets.token_hex(16) + "a" * 13
+            users[name] = {"key": keys[period], "period": period, "budget": 3 * UNITS // 1000,
+                           "usage": [{"day": day.isoformat(), "model": "test-model",
+                                      "requests": 1, "input_tokens": 10, "output_tokens": 5,
+                                      "total_tokens": 15, "cost": self.COST[when]}
+                                     for when, day in past_days(today).items()]}
+        path = os.path.join(tempfile.mkdtemp(dir=root), "users.json")
+        with open(path, "w") as f:
+            json.dump(users, f)
+        return path, keys
+
+    def expected(self, period: str, today: datetime.date) -> int:
+        now = import_worker().period_key(period, today)
+        return sum(self.COST[when] for when, day in past_days(today).items()
+                   if import_worker().period_key(period, day) == now)
+
+    def test_only_the_current_period_counts(self, upstream, tmp_root, redis_server):
+        today = datetime.datetime.now(datetime.timezone.utc).date()
+        path, keys = self.import_file(tmp_root, today)
+        first = Worker(tmp_root, upstream.url)
+        assert first.command("import", path).returncode == 0
+        with priced_worker(tmp_root, upstream.url, DB_PATH=first.db_path) as w:
+            rows = users_by_name(w)
+            for period, key in keys.items():
+                row = rows[f"per-{period}"]
+                assert cost_units(row["spent"]) == self.expected(period, today), (period, row)
+                resets = import_worker().period_resets(period, today)
+                assert row["resets_at"] == (resets and import_worker().iso(resets)), row
+                status = post_json(w, "/v1/chat/completions", key, chat_json("test-model")).status
+                over = self.expected(period, today) >= 3 * UNITS // 1000
+                assert status == (429 if over else 200), (period, status)
+            assert rows["per-day"]["used"] == 15 and rows["per-all"]["used"] == 60
+        # export -> import keeps costs, budgets and periods, into Redis as into dbm
+        exported = first.command("export")
+        assert exported.returncode == 0, exported.stderr
+        again = os.path.join(tempfile.mkdtemp(dir=tmp_root), "export.json")
+        with open(again, "wb") as f:
+            f.write(exported.stdout)
+        url = redis_server.url(next(_redis_dbs))
+        for env in ({}, {"KV_URL": url}):
+            other = Worker(tmp_root, upstream.url, **env)
+            assert other.command("import", again).returncode == 0
+            with priced_worker(tmp_root, upstream.url, DB_PATH=other.db_path, **env) as w:
+                rows = users_by_name(w)
+                for period in keys:
+                    row = rows[f"per-{period}"]
+                    # (each made one request above: a plain chat, or a 429 that costs nothing)
+                    over = self.expected(period, today) >= 3 * UNITS // 1000
+                    spent = self.expected(period, today) + (0 if over else PLAIN_CHAT)
+                    assert (cost_units(row["spent"]), row["budget"], row["period"]) == (
+                        spent, 0.003, period), (env, row)
+                data = admin_json(w, "stats/per-day?days=90")
+                assert cost_units(data["total"]["cost"]) == sum(self.COST.values()) + PLAIN_CHAT
+
+
+class TestSharedBudget:
+    """Two instances on one Redis enforce one budget (issue 17 item 5)."""
+
+    def test_a_budget_is_shared(self, pair):
+        a, b = pair
+        # gpt-4o-mini at the built-in prices: 11 in, 6 out = $0.00000525 a chat
+        key = a.register(unique("shared"), "?budget=0.00001&period=week")
+        assert chat_through(a, key).status == 200
+        assert chat_through(a, key).status == 200  # the crossing request completes
+        wait_until(lambda: chat_through(b, key).status == 429, 5, "B never saw A's spend")
+        error = is_openai_error(chat_through(b, key), 429, "insufficient_quota")
+        assert "$0.00001 this week ($0.0000105 used)" in error["message"], error
 
 
 # ---------------------------------------------------------------------------
@@ -7265,11 +7921,11 @@ class TestPricesCommand:
 
 class TestBillingViews:
     """``/dashboard/billing/*``, with and without ``/v1``: the caller's own numbers,
-    in thousands of tokens written as dollars."""
+    the budget and the cost in dollars (the cost in cents)."""
 
     @pytest.mark.parametrize("prefix", ["", "/v1"])
-    def test_subscription_shows_the_quota(self, worker, prefix):
-        key = worker.register(unique("bill"), "?quota=50000&expires=2030-01-31")
+    def test_subscription_shows_the_budget(self, worker, prefix):
+        key = worker.register(unique("bill"), "?budget=50&expires=2030-01-31")
         answer = request("GET", worker.url + prefix + "/dashboard/billing/subscription",
                          headers=bearer(key))
         assert answer.status == 200, answer
@@ -7296,8 +7952,10 @@ class TestBillingViews:
                          f"?start_date={day}&end_date=2099-01-01", headers=bearer(key))
         assert answer.status == 200, answer
         body = answer.json()
-        tokens = 2 * CHAT_USAGE["total_tokens"]
-        assert body["total_usage"] == tokens / 10  # cents of "dollars" of 1,000 tokens
+        # cents, at the built-in price of gpt-4o-mini: $0.15 in, $0.60 out a million tokens
+        cost = 2 * (CHAT_USAGE["prompt_tokens"] * 150_000
+                    + CHAT_USAGE["completion_tokens"] * 600_000)
+        assert round(body["total_usage"] * 10 ** 12) == cost * 100
         assert [item["name"] for day_costs in body["daily_costs"]
                 for item in day_costs["line_items"]] == ["gpt-4o-mini"]
 
@@ -8315,6 +8973,7 @@ class TestRedisFaults:
             server.start()
             assert w.proc.wait(15) == 0
             total = server.client().hgetall(f"cfw:total:{name}")
+            total.pop("2", None)  # (the cost, issue 17)
             assert total == {"0": str(served), "1": str(17 * served)}, (served, total)
         finally:
             w.kill()

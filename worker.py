@@ -1191,8 +1191,11 @@ def check_name(name: str) -> str:
 # -- limits: what register and set take ----------------------------------------
 
 LIMIT_DEFAULTS: Dict[str, Any] = {"expires": None, "quota": 0, "rpm": 0, "models": ["*"],
-                                  "scope": "own"}
-LIMIT_FIELDS = ("days", "expires", "quota", "rpm", "models", "scope")
+                                  "scope": "own", "budget": 0, "period": "all"}
+LIMIT_FIELDS = ("days", "expires", "quota", "budget", "period", "rpm", "models", "scope")
+# The windows a quota and a budget count over: calendar UTC, weeks from Monday.
+PERIODS = ("all", "day", "week", "month")
+PERIOD_WORDS = {"all": "", "day": " today", "week": " this week", "month": " this month"}
 
 
 def utcnow() -> datetime.datetime:
@@ -1237,6 +1240,12 @@ def parse_limits(fields: Dict[str, str]) -> Dict[str, Any]:
     for field in ("quota", "rpm"):
         if field in fields:
             limits[field] = _whole_number(fields[field], field)
+    if "budget" in fields:
+        limits["budget"] = parse_dollars(fields["budget"], "budget")
+    if "period" in fields:
+        if fields["period"] not in PERIODS:
+            raise AdminError(400, "period must be day, week, month or all")
+        limits["period"] = fields["period"]
     if "models" in fields:
         models = [m.strip() for m in fields["models"].split(",") if m.strip()]
         if not models or any(not re.match(r"[\w.:/*-]{1,128}\Z", m) for m in models):
@@ -1255,6 +1264,60 @@ def _whole_number(text: str, field: str) -> int:
     return int(text)
 
 
+def parse_dollars(text: str, field: str) -> int:
+    """US dollars (``5``, ``2.50``, ``0.005``) as integer cost units, exactly."""
+    match = re.match(r"(\d{1,9})(?:\.(\d{0,12}))?\Z", text.strip())
+    if not match:
+        raise AdminError(400, f"{field} must be an amount of US dollars of 0 or more, "
+                              f"such as 5 or 2.50, got {text!r}")
+    fraction = (match.group(2) or "").ljust(12, "0")  # in millionths of a millionth
+    return int(match.group(1)) * COST_UNITS_PER_USD + int(fraction) * COST_UNITS_PER_USD // 10**12
+
+
+def usd(units: int) -> float:
+    """Cost units as US dollars, for JSON (the nearest double to the exact amount)."""
+    return units / COST_UNITS_PER_USD
+
+
+def dollar_text(units: int) -> str:
+    """Cost units as dollars for people: cents at least, up to 8 decimals (``0.00000525``)."""
+    amount = (decimal.Decimal(units) / COST_UNITS_PER_USD).quantize(
+        decimal.Decimal("1e-8"), rounding=decimal.ROUND_HALF_UP)
+    text = f"{amount:f}".rstrip("0")
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction.ljust(2, '0')}"
+
+
+def period_key(period: str, day: datetime.date) -> str:
+    """The name of the ``period`` that holds ``day``: ``d2026-12-05``,
+    ``w2026-11-30`` (its Monday), ``m2026-12``, or ``all``."""
+    if period == "day":
+        return "d" + day.isoformat()
+    if period == "week":
+        return "w" + (day - datetime.timedelta(days=day.weekday())).isoformat()
+    if period == "month":
+        return "m" + day.isoformat()[:7]
+    return "all"
+
+
+def period_resets(period: str, day: datetime.date) -> Optional[datetime.datetime]:
+    """When the ``period`` holding ``day`` ends (UTC midnight), None for ``all``."""
+    if period == "day":
+        end = day + datetime.timedelta(days=1)
+    elif period == "week":
+        end = day + datetime.timedelta(days=7 - day.weekday())
+    elif period == "month":
+        end = (day.replace(day=28) + datetime.timedelta(days=4)).replace(day=1)
+    else:
+        return None
+    return datetime.datetime(end.year, end.month, end.day, tzinfo=datetime.timezone.utc)
+
+
+def period_counter(name: str, period: str, day: datetime.date) -> str:
+    """The store's counter ``[requests, tokens, cost]`` of the user's ``period`` holding ``day``."""
+    return "total:" + name if period == "all" else f"spend:{name}:{period_key(period, day)}"
+
+
 def expiry_passed(user: Dict[str, Any]) -> bool:
     return bool(user.get("expires")) and user["expires"] <= iso(utcnow())
 
@@ -1269,9 +1332,14 @@ class Store:
 
     - ``user:NAME``: the user's record (JSON: key hash, created, limits);
     - ``key:SHA256``: the name, so a key is found in O(1) and never kept in clear;
-    - ``usage:NAME:DAY:MODEL``: counter ``[requests, input, output, total]`` tokens;
-    - ``total:NAME``: counter ``[requests, tokens]`` over all time, for the quota;
-    - ``own:ID``: who created an object (user, kind, created, expires);
+    - ``usage:NAME:DAY:MODEL``: counter ``[requests, input, output, total, cost,
+      cached input, audio input, audio output]`` (tokens; cost in ``COST_UNITS_PER_USD``;
+      a row written before costs were kept has the first four);
+    - ``total:NAME``: counter ``[requests, tokens, cost]`` over all time, and
+      ``spend:NAME:PERIOD`` the same for each day, week and month (``period_key``),
+      so a quota or budget is checked with one read;
+    - ``own:ID``: who created an object (user, kind, created, expires; and
+      ``counted: false`` while its usage is still to be seen: ``count_once``);
     - ``rate:NAME``: the user's requests of the last minute (``take_slot``).
 
     A shared store is read at most every ``kv.cache_seconds`` per key for
@@ -1303,8 +1371,10 @@ class Store:
         if names is None:
             self._remembered.clear()
         else:
+            today = utcnow().date()
             for name in names:
-                self._remembered.pop("total:" + name, None)
+                for period in PERIODS:
+                    self._remembered.pop(period_counter(name, period, today), None)
         self._changes += 1
 
     # -- users and keys -----------------------------------------------------------
@@ -1367,8 +1437,8 @@ class Store:
         user = {"name": name, "key_hash": hash_key(key), "created": now_iso(),
                 **LIMIT_DEFAULTS, **limits}
         created = await self.kv.write(
-            {"user:" + name: _dump(user), "key:" + user["key_hash"]: name, "total:" + name: None},
-            expect={"user:" + name: None})
+            {"user:" + name: _dump(user), "key:" + user["key_hash"]: name,
+             **dict.fromkeys(current_counters(name))}, expect={"user:" + name: None})
         if not created:
             raise StoreError(409, f"user {name} exists")
         self._forget()
@@ -1390,36 +1460,60 @@ class Store:
         """Delete the user, its key and its objects' records; its past usage stays in the stats."""
         objects = {"own:" + record["id"]: None for record in await self.objects_of(name)}
         await self._change_user(name, lambda user: {
-            "key:" + user["key_hash"]: None, "user:" + name: None, "total:" + name: None,
-            **objects})
+            "key:" + user["key_hash"]: None, "user:" + name: None,
+            **dict.fromkeys(current_counters(name)), **objects})
 
     async def list_users(self) -> List[Dict[str, Any]]:
         return [json.loads(value) for value in (await self.kv.scan("user:")).values()]
 
     # -- usage ----------------------------------------------------------------
 
-    async def total(self, name: str, fresh: bool = True) -> List[int]:
-        """``[requests, tokens]`` counted for the user so far, over all time;
-        with ``fresh=False`` as read up to ``kv.cache_seconds`` ago."""
-        total = None if fresh else self._recall("total:" + name)
+    async def total(self, name: str, fresh: bool = True, period: str = "all") -> List[int]:
+        """``[requests, tokens, cost]`` counted for the user in the current
+        ``period`` (over all time by default); with ``fresh=False`` as read up
+        to ``kv.cache_seconds`` ago."""
+        key = period_counter(name, period, utcnow().date())
+        total = None if fresh else self._recall(key)
         if total is None:
             changes = self._changes
-            total = (await self.kv.counts(["total:" + name]))[0] or [0, 0]
+            total = ((await self.kv.counts([key]))[0] or []) + [0, 0, 0]
+            total = total[:3]
             if changes == self._changes:  # (not a total read before a write landed)
-                self._remember("total:" + name, total)
+                self._remember(key, total)
         return total
 
     async def add_usage(self, batch: Dict[Tuple[str, str, str], List[int]], batch_id: str) -> None:
-        """Add counts per (name, day, model) to the stored ones, as one write;
-        the same ``batch_id`` again (a retry after a lost answer) adds nothing."""
+        """Add counts per (name, day, model) to the stored ones, and to the
+        user's period counters, as one write; the same ``batch_id`` again (a
+        retry after a lost answer) adds nothing."""
         counts: Dict[str, List[int]] = {}
         for (name, day, model), row in batch.items():
             counts[f"usage:{name}:{day}:{model}"] = list(row)
-            total = counts.setdefault("total:" + name, [0, 0])
-            total[0] += row[0]
-            total[1] += row[3]
+            add_to_periods(counts, name, day, row)
         await self.kv.add(counts, batch_id)
         self._forget({name for name, _, _ in batch})
+
+    async def last_used(self, name: Optional[str] = None) -> Dict[str, str]:
+        """The last day each user (or this one) has usage on."""
+        last: Dict[str, str] = {}
+        for key in await self.kv.scan_counts("usage:" + (f"{name}:" if name else "")):
+            _, user, day, _ = key.split(":", 3)
+            last[user] = max(day, last.get(user, day))
+        return last
+
+    async def count_once(self, object_id: str) -> bool:
+        """Whether the usage now seen of an object whose creation showed none
+        (a background response, a batch) is to be counted: True once only,
+        for the request that marks its record counted."""
+        for _ in range(10):
+            old = await self.kv.get("own:" + object_id)
+            record = None if old is None else json.loads(old)
+            if record is None or record.get("counted", True):
+                return False
+            if await self.kv.write({"own:" + object_id: _dump({**record, "counted": True})},
+                                   expect={"own:" + object_id: old}):
+                return True
+        return False
 
     async def usage_rows(self, name: Optional[str], first_day: str,
                          last_day: str) -> List[Dict[str, Any]]:
@@ -1429,10 +1523,8 @@ class Store:
         for key, counts in (await self.kv.scan_counts(prefix)).items():
             _, user, day, model = key.split(":", 3)
             if first_day <= day <= last_day:
-                requests, input_tokens, output_tokens, total = (counts + [0] * 4)[:4]
-                rows.append({"day": day, "user": user, "model": model, "requests": requests,
-                             "input_tokens": input_tokens, "output_tokens": output_tokens,
-                             "total_tokens": total})
+                rows.append({"day": day, "user": user, "model": model,
+                             **dict(zip(USAGE_FIELDS, counts + [0] * len(USAGE_FIELDS)))})
         rows.sort(key=lambda row: (row["day"], row["user"], row["model"]))
         return rows
 
@@ -1467,6 +1559,18 @@ class Store:
         except StoreUnavailable:
             pass  # the next hour's try
 
+    async def purge_past_periods(self) -> None:
+        """Drop the period counters of periods that are over (only the current
+        ones are read), so a store does not grow by three counters a user a day."""
+        today = utcnow().date()
+        current = {period_key(period, today) for period in PERIODS}
+        try:
+            past = {key: None for key in await self.kv.scan_counts("spend:")
+                    if key.rsplit(":", 1)[1] not in current}
+            await self.kv.write(past, durable=False)
+        except StoreUnavailable:
+            pass  # the next hour's try
+
     # -- moving between stores --------------------------------------------------
 
     async def import_users(self, users: Dict[str, Any]) -> int:
@@ -1488,15 +1592,18 @@ class Store:
                 ops["key:" + old["key_hash"]] = None
             ops["user:" + name] = _dump(record)
             ops["key:" + record["key_hash"]] = name
+            periods: Dict[str, List[int]] = {}
             for row in entry.get("usage", []):
                 key = f"usage:{name}:{row['day']}:{row['model']}"
-                ops[key] = [int(row["requests"]), int(row["input_tokens"]),
-                            int(row["output_tokens"]), int(row["total_tokens"])]
-            if entry.get("total"):
-                ops["total:" + name] = [int(n) for n in entry["total"]]
+                ops[key] = [int(row.get(field, 0)) for field in USAGE_FIELDS]
+                add_to_periods(periods, name, row["day"], ops[key])
+            total = [int(n) for n in entry.get("total") or []]
+            if total:  # (an export from before costs were kept has two)
+                periods["total:" + name] = (total + periods.get("total:" + name, [0] * 3)[2:])[:3]
+            ops.update(periods)
             for obj in entry.get("objects", []):
                 ops["own:" + obj["id"]] = _dump({"user": name, **{
-                    k: obj.get(k) for k in ("kind", "created", "expires")}})
+                    k: obj.get(k) for k in ("kind", "created", "expires", "counted") if k in obj}})
         await self.kv.write(ops)
         self._forget()
         return len(users)
@@ -1510,7 +1617,8 @@ class Store:
         for record in await self.objects_of():
             if record["user"] in users:
                 users[record["user"]].setdefault("objects", []).append(
-                    {k: record.get(k) for k in ("id", "kind", "created", "expires")})
+                    {k: record.get(k) for k in ("id", "kind", "created", "expires", "counted")
+                     if k in record})
         return users
 
 
@@ -1519,9 +1627,11 @@ def check_imported_limits(name: str, record: Dict[str, Any]) -> None:
     (a date for ``expires`` is written as register writes it)."""
     def wrong(field: str) -> ValueError:
         return ValueError(f"user {name!r}: {field} {record.get(field)!r} is not valid")
-    for field in ("quota", "rpm"):
+    for field in ("quota", "rpm", "budget"):
         if type(record.get(field)) is not int or record[field] < 0:
             raise wrong(field)
+    if record.get("period") not in PERIODS:
+        raise wrong("period")
     if record.get("expires") is not None:
         if not isinstance(record["expires"], str):
             raise wrong("expires")
@@ -1538,6 +1648,27 @@ def check_imported_limits(name: str, record: Dict[str, Any]) -> None:
 
 def _dump(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+# A usage row's counters, in the order the store keeps them.
+USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "total_tokens", "cost",
+                "cached_tokens", "audio_input_tokens", "audio_output_tokens")
+
+
+def add_to_periods(counts: Dict[str, List[int]], name: str, day: str, row: List[int]) -> None:
+    """Add a usage row of ``day`` to the user's counters of every period holding it."""
+    date = datetime.date.fromisoformat(day)
+    for period in PERIODS:
+        total = counts.setdefault(period_counter(name, period, date), [0, 0, 0])
+        total[0] += row[0]
+        total[1] += row[3]
+        total[2] += row[4] if len(row) > 4 else 0
+
+
+def current_counters(name: str) -> List[str]:
+    """The user's period counters that count now (dropped with the user)."""
+    today = utcnow().date()
+    return [period_counter(name, period, today) for period in PERIODS]
 
 
 # ---------------------------------------------------------------------------
@@ -1570,13 +1701,27 @@ def token_counts(usage: Any) -> List[int]:
     return [input_tokens, output_tokens, number("total_tokens") or input_tokens + output_tokens]
 
 
-def usage_in(obj: Any) -> Optional[Tuple[Optional[str], List[int]]]:
-    """(model, counts) from an answer, a stream chunk or an event that carries usage."""
+def usage_counts(prices: "PriceTable", model: str, usage: Any) -> List[int]:
+    """A request's usage row fields after ``requests``: tokens, the cost of
+    every kind at its price (0 where the model has none), cached and audio
+    tokens. ``usage`` is the upstream's usage object, or ``TokenCounts``."""
+    if usage is None:
+        return [0] * (len(USAGE_FIELDS) - 1)
+    if isinstance(usage, TokenCounts):
+        kinds, tokens = usage, [usage.input, usage.output, usage.input + usage.output]
+    else:
+        kinds, tokens = token_counts_of(usage), token_counts(usage)
+    cost = prices.cost(model, kinds) or 0
+    return tokens + [cost, kinds.cached, kinds.audio_input, kinds.audio_output]
+
+
+def usage_in(obj: Any) -> Optional[Tuple[Optional[str], Dict[str, Any]]]:
+    """(model, usage object) from an answer, a stream chunk or an event that carries usage."""
     if not isinstance(obj, dict):
         return None
     if isinstance(obj.get("usage"), dict):
         model = obj.get("model")
-        return (model if isinstance(model, str) else None), token_counts(obj["usage"])
+        return (model if isinstance(model, str) else None), obj["usage"]
     if isinstance(obj.get("response"), dict):  # response.completed, response.done
         return usage_in(obj["response"])
     return None
@@ -1783,7 +1928,7 @@ class UsageReader:
         kept = self._pass(rest) if rest and self.sse else rest
         return strip_usage_nulls(kept) if self.strip and kept else b""
 
-    def result(self) -> Optional[Tuple[Optional[str], List[int]]]:
+    def result(self) -> Optional[Tuple[Optional[str], Dict[str, Any]]]:
         if not self.sse:
             if self.whole is not None:
                 found = usage_in_json(b"".join(self.whole))
@@ -1815,7 +1960,7 @@ def may_name(body: bytes, key: bytes) -> bool:
     return key in body or b"\\u" in body
 
 
-def usage_in_tail(tail: bytes, head: bytes) -> Optional[Tuple[Optional[str], List[int]]]:
+def usage_in_tail(tail: bytes, head: bytes) -> Optional[Tuple[Optional[str], Dict[str, Any]]]:
     """The last ``"usage": {…}`` in ``tail``, and the first ``"model"`` in ``head``."""
     starts = [m.start() for m in USAGE_OBJECT.finditer(tail)]
     if not starts:
@@ -1826,7 +1971,7 @@ def usage_in_tail(tail: bytes, head: bytes) -> Optional[Tuple[Optional[str], Lis
     except ValueError:
         return None
     match = MODEL_NEAR_START.search(head)
-    return (match.group(1).decode() if match else None), token_counts(usage)
+    return (match.group(1).decode() if match else None), usage
 
 
 def strip_usage_nulls(data: bytes) -> bytes:
@@ -1851,7 +1996,8 @@ class UsageBook:
         self.day, self.day_ends = "", 0.0
 
     def record(self, name: str, model: str, counts: List[int]) -> None:
-        row = self.pending.setdefault((name, self.today(), model), [0, 0, 0, 0])
+        """Count a request: ``counts`` are the usage row's fields after ``requests``."""
+        row = self.pending.setdefault((name, self.today(), model), [0] * len(USAGE_FIELDS))
         row[0] += 1
         for i, value in enumerate(counts, 1):
             row[i] += value
@@ -1869,15 +2015,23 @@ class UsageBook:
         batches = [self.pending] + ([self.unsent[1]] if self.unsent else [])
         return [item for batch in batches for item in batch.items()]
 
-    def pending_for(self, name: str) -> Tuple[int, int]:
-        """(requests, tokens) counted for the user but not yet written."""
-        rows = [row for (user, _, _), row in self.unwritten() if user == name]
-        return sum(row[0] for row in rows), sum(row[3] for row in rows)
+    def pending_for(self, name: str, period: str = "all") -> List[int]:
+        """``[requests, tokens, cost]`` counted for the user in the current
+        ``period`` but not yet written."""
+        def in_period(day: str) -> bool:
+            return period_key(period, datetime.date.fromisoformat(day)) == now
+        now = period_key(period, datetime.date.fromisoformat(self.today()))
+        rows = [row for (user, day, _), row in self.unwritten()
+                if user == name and (period == "all" or in_period(day))]
+        return [sum(row[0] for row in rows), sum(row[3] for row in rows),
+                sum(row[4] for row in rows)]
 
-    async def used_tokens(self, name: str) -> int:
-        """Tokens used so far, as the request path checks a quota: the stored
-        total as recently read, and what this process has not written yet."""
-        return (await self.store.total(name, fresh=False))[1] + self.pending_for(name)[1]
+    async def used(self, name: str, period: str = "all", fresh: bool = False) -> List[int]:
+        """``[requests, tokens, cost]`` in the current ``period``, as the request
+        path checks a quota or budget: the stored counter as recently read (one
+        lookup), and what this process has not written yet."""
+        stored = await self.store.total(name, fresh=fresh, period=period)
+        return [a + b for a, b in zip(stored, self.pending_for(name, period))]
 
     async def flush(self) -> None:
         async with self._flushing:  # one batch in the air at a time
@@ -2678,11 +2832,13 @@ class Ownership:
             return None
         return record["user"]
 
-    def claim(self, name: str, object_id: str, kind: str, days: Optional[int] = None) -> None:
+    def claim(self, name: str, object_id: str, kind: str, days: Optional[int] = None,
+              counted: bool = True) -> None:
+        """``counted=False``: its usage is not known yet (``Store.count_once``)."""
         now = utcnow()
         expires = iso(now + datetime.timedelta(days=days)) if days else None
         self.pending[object_id] = {"user": name, "kind": kind, "created": iso(now),
-                                   "expires": expires}
+                                   "expires": expires, **({} if counted else {"counted": False})}
 
     def release(self, object_id: str) -> None:
         self.pending[object_id] = None
@@ -2715,6 +2871,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.log_user = "-"
         self.log_model = "-"
         self.log_tokens = "-"
+        self.log_cost = "-"
         self.app.active.add(self)
         self.app.idle_clients.pop(self.request.connection.stream, None)  # busy now
 
@@ -3497,17 +3654,40 @@ EPHEMERAL_KEYS = re.compile(
     r"/v\d+/realtime/(client_secrets|sessions|transcription_sessions|translations/client_secrets)\Z")
 # Streams whose usage OpenAI sends only when asked (stream_options.include_usage).
 USAGE_ON_REQUEST = re.compile(r"/v\d+/(chat/completions|completions)\Z")
+# Text to speech answers audio, with no usage: priced by the input's characters.
+SPEECH = re.compile(r"/v\d+/audio/speech\Z")
+# Images: DALL-E reports no usage, and is priced per image (by size and quality).
+IMAGES = re.compile(r"/v\d+/images/(edits|generations|variations)\Z")
+# Answers that do not name their model: the request's is read, to price them.
+MODEL_NOT_IN_ANSWER = re.compile(
+    r"/v\d+/(audio/(speech|transcriptions|translations)|images/(edits|generations|variations))\Z")
 MODELS_LIST = re.compile(r"/v\d+/models\Z")
 MODEL_IN_PATH = re.compile(r"/v\d+/models/(.+)\Z")
 
 
+# Work the upstream does where this proxy never sees its usage (fine-tuning,
+# video, evals and graders, Assistants runs, WebRTC/SIP calls, realtime
+# translation): refused to a key with a budget. Batches and background
+# responses are counted when their result passes (METERED_LATER).
+UNMETERED = re.compile(
+    r"/v\d+/(fine_tuning/(jobs(/[^/]+/resume)?|alpha/graders/run)"
+    r"|videos(/edits|/extensions|/characters|/[^/]+/remix)?|evals/[^/]+/runs"
+    r"|threads(/[^/]+)?/runs(/[^/]+/submit_tool_outputs)?|realtime/calls(/[^/]+/accept)?"
+    r"|images/variations|realtime/translations)\Z")
+# Collections whose objects may be made after their creation's answer, their
+# usage shown when they are fetched: counted then, once (the batch at the
+# Batch API's half price).
+METERED_LATER = {"responses": 1, "batches": 2}
+
+
 async def check_limits(app: "App", user: Dict[str, Any], models: List[str]) -> None:
-    """The models named (the allowlist), then the quota. Requests per minute
-    come last (take_rpm_slot), so a request refused here takes no slot."""
-    refuse_unlisted_models(user, models)
-    if user.get("quota") and await app.usage.used_tokens(user["name"]) >= user["quota"]:
-        raise insufficient_quota(f"You exceeded your quota of {user['quota']} tokens for this "
-                                 "key. Ask the owner of this proxy to raise it.")
+    """The models named (the allowlist, and a price for a key with a budget),
+    then the quota and budget. Requests per minute come last (take_rpm_slot),
+    so a request refused here takes no slot."""
+    for model in models:
+        refuse_unlisted_models(user, [model])
+        refuse_unpriced(app, user, model)
+    await refuse_over_limits(app, user)
 
 
 def refuse_unlisted_models(user: Dict[str, Any], models: List[str]) -> None:
@@ -3523,6 +3703,45 @@ async def take_rpm_slot(app: "App", user: Dict[str, Any]) -> None:
         refusal = await app.limiter.admit(user["name"], user["rpm"])
         if refusal is not None:
             raise refusal
+
+
+async def refuse_over_limits(app: "App", user: Dict[str, Any]) -> None:
+    """429 once the quota or budget of the current period is used up: one
+    lookup of the period's counter, cached like a key."""
+    quota, budget = user.get("quota") or 0, user.get("budget") or 0
+    if not (quota or budget):
+        return
+    period = user.get("period") or "all"
+    _, tokens, cost = await app.usage.used(user["name"], period)
+    if quota and tokens >= quota:
+        raise insufficient_quota(over_limit(f"quota of {quota} tokens", f"{tokens} used", period))
+    if budget and cost >= budget:
+        raise insufficient_quota(over_limit(f"budget of ${dollar_text(budget)}",
+                                            f"${dollar_text(cost)} used", period))
+
+
+def over_limit(limit: str, used: str, period: str) -> str:
+    """What the 429 of a used-up quota or budget says: the limit, the use, the reset."""
+    resets = period_resets(period, utcnow().date())
+    if resets is None:
+        return (f"You exceeded your {limit} for this key ({used}). "
+                "Ask the owner of this proxy to raise it.")
+    return f"You exceeded your {limit}{PERIOD_WORDS[period]} ({used}); it resets {iso(resets)}."
+
+
+def refuse_unpriced(app: "App", user: Dict[str, Any], model: str) -> None:
+    """For a key with a budget, a model without a price is 400: it would cost nothing."""
+    if user.get("budget") and not app.prices.has_price(model):
+        raise ApiError(400, f"The model `{model}` has no price in this proxy's price table, "
+                            "and this key has a budget. Ask the owner of this proxy to add "
+                            "its price (PRICES_FILE).", code="model_not_priced")
+
+
+def refuse_unmetered(user: Dict[str, Any], method: str, route: str) -> None:
+    """For a key with a budget, 403 for work whose usage this proxy never sees."""
+    if user.get("budget") and method in ("POST", "WS") and UNMETERED.match(route):
+        raise ApiError(403, "This key has a budget, and what this endpoint costs never passes "
+                            "through this proxy, so it may not use it.", code="forbidden")
 
 
 # What the paths of ADMIN_ONLY_PATH that are not administration are, for their 403.
@@ -3562,7 +3781,8 @@ def names_object(match: "re.Match[str]") -> bool:
 
 
 def refuse_ephemeral_keys(user: Dict[str, Any], path: str) -> None:
-    limited = user.get("quota") or user.get("rpm") or "*" not in (user.get("models") or ["*"])
+    limited = (user.get("quota") or user.get("budget") or user.get("rpm")
+               or "*" not in (user.get("models") or ["*"]))
     if limited and EPHEMERAL_KEYS.match(path):
         raise ApiError(403, "This key has limits, so it may not get a short-lived upstream key "
                             "(its use would bypass them): connect through this proxy instead.",
@@ -3701,7 +3921,12 @@ class ProxyHandler(BaseHandler):
         self.request_model: Optional[str] = None
         self.body_chunks: Optional[List[bytes]] = None
         self.creates = self.object_id = self.list_collection = self.stores = None
-        self.deletes_object = self.makes_files = False
+        self.deletes_object = self.makes_files = self.updates_object = False
+        self.fetches_later: Optional[str] = None  # a METERED_LATER collection's object
+        self.counts_later = False  # its usage seen now is to be counted (count_once)
+        self.speech_characters = 0  # text to speech: its price is per character
+        self.images_asked: Optional[Tuple[int, Any, Any]] = None  # DALL-E's n, size, quality
+        self.price_name: Optional[str] = None  # the name its price has, if not the model's
         self.route = route_path(self.request.path)  # what the checks look at
         if self.request.method == "OPTIONS":
             return
@@ -3748,7 +3973,10 @@ class ProxyHandler(BaseHandler):
         for model in models:
             self.request_model = model  # (the log names the one refused)
             refuse_unlisted_models(user, [model])
+            if not self.costs_nothing():  # (retrieving a model costs nothing)
+                refuse_unpriced(self.app, user, model)
         refuse_ephemeral_keys(user, path)
+        refuse_unmetered(user, self.request.method, path)
         self.request_model = models[0] if models else None
         self.filter_models = (self.has_allowlist() and self.request.method == "GET"
                               and bool(MODELS_LIST.match(path)))
@@ -3770,6 +3998,11 @@ class ProxyHandler(BaseHandler):
     def has_allowlist(self) -> bool:
         return "*" not in (self.user.get("models") or ["*"])
 
+    def checks_models(self) -> bool:
+        """Whether the models a body names must be read: for an allowlist, or a
+        budget (a model without a price is refused)."""
+        return self.has_allowlist() or bool(self.user.get("budget"))
+
     # -- isolation --------------------------------------------------------------
 
     async def check_ownership(self) -> None:
@@ -3782,7 +4015,10 @@ class ProxyHandler(BaseHandler):
         if names_object(match):
             self.object_id = object_id
             self.deletes_object = method == "DELETE" and rest is None
+            self.updates_object = method == "POST" and rest is None
             self.makes_files = collection in ("batches", "fine_tuning/jobs", "uploads")
+            if collection in METERED_LATER and (method, rest) in (("GET", None), ("POST", "cancel")):
+                self.fetches_later = collection
             if method == "POST":
                 self.creates = MAKES_OTHER.get((collection, rest or ""))
         elif object_id is None and method == "GET" and collection in LISTED_COLLECTIONS:
@@ -3808,8 +4044,10 @@ class ProxyHandler(BaseHandler):
             pattern = THREAD_ID if self.route.endswith("/threads/runs") else FIRST_ID
             match = pattern.search(self.reader.head)
             if match:
+                # Made later (in the background, a batch): its usage is counted when seen.
+                later = self.creates in METERED_LATER and self.reader.result() is None
                 owners.claim(name, match.group(1).decode(), OWNED_COLLECTIONS[self.creates],
-                             EXPIRING_COLLECTIONS.get(self.creates))
+                             EXPIRING_COLLECTIONS.get(self.creates), counted=not later)
         if self.makes_files and self.reader.whole_in_head():
             for file_id in produced_files(_json_or_none(self.reader.head)):
                 owners.claim(name, file_id, "File")
@@ -3891,8 +4129,9 @@ class ProxyHandler(BaseHandler):
         if self.request.method != "POST":
             return False
         path = self.route
-        return bool(USAGE_ON_REQUEST.match(path)
+        return bool(USAGE_ON_REQUEST.match(path) or MODEL_NOT_IN_ANSWER.match(path)
                     or (self.has_allowlist() and (MODEL_IN_BODY.match(path) or self.body_is_json()))
+                    or (self.user.get("budget") and MODEL_IN_BODY.match(path))
                     or (self.isolated and self.may_be_json()))
 
     def body_is_json(self) -> bool:
@@ -3906,7 +4145,7 @@ class ProxyHandler(BaseHandler):
         return (self.isolated and not self.body_is_json()
                 and not (length.isdigit() and int(length) <= SMALL_BODY_BYTES)
                 and not USAGE_ON_REQUEST.match(self.route)
-                and not (self.has_allowlist() and MODEL_IN_BODY.match(self.route)))
+                and not (self.checks_models() and MODEL_IN_BODY.match(self.route)))
 
     async def sniff_body(self) -> None:
         """Send a large body on as it comes after all, unless it starts as JSON may."""
@@ -3939,11 +4178,11 @@ class ProxyHandler(BaseHandler):
             return sent
         body = as_utf8(self.decoded(sent))
         refers = self.isolated and any(m in body for m in REFERENCE_MARKERS)
-        if not (self.has_allowlist() or refers or may_name(body, b'"stream"')
-                or may_name(body, b'"store"')):
-            # Not a stream, nothing stored, no model to check: no need to parse
-            # it, whatever it is labelled. The model, for counting a failed
-            # request, is usually near the start.
+        if not (self.checks_models() or refers or may_name(body, b'"stream"')
+                or may_name(body, b'"store"') or MODEL_NOT_IN_ANSWER.match(self.route)):
+            # Not a stream, nothing stored, no model to check or to price by:
+            # no need to parse it, whatever it is labelled. The model, for
+            # counting a failed request, is usually near the start.
             match = MODEL_NEAR_START.search(body, 0, 4096)
             self.request_model = match.group(1).decode("utf-8", "replace") if match else None
             return sent
@@ -3951,16 +4190,26 @@ class ProxyHandler(BaseHandler):
         content_type = self.request.headers.get("Content-Type", "application/json")
         models, obj = models_in_body(content_type, body)
         declared_json = content_type.lower().startswith("application/json")
-        if self.has_allowlist() and obj is None and (MODEL_IN_BODY.match(self.route) or declared_json):
-            raise ApiError(400, "This key may use only some models, and the model named in this "
-                                "request body could not be read.", code="invalid_body")
+        if self.checks_models() and obj is None and (MODEL_IN_BODY.match(self.route) or declared_json):
+            raise ApiError(400, "This key may use only some models, or has a budget, and the "
+                                "model named in this request body could not be read.",
+                           code="invalid_body")
         self.request_model = models[0] if models else None
         for model in models:
             if self.has_allowlist() and not allows_model(self.user, model):
                 self.request_model = model  # (the log names the one refused)
                 raise model_not_found(model)
+            refuse_unpriced(self.app, self.user, model)
         if isinstance(obj, dict):
             self.stores = obj.get("store")
+            if SPEECH.match(self.route) and isinstance(obj.get("input"), str):
+                self.speech_characters = len(obj["input"])
+            if IMAGES.match(self.route):  # (a form's n, size, quality are not read: 1 image)
+                n = obj.get("n", 1)
+                size, quality = obj.get("size"), obj.get("quality")
+                self.images_asked = (n if isinstance(n, int) and n > 0 else 1,
+                                     size if isinstance(size, str) else None,
+                                     quality if isinstance(quality, str) else None)
         if self.isolated and refers:
             await self.refuse_others_objects(obj)
         if (USAGE_ON_REQUEST.match(self.route) and isinstance(obj, dict)
@@ -4235,6 +4484,8 @@ class ProxyHandler(BaseHandler):
             rest = self.reader.flush()
             if rest:  # (nothing at all may be written for a 204 or 304)
                 self.write(rest)
+            if self.fetches_later and self.reader.result() is not None:
+                self.counts_later = await self.app.store.count_once(self.object_id)
         self.finish()
 
     def read_to_its_end(self) -> bool:
@@ -4300,21 +4551,42 @@ class ProxyHandler(BaseHandler):
             self.log_model = self.app.model_label(self.request_model or "-")
             return
         self.accounted = True
-        found = self.reader.result() if self.reader is not None else None
-        if found is None and self.reader is not None and self.reader.deltas \
-                and (self.client_gone or self.reader.ended):
+        model, usage = self.usage_found() or (None, None)
+        model = self.app.model_label(model or self.request_model or "-")
+        counts = usage_counts(self.app.prices, self.price_name or model, usage)
+        if self.fetches_later is not None:
+            counts[3] //= METERED_LATER[self.fetches_later]  # (the Batch API's price)
+        self.app.usage.record(self.user["name"], model, counts)
+        self.log_model = model
+        if usage is not None:
+            self.log_tokens, self.log_cost = str(counts[2]), "$" + dollar_text(counts[3])
+
+    def usage_found(self) -> Optional[Tuple[Optional[str], Any]]:
+        """(model, usage) the answer showed, or an estimate: None if it costs nothing.
+
+        A POST's answer is counted (not an update of an object); a fetched
+        object's only if it was made after its creation's answer, once."""
+        reader = self.reader
+        if reader is None or (self.fetches_later and not self.counts_later):
+            return None
+        if self.fetches_later is None and (self.request.method != "POST" or self.updates_object):
+            return None
+        found: Optional[Tuple[Optional[str], Any]] = reader.result()
+        if found is None and (self.client_gone or reader.ended) and reader.deltas:
             # Gone before the usage event, or a stream that ended without one
             # (an upstream that ignored the proxy's include_usage): the upstream
             # bills what it made, so count an estimate (else hanging up would
             # dodge any quota): a token per delta passed, a token per 4 bytes
             # of the request body.
-            estimate = [self.request_bytes // 4, self.reader.deltas]
-            found = None, estimate + [sum(estimate)]
-        model, counts = found if found else (None, [0, 0, 0])
-        model = self.app.model_label(model or self.request_model or "-")
-        self.app.usage.record(self.user["name"], model, counts)
-        self.log_model = model
-        self.log_tokens = str(counts[2]) if found else "-"
+            found = None, {"prompt_tokens": self.request_bytes // 4,
+                           "completion_tokens": reader.deltas}
+        if found is None and self.speech_characters and 200 <= self.get_status() < 300:
+            found = None, TokenCounts(characters=self.speech_characters)
+        if found is None and self.images_asked and 200 <= self.get_status() < 300:
+            n, size, quality = self.images_asked
+            found = None, TokenCounts(images=n)
+            self.price_name = image_price_name(self.request_model or "-", size, quality)
+        return found
 
 
 @tornado.web.stream_request_body
@@ -4421,6 +4693,27 @@ NOT_FORWARDED_WS = NOT_FORWARDED_UP | {
 }
 
 
+# Server events that carry usage: a realtime response, the Responses API's in
+# WebSocket mode, and a transcription of input audio.
+TRANSCRIBED = "conversation.item.input_audio_transcription.completed"
+USAGE_EVENTS = ('"response.done"', '"response.completed"', f'"{TRANSCRIBED}"')
+# Server events that carry the session's settings (its transcription model).
+SESSION_EVENTS = ('"session.created"', '"session.updated"', '"transcription_session.')
+
+
+def transcription_model(session: Dict[str, Any]) -> Optional[str]:
+    """The input audio transcription model of a realtime session's settings
+    (``audio.input.transcription``, or the beta's ``input_audio_transcription``)."""
+    audio = session.get("audio")
+    places = [session.get("input_audio_transcription")]
+    if isinstance(audio, dict) and isinstance(audio.get("input"), dict):
+        places.insert(0, audio["input"].get("transcription"))
+    for place in places:
+        if isinstance(place, dict) and isinstance(place.get("model"), str):
+            return place["model"]
+    return None
+
+
 class WebSocketUpgrade(tornado.routing.PathMatches):
     """Matches the path only for requests that ask to become a WebSocket."""
 
@@ -4440,6 +4733,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     upstream: Optional[tornado.websocket.WebSocketClientConnection] = None
     user: Optional[Dict[str, Any]] = None
+    transcription_model: Optional[str] = None  # the session's, for its transcriptions
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         origin = self.request.headers.get("Origin")
@@ -4454,6 +4748,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                                            self.subprotocol_key())
             self.log_user = self.user["name"]
             await check_limits(self.app, self.user, self.get_query_arguments("model"))
+            refuse_unmetered(self.user, "WS", route_path(self.request.path))
             await check_path_access(self.app, self.user, route_path(self.request.path), "GET")
             await take_rpm_slot(self.app, self.user)
             self.upstream = await self.connect_upstream()
@@ -4466,10 +4761,11 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         return self.user is not None and self.user.get("scope", "own") != "all"
 
     async def refusal(self, message: str) -> Optional[ApiError]:
-        """What a client event may not do: name a model outside the key's list, another
-        user's object, or start a response once the quota is used up."""
+        """What a client event may not do: name a model outside the key's list (or
+        without a price, for a budget), another user's object, or start a
+        response once the quota or budget is used up."""
         user = self.user
-        limited = "*" not in (user.get("models") or ["*"])
+        limited = "*" not in (user.get("models") or ["*"]) or bool(user.get("budget"))
         if not (limited or self.isolated() or user.get("quota")):
             return None
         if not any(marker in message for marker in ('"model"', '"response.create"', "\\u")
@@ -4478,15 +4774,17 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         event = _json_or_none(message.encode())
         if not isinstance(event, dict):
             return None
-        if user.get("quota") and event.get("type") == "response.create":
-            if await self.app.usage.used_tokens(user["name"]) >= user["quota"]:
-                return insufficient_quota(f"You exceeded your quota of {user['quota']} tokens "
-                                          "for this key.")
-        if limited:
+        try:
+            if event.get("type") == "response.create":
+                await refuse_over_limits(self.app, user)
             for part in (event, event.get("response"), event.get("session")):
                 model = part.get("model") if isinstance(part, dict) else None
                 if isinstance(model, str) and not allows_model(user, model):
                     return model_not_found(model)
+                if isinstance(model, str):
+                    refuse_unpriced(self.app, user, model)
+        except ApiError as error:
+            return error
         if self.isolated():
             for object_id in referenced_ids(event):
                 if await self.app.owners.owner(object_id) != user["name"]:
@@ -4582,8 +4880,10 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                 code, reason = 1011, "upstream connection lost"
             self.close(code, reason or "")
             return None
-        if isinstance(message, str) and '"response.done"' in message[:200]:
+        if isinstance(message, str) and any(kind in message[:200] for kind in USAGE_EVENTS):
             self.count_usage(message)
+        elif isinstance(message, str) and any(kind in message[:200] for kind in SESSION_EVENTS):
+            self.note_transcription_model(message)
         elif isinstance(message, str) and '"response.created"' in message[:200] and self.user:
             # Responses in WebSocket mode are stored like POSTed ones: the caller's.
             match = FIRST_ID.search(message.encode()[:4096])
@@ -4598,13 +4898,26 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     def count_usage(self, message: str) -> None:
         try:
-            found = usage_in(json.loads(message))
+            event = json.loads(message)
+            found = usage_in(event)
         except ValueError:
             return
         if found is not None and self.user is not None:
-            model, counts = found
+            model, usage = found
+            if event.get("type") == TRANSCRIBED:  # (by the session's transcription model)
+                model = model or self.transcription_model
             model = self.app.model_label(model or self.get_query_argument("model", "-"))
-            self.app.usage.record(self.user["name"], model, counts)
+            self.app.usage.record(self.user["name"], model,
+                                  usage_counts(self.app.prices, model, usage))
+
+    def note_transcription_model(self, message: str) -> None:
+        """The model the session transcribes input audio with, from its
+        ``session.created``/``updated``: the transcription events do not name it."""
+        event = _json_or_none(message.encode())
+        session = event.get("session") if isinstance(event, dict) else None
+        model = transcription_model(session) if isinstance(session, dict) else None
+        if model is not None:
+            self.transcription_model = model
 
     def on_close(self) -> None:
         if self.upstream is not None:
@@ -4657,15 +4970,21 @@ class MeHandler(UserHandler):
                            code="unknown_url")
         name = self.user["name"]
         await self.app.usage.flush()
-        requests, tokens = await self.app.store.total(name)
+        requests = (await self.app.store.total(name))[0]
         today = utcnow().date()
         first = (today - datetime.timedelta(days=29)).isoformat()
         usage = await self.app.store.usage_rows(name, first, today.isoformat())
-        self.finish_json({"name": name, "created": self.user.get("created"),
-                          "expires": self.user.get("expires"), "quota": self.user.get("quota", 0),
-                          "used": tokens, "rpm": self.user.get("rpm", 0),
-                          "models": self.user.get("models", ["*"]), "requests": requests,
-                          "usage": [{k: v for k, v in row.items() if k != "user"} for row in usage]})
+        spend = await spend_in_period(self.app, self.user)
+        budget = self.user.get("budget") or 0
+        left = usd(max(0, budget - spend["spent_units"])) if budget else None
+        self.finish_json({
+            "name": name, "created": self.user.get("created"),
+            "expires": self.user.get("expires"), "quota": self.user.get("quota", 0),
+            "used": spend["used"], "period": spend["period"], "budget": usd(budget),
+            "spent": spend["spent"], "budget_left": left,
+            "resets_at": spend["resets_at"], "rpm": self.user.get("rpm", 0),
+            "models": self.user.get("models", ["*"]), "requests": requests,
+            "usage": [in_dollars({k: v for k, v in row.items() if k != "user"}) for row in usage]})
 
     async def post(self, action: Optional[str]) -> None:
         if action != "reset":
@@ -4679,17 +4998,17 @@ class MeHandler(UserHandler):
 class BillingHandler(UserHandler):
     """``/dashboard/billing/subscription`` and ``/usage`` (also below ``/v1``):
     OpenAI's retired billing endpoints, which some GUI apps still call to show
-    what is used and left, answered from the caller's own quota and usage.
-    The amounts are thousands of tokens written as dollars (1 "USD" = 1,000
-    tokens); a user without a quota gets a hard limit of 1,000,000."""
+    what is used and left, answered from the caller's own budget and cost: the
+    budget as the hard limit in dollars (1,000,000 without a budget), the cost
+    in cents, as OpenAI answered."""
 
-    TOKENS_PER_USD = 1000
+    NO_BUDGET_USD = 1_000_000
 
     async def get(self, what: str) -> None:
         name = self.user["name"]
         if what == "subscription":
-            quota = self.user.get("quota") or 0
-            limit = quota / self.TOKENS_PER_USD if quota else 1_000_000
+            budget = self.user.get("budget") or 0
+            limit = usd(budget) if budget else self.NO_BUDGET_USD
             expires = self.user.get("expires")
             self.write({
                 "object": "billing_subscription", "has_payment_method": True,
@@ -4708,9 +5027,8 @@ class BillingHandler(UserHandler):
         days: Dict[str, List[Dict[str, Any]]] = {}
         for row in rows:
             days.setdefault(row["day"], []).append(
-                {"name": row["model"], "cost": row["total_tokens"] * 100 / self.TOKENS_PER_USD})
-        self.write({"object": "list", "total_usage": sum(
-                        row["total_tokens"] for row in rows) * 100 / self.TOKENS_PER_USD,
+                {"name": row["model"], "cost": usd(row["cost"] * 100)})
+        self.write({"object": "list", "total_usage": usd(sum(row["cost"] for row in rows) * 100),
                     "daily_costs": [{"timestamp": int(datetime.datetime.strptime(
                         day, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc).timestamp()),
                         "line_items": items} for day, items in sorted(days.items())]})
@@ -4839,7 +5157,7 @@ class AdminHandler(BaseHandler):
             user = await store.set_limits(check_name(name), parse_limits(self.fields()))
             await self.app.owners.flush()
             row = {**await self.user_row(user), "objects": len(await store.objects_of(name))}
-            self.done(command, name, render_table([row]), row)
+            self.done(command, name, render_table([money_cells(row)]), row)
         elif command == "delete":
             check_name(name)
             await self.app.flush()  # usage into the stats, where it stays; records to drop
@@ -4868,14 +5186,23 @@ class AdminHandler(BaseHandler):
         log.info("admin: %s %s", command, name)
         self.answer(text, data)
 
-    async def user_row(self, user: Dict[str, Any]) -> Dict[str, Any]:
-        requests, tokens = await self.app.store.total(user["name"])
-        pending_requests, pending_tokens = self.app.usage.pending_for(user["name"])
-        return {"name": user["name"], "created": user.get("created"),
+    async def user_row(self, user: Dict[str, Any],
+                       last_used: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """A user's line: limits, and what is used of them in the current period."""
+        name = user["name"]
+        if last_used is None:
+            await self.app.usage.flush()  # (the day of the last request may not be written)
+            last_used = await self.app.store.last_used(name)
+        requests = (await self.app.usage.used(name, fresh=True))[0]
+        spend = await spend_in_period(self.app, user)
+        return {"name": name, "created": user.get("created"),
                 "expires": user.get("expires"), "quota": user.get("quota", 0),
-                "used": tokens + pending_tokens, "rpm": user.get("rpm", 0),
+                "used": spend["used"], "period": spend["period"],
+                "budget": usd(user.get("budget") or 0), "spent": spend["spent"],
+                "resets_at": spend["resets_at"], "rpm": user.get("rpm", 0),
                 "models": user.get("models") or ["*"],
-                "scope": user.get("scope", "own"), "requests": requests + pending_requests}
+                "scope": user.get("scope", "own"), "requests": requests,
+                "last_used": last_used.get(name)}
 
     async def show_objects(self, name: str) -> None:
         await self.app.store.require_user(name)
@@ -4887,20 +5214,27 @@ class AdminHandler(BaseHandler):
     async def show_users(self) -> None:
         await self.app.owners.flush()
         counts = collections.Counter(r["user"] for r in await self.app.store.objects_of())
-        rows = [{**await self.user_row(user), "objects": counts[user["name"]]}
+        await self.app.usage.flush()
+        last_used = await self.app.store.last_used()
+        rows = [{**await self.user_row(user, last_used), "objects": counts[user["name"]]}
                 for user in await self.app.store.list_users()]
-        self.answer(render_table(rows) if rows else "no users", {"users": rows})
+        self.answer(render_table([money_cells(row) for row in rows]) if rows else "no users",
+                    {"users": rows})
 
     async def show_stats(self, name: Optional[str]) -> None:
         first_day, last_day = self.stats_period()
         await self.app.usage.flush()  # so the table includes the last seconds
         rows = await self.app.store.usage_rows(name, first_day, last_day)
         total = {"day": "total", "user": "", "model": "", **{
-            field: sum(row[field] for row in rows)
-            for field in ("requests", "input_tokens", "output_tokens", "total_tokens")}}
-        text = render_table(rows + [total]) if rows else f"no usage from {first_day} to {last_day}"
-        self.answer(text, {"from": first_day, "to": last_day, "usage": rows,
-                           "total": {k: v for k, v in total.items() if k not in ("day", "user", "model")}})
+            field: sum(row[field] for row in rows) for field in USAGE_FIELDS}}
+        shown = ("day", "user", "model", *STATS_COLUMNS)
+        text = (render_table([money_cells({k: row[k] for k in shown}, units=True)
+                              for row in rows + [total]])
+                if rows else f"no usage from {first_day} to {last_day}")
+        self.answer(text, {"from": first_day, "to": last_day,
+                           "usage": [in_dollars(row) for row in rows],
+                           "total": in_dollars({k: v for k, v in total.items()
+                                                if k not in ("day", "user", "model")})})
 
     def stats_period(self) -> Tuple[str, str]:
         """``?days=N`` (default 30, today included) or ``?from=&to=`` as UTC days."""
@@ -4947,13 +5281,43 @@ class AdminHandler(BaseHandler):
         await self.run_command("delete", command)
 
 
+# The stats table's columns after day, user and model (JSON has every USAGE_FIELDS).
+STATS_COLUMNS = ("requests", "input_tokens", "output_tokens", "total_tokens", "cost")
+MONEY_FIELDS = ("budget", "spent", "cost")
+
+
+class Dollars(str):
+    """A table cell that is an amount of dollars: right-aligned like numbers."""
+
+
+def money_cells(row: Dict[str, Any], units: bool = False) -> Dict[str, Any]:
+    """A row for a text table: its amounts (in USD, or in cost ``units``) as dollars."""
+    return {k: Dollars(dollar_text(v if units else round(v * COST_UNITS_PER_USD)))
+            if k in MONEY_FIELDS else v for k, v in row.items()}
+
+
+def in_dollars(row: Dict[str, Any]) -> Dict[str, Any]:
+    """A usage row for JSON: its cost in US dollars."""
+    return {**row, "cost": usd(row["cost"])} if "cost" in row else row
+
+
+async def spend_in_period(app: "App", user: Dict[str, Any]) -> Dict[str, Any]:
+    """What the user used in the current period: ``period``, ``used`` (tokens),
+    ``spent`` (USD) and ``spent_units``, ``resets_at``."""
+    period = user.get("period") or "all"
+    _, tokens, cost = await app.usage.used(user["name"], period, fresh=True)
+    resets = period_resets(period, utcnow().date())
+    return {"period": period, "used": tokens, "spent": usd(cost), "spent_units": cost,
+            "resets_at": iso(resets) if resets else None}
+
+
 def render_table(rows: List[Dict[str, Any]]) -> str:
     """Rows as aligned text columns for curl; numbers right-aligned, None as -."""
     columns = list(rows[0])
     cells = [[str(c) for c in columns]]
     cells += [[_cell(row[c]) for c in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    numeric = [all(isinstance(row[c], int) for row in rows) for c in columns]
+    numeric = [all(isinstance(row[c], (int, Dollars)) for row in rows) for c in columns]
     return "\n".join(
         "  ".join(cell.rjust(w) if num else cell.ljust(w)
                   for cell, w, num in zip(line, widths, numeric)).rstrip()
@@ -5661,6 +6025,7 @@ class App:
         self._token_digest = hashlib.sha256(settings.access_token.encode()).digest()
         self._admin_failures: Dict[str, List[float]] = {}
         self.usage = UsageBook(store)
+        self.prices = settings.prices  # what each request's usage costs
         self.owners = Ownership(store)
         self.limiter = RateLimiter(store)
         self.active: "set[BaseHandler]" = set()  # requests in flight, for a graceful stop
@@ -5741,10 +6106,10 @@ class App:
         status = handler.get_status()
         level = logging.WARNING if status >= 500 else logging.INFO
         if log.isEnabledFor(level):
-            log.log(level, "%s %s %d user=%s model=%s tokens=%s %.1fms client=%s",
+            log.log(level, "%s %s %d user=%s model=%s tokens=%s cost=%s %.1fms client=%s",
                     handler.request.method, handler.log_path, status, handler.log_user,
-                    handler.log_model, handler.log_tokens, 1000 * handler.request.request_time(),
-                    self.client_address(handler.request))
+                    handler.log_model, handler.log_tokens, handler.log_cost,
+                    1000 * handler.request.request_time(), self.client_address(handler.request))
 
 
 def client_address(peer: str, headers: tornado.httputil.HTTPHeaders,
@@ -5930,6 +6295,8 @@ async def serve(settings: Settings, sockets: List[Any], parent: Optional[int] = 
     flusher.start()
     purger = tornado.ioloop.PeriodicCallback(app.store.purge_expired_objects, 3600 * 1000)
     purger.start()
+    period_purger = tornado.ioloop.PeriodicCallback(app.store.purge_past_periods, 3600 * 1000)
+    period_purger.start()
     watcher = tornado.ioloop.PeriodicCallback(
         app.watch_clients, min(1.0, CLIENT_IDLE_SECONDS / 4, CLIENT_BODY_SECONDS / 4) * 1000)
     watcher.start()
