@@ -3356,7 +3356,8 @@ class TestTheClone:
         assert users_by_name(worker)[name]["models"] == me["models"]
         rows = assert_aligned_table(request("GET", f"{worker.admin}/users").text,
                                     TestAdminViews.USER_COLUMNS)
-        assert [row[6] for row in rows if row[0] == name] == ["gpt-a,gpt-c"], rows
+        column = TestAdminViews.USER_COLUMNS.index("models")
+        assert [row[column] for row in rows if row[0] == name] == ["gpt-a,gpt-c"], rows
 
     def test_set_answers_the_whole_users_line(self, worker):
         name = unique("setline")
@@ -9402,6 +9403,10 @@ def parse_answer(raw: bytes, eof: bool, head_only: bool = False) -> Optional[Raw
         assert colon and name and name.strip() == name, f"a malformed header line: {line[:200]!r}"
         headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
     status = int(parts[1])
+    if 100 <= status < 200 and status != 101:
+        # An interim answer (100 Continue, to a request that sent Expect): the
+        # final one follows on the same connection (RFC 9110 §15.2).
+        return parse_answer(rest, eof, head_only)
     if head_only or status in (204, 304) or 100 <= status < 200:
         return RawAnswer(status, headers, b"", "whole", head)
     if "chunked" in headers.get("transfer-encoding", "").lower():
