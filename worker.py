@@ -249,7 +249,7 @@ def _networks(value: str, name: str) -> Tuple[Any, ...]:
         try:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
-            raise ConfigError(f"{name}: {item!r} is not an address or CIDR like 10.0.0.0/8")
+            raise ConfigError(f"{name}: {item!r} is not an address or CIDR like 10.0.0.0/8") from None
     return tuple(networks)
 
 
@@ -500,7 +500,7 @@ class DbmKV:
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise ConfigError(f"DB_PATH {self.path} is in use by another worker.py process")
+            raise ConfigError(f"DB_PATH {self.path} is in use by another worker.py process") from None
 
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -1114,7 +1114,7 @@ def parse_limits(fields: Dict[str, str]) -> Dict[str, Any]:
             try:
                 limits["expires"] = iso(parse_time(text))
             except (ValueError, OverflowError):
-                raise AdminError(400, "expires must be YYYY-MM-DD, an ISO-8601 time, or never")
+                raise AdminError(400, "expires must be YYYY-MM-DD, an ISO-8601 time, or never") from None
     for field in ("quota", "rpm"):
         if field in fields:
             limits[field] = _whole_number(fields[field], field)
@@ -2817,9 +2817,8 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         deadline = loop.call_later(request.request_timeout or 1e9, on_timeout)
         try:
             return await self._exchange(request, original, start)
-        except Exception as error:
-            if timed_out:
-                error = tornado.simple_httpclient.HTTPTimeoutError("Timeout")
+        except Exception as caught:
+            error = tornado.simple_httpclient.HTTPTimeoutError("Timeout") if timed_out else caught
             # Its traceback's frames hold the futures that hold it: a cycle, left
             # to the cyclic GC. Only the error's kind is ever shown, so let go.
             error.__traceback__ = error.__context__ = None
@@ -3708,7 +3707,7 @@ class ProxyHandler(BaseHandler):
                     headers=self.upstream_request_headers(identity=True),
                     request_timeout=self.app.settings.upstream_timeout), raise_error=False)
             except Exception as error:
-                raise self.upstream_error(error)
+                raise self.upstream_error(error) from None
             if response.code == 599:
                 raise self.upstream_error(response.error)
             page = _json_or_none(response.body) if response.code == 200 else None
@@ -4390,13 +4389,13 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         except tornado.httpclient.HTTPClientError as error:
             if error.code == 599:
                 raise ApiError(504, "The upstream API did not answer in time.", "server_error",
-                               "upstream_timeout")
+                               "upstream_timeout") from None
             raise ApiError(error.code, f"The upstream refused the WebSocket ({error.code}).",
-                           "server_error" if error.code >= 500 else "invalid_request_error")
+                           "server_error" if error.code >= 500 else "invalid_request_error") from None
         except Exception as error:
             log.warning("upstream WebSocket failed: %s", type(error).__name__)
             raise ApiError(502, "The upstream API could not be reached.", "server_error",
-                           "upstream_unreachable")
+                           "upstream_unreachable") from None
 
     def select_subprotocol(self, subprotocols: List[str]) -> Optional[str]:
         return self.upstream.selected_subprotocol if self.upstream else None
@@ -4686,7 +4685,7 @@ class AdminHandler(BaseHandler):
             else:
                 raise AdminError(404, "unknown command; see the README for the admin commands")
         except StoreError as e:
-            raise AdminError(e.status, str(e))
+            raise AdminError(e.status, str(e)) from None
 
     def fields(self) -> Dict[str, str]:
         """Query and form fields, one value each."""
@@ -4748,7 +4747,7 @@ class AdminHandler(BaseHandler):
                 try:
                     day = datetime.datetime.strptime(fields[field], "%Y-%m-%d").date()
                 except ValueError:
-                    raise AdminError(400, f"{field} must be a day as YYYY-MM-DD")
+                    raise AdminError(400, f"{field} must be a day as YYYY-MM-DD") from None
                 first, last = (day, last) if field == "from" else (first, day)
         if first > last:
             raise AdminError(400, "from must not be after to")
@@ -4966,7 +4965,7 @@ def tls_context(settings: Settings) -> Optional[ssl.SSLContext]:
     try:
         context.load_cert_chain(settings.tls_cert, settings.tls_key)
     except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"TLS_CERT/TLS_KEY: cannot load the certificate and key: {e}")
+        raise ConfigError(f"TLS_CERT/TLS_KEY: cannot load the certificate and key: {e}") from e
     return context
 
 
@@ -5211,14 +5210,14 @@ async def run_import(settings: Settings, path: str) -> None:
         with open(path) as f:
             users = json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"import: cannot read {path}: {e}")
+        raise ConfigError(f"import: cannot read {path}: {e}") from e
     if not isinstance(users, dict):
         raise ConfigError(f"import: {path} must hold a JSON object of users")
     kv = open_kv(settings)
     try:
         count = await Store(kv).import_users(users)
     except ValueError as e:
-        raise ConfigError(f"import: {e}")
+        raise ConfigError(f"import: {e}") from e
     finally:
         await kv.aclose()
     print(f"imported {count} users")
