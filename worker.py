@@ -58,12 +58,12 @@ import sys
 import time
 import urllib.parse
 import zlib
-from typing import Any, Awaitable, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union, cast
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # (typeshed's fcntl is a module, never None)
 
 import tornado.gen
 import tornado.httpclient
@@ -462,13 +462,13 @@ class DbmKV:
         self.path = path
         self.readonly = readonly
         self._gen = 0
-        self._snapshot = None  # the dbm of generation self._gen, read-only
+        self._snapshot: Optional["dbm._Database"] = None  # the dbm of generation self._gen, read-only
         self._overlay: Dict[str, Optional[str]] = {}  # key -> value, None = deleted
         self._frozen: Dict[str, Optional[str]] = {}  # overlay being checkpointed
         self._snapshot_cache: Dict[str, Optional[str]] = {}  # reads of the snapshot
-        self._journal = None
+        self._journal: Optional[io.FileIO] = None  # None when read-only or closed
         self._journal_gen = 0
-        self._lock_file = None
+        self._lock_file: Optional[io.TextIOWrapper] = None
         self._checkpointing: Optional[asyncio.Future] = None
         self._windows: Dict[str, "collections.deque[float]"] = {}  # take_slot's
 
@@ -559,8 +559,8 @@ class DbmKV:
         if len(self._snapshot_cache) >= SNAPSHOT_CACHE_ENTRIES:
             self._snapshot_cache.clear()
         # A snapshot never changes, so what it said stays true until the next one.
-        self._snapshot_cache[key] = value = None if value is None else value.decode()
-        return value
+        self._snapshot_cache[key] = text = None if value is None else value.decode()
+        return text
 
     async def get(self, key: str) -> Optional[str]:
         return self._get(key)
@@ -570,9 +570,9 @@ class DbmKV:
         found: Dict[str, Optional[str]] = {}
         if self._snapshot is not None:
             raw = prefix.encode()
-            for key in self._snapshot.keys():
-                if key.startswith(raw):
-                    found[key.decode()] = None
+            for stored in cast(List[bytes], self._snapshot.keys()):  # (typeshed: str | bytes)
+                if stored.startswith(raw):
+                    found[stored.decode()] = None
         for layer in (self._frozen, self._overlay):
             found.update((k, v) for k, v in layer.items() if k.startswith(prefix))
         result = {}
@@ -638,6 +638,7 @@ class DbmKV:
             return True
         ops = {key: _dump(value) if isinstance(value, list) else value
                for key, value in ops.items()}
+        assert self._journal is not None, "a read-only or closed store takes no writes"
         line, start = _encode_journal_line(ops), self._journal.tell()
         try:
             written = 0
@@ -682,6 +683,7 @@ class DbmKV:
         self._switch_to(new_gen)
 
     def _rotate_journal(self, new_gen: int) -> None:
+        assert self._journal is not None, "a read-only or closed store has no journal"
         self._journal.close()
         self._journal_gen = new_gen
         self._journal = open(self._file(f"wal-{new_gen}"), "ab", buffering=0)
@@ -693,9 +695,9 @@ class DbmKV:
         with dbm.open(target, "n") as new:
             if old_gen:
                 with dbm.open(self._file(f"snap-{old_gen}"), "r") as old:
-                    for key in old.keys():
-                        if key.decode() not in changes:
-                            new[key] = old[key]
+                    for stored in cast(List[bytes], old.keys()):  # (typeshed: str | bytes)
+                        if stored.decode() not in changes:
+                            new[stored] = old[stored]
             for key, value in changes.items():
                 if value is not None:
                     new[key.encode()] = value.encode()
