@@ -2758,7 +2758,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
     MAX_IDLE_PER_HOST = 256
     IDLE_SECONDS = 30.0
 
-    def initialize(self, defaults: Optional[Dict[str, Any]] = None) -> None:  # type: ignore[override]
+    def initialize(self, defaults: Optional[Dict[str, Any]] = None) -> None:
         super().initialize(defaults)
         self.tls: Optional[ssl.SSLContext] = None  # made when first needed: loading CAs takes 30 ms
         self.idle: Dict[Tuple[str, str, int], List["UpstreamConnection"]] = {}
@@ -2861,6 +2861,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
                 self._release(key, connection)
             else:
                 connection.abort()  # (nothing left to say on it, nor to send)
+            assert answer.code is not None, "an exchange ends after its answer's head"
             return tornado.httpclient.HTTPResponse(
                 request, answer.code, reason=answer.reason, headers=answer.headers,
                 buffer=io.BytesIO(b"".join(answer.body)),
@@ -3074,7 +3075,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(head)
             self.sending = True
             try:
-                await request.body_producer(self.write_chunked if chunked else self.write)
+                await request.body_producer(  # (Tornado types write() as returning None, not a Future)
+                    self.write_chunked if chunked else self.write)  # type: ignore[arg-type]
                 if chunked:
                     await self.write(b"0\r\n\r\n")
             except Exception:
@@ -3137,6 +3139,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(error)
 
     def _deliver(self, data: bytes) -> None:
+        assert self.answer is not None, "steps run during an exchange"
         waited = self.answer.data_received(data)
         if waited is not None:
             self.waiting = True
@@ -3176,6 +3179,7 @@ class UpstreamConnection(asyncio.Protocol):
         line, _, fields = text.partition("\n")
         start_line = tornado.httputil.parse_response_start_line(line.rstrip("\r"))
         headers = parse_fields(fields)
+        assert self.answer is not None, "steps run during an exchange"
         self.answer.started = True
         code = start_line.code
         if code < 200:  # 100 Continue and friends: the answer follows
@@ -3188,6 +3192,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _body_reader(self, code: int, headers: tornado.httputil.HTTPHeaders) -> Callable[[], bool]:
         """What reads this answer's body (RFC 9112 §6.3)."""
+        assert self.answer is not None, "steps run during an exchange"
         if self.answer.request.method == "HEAD" or code == 304:
             return self._complete
         try:
@@ -3280,6 +3285,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _complete(self) -> bool:
         answer, done = self.answer, self.done
+        assert answer is not None, "steps run during an exchange"
         # Reused only when nothing more than this answer came (a byte more
         # would be taken as the start of the next request's answer).
         self.reusable = (answer.keep_alive and not self.buffer and not self.ended
