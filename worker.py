@@ -66,6 +66,7 @@ except ImportError:  # pragma: no cover - not on Windows
     fcntl = None  # type: ignore[assignment]  # (typeshed's fcntl is a module, never None)
 
 import tornado.gen
+import tornado.http1connection
 import tornado.httpclient
 import tornado.httpserver
 import tornado.httputil
@@ -2587,6 +2588,12 @@ class Ownership:
 # The shared base handler: CORS, error bodies, the access log
 # ---------------------------------------------------------------------------
 
+def http1(request: tornado.httputil.HTTPServerRequest) -> tornado.http1connection.HTTP1Connection:
+    """The request's connection: Tornado's HTTP/1 server makes every one (its
+    type says only an HTTPConnection, or None)."""
+    return cast(tornado.http1connection.HTTP1Connection, request.connection)
+
+
 class BaseHandler(tornado.web.RequestHandler):
     """Owns what every route shares: CORS headers, errors, and the log line."""
 
@@ -2599,7 +2606,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.log_model = "-"
         self.log_tokens = "-"
         self.app.active.add(self)
-        self.app.idle_clients.pop(self.request.connection.stream, None)  # busy now
+        self.app.idle_clients.pop(http1(self.request).stream, None)  # busy now
 
     def on_finish(self) -> None:
         self.app.active.discard(self)
@@ -3580,7 +3587,7 @@ class ProxyHandler(BaseHandler):
             return
         # Tornado's own limit answers a bare 400; ours, counted as the body
         # streams, answers OpenAI's 413, so Tornado's is set past it.
-        self.request.connection.set_max_body_size(2 * self.app.settings.max_body_bytes + (1 << 20))
+        http1(self.request).set_max_body_size(2 * self.app.settings.max_body_bytes + (1 << 20))
         self.body_received = 0
         refuse_bad_framing(self.request.headers)
         self.user = await authenticate(self.app.store, self.request.headers)
@@ -3946,7 +3953,8 @@ class ProxyHandler(BaseHandler):
         nothing for CLIENT_BODY_SECONDS (while not held back by the upstream) is
         cut (by ``App.watch_clients``, once a second for all: no timer per
         request), so a slow or stalled client cannot hold a connection forever."""
-        self.request.connection.set_body_timeout(None)  # a 512 MB upload may take hours
+        # A 512 MB upload may take hours. (Tornado types the timeout as a float; None is none.)
+        http1(self.request).set_body_timeout(None)  # type: ignore[arg-type]
         self.body_seen, self.body_held = time.monotonic(), False
         self.uploading = True
 
@@ -4023,7 +4031,7 @@ class ProxyHandler(BaseHandler):
         if "Content-Length" not in headers:
             # A stream: each piece goes out as it comes (with a length, Tornado
             # sends the last piece unheld when the answer finishes).
-            self.request.connection.stream.set_nodelay(True)
+            http1(self.request).stream.set_nodelay(True)
         self.reader = UsageReader(headers.get("Content-Type", ""),
                                   headers.get("Content-Encoding", ""), strip=self.ask_usage)
         if self.reader.strip or (self.filter_models and code == 200):
@@ -4058,7 +4066,7 @@ class ProxyHandler(BaseHandler):
             return None
         self.write(data)
         # (Tornado's HTTP write futures never hold an error no one has seen.)
-        return unless_taken(self.flush(), self.request.connection.stream, seen=True)
+        return unless_taken(self.flush(), http1(self.request).stream, seen=True)
 
     async def _pass_through(self, *args: str) -> None:
         self.body_complete = True
@@ -4100,7 +4108,7 @@ class ProxyHandler(BaseHandler):
         if failure is not None:
             # The upstream broke off mid-answer: end the client's answer the
             # same way, so it never mistakes a cut stream for a whole one.
-            self.request.connection.stream.close()
+            http1(self.request).stream.close()
             return
         if self.filter_models and self.get_status() == 200:
             self.write(allowed_models_only(b"".join(self.models_list), self.user))
@@ -4131,7 +4139,7 @@ class ProxyHandler(BaseHandler):
         answer_preflight(self)
 
     def finish(self, chunk: Optional[Union[str, bytes, dict]] = None) -> "asyncio.Future[None]":
-        stream = self.request.connection.stream
+        stream = http1(self.request).stream
         if self._finished or self.body_complete or self.client_gone or stream.closed() \
                 or not self.has_body():
             return super().finish(chunk)
@@ -4830,7 +4838,7 @@ class App:
         for handler in list(self.active):
             if isinstance(handler, ProxyHandler) and handler.upload_stalled(now):
                 log.info("closing an upload that sent nothing for %g s", CLIENT_BODY_SECONDS)
-                handler.request.connection.stream.close()  # on_connection_close: 499, upstream ended
+                http1(handler.request).stream.close()  # on_connection_close: 499, upstream ended
 
     async def flush(self) -> None:
         """Write what the request path only noted: usage and object ownership."""
