@@ -3569,6 +3569,10 @@ class ProxyHandler(BaseHandler):
     request_bytes = 0  # the body's size, when it was read whole
     accounted = False  # (a method Tornado refuses never reaches prepare)
     request_model: Optional[str] = None
+    creates: Optional[str]  # set in prepare (None), then by check_ownership
+    object_id: Optional[str]
+    list_collection: Optional[str]
+    stores: Any  # the body's "store", as given
 
     async def prepare(self) -> None:
         self.upstream_headers_sent = self.client_gone = self.accounted = False
@@ -3640,6 +3644,7 @@ class ProxyHandler(BaseHandler):
         applies to them (GUI apps list models on every page load)."""
         if self.costs_nothing():
             return
+        assert self.user is not None  # (authenticated in prepare)
         await check_limits(self.app, self.user, [])
         await take_rpm_slot(self.app, self.user)
 
@@ -3648,6 +3653,7 @@ class ProxyHandler(BaseHandler):
             MODELS_LIST.match(self.route) or MODEL_IN_PATH.match(self.route))
 
     def has_allowlist(self) -> bool:
+        assert self.user is not None  # (authenticated in prepare)
         return "*" not in (self.user.get("models") or ["*"])
 
     # -- isolation --------------------------------------------------------------
@@ -3655,6 +3661,7 @@ class ProxyHandler(BaseHandler):
     async def check_ownership(self) -> None:
         """Note what the request does to owned objects; refuse another user's."""
         method = self.request.method
+        assert self.user is not None  # (authenticated in prepare)
         match = await check_path_access(self.app, self.user, self.route, method)
         if match is None:
             return
@@ -3674,6 +3681,7 @@ class ProxyHandler(BaseHandler):
         return self.isolated and self.list_collection is not None
 
     async def refuse_others_objects(self, obj: Any) -> None:
+        assert self.user is not None  # (authenticated in prepare)
         for object_id in referenced_ids(obj):
             if await self.app.owners.owner(object_id) != self.user["name"]:
                 raise no_such_object(object_id)
@@ -3683,6 +3691,7 @@ class ProxyHandler(BaseHandler):
         one is no one's. Whether claims now wait to be written."""
         if not 200 <= status < 300 or self.reader is None:
             return False
+        assert self.user is not None  # (authenticated in prepare)
         owners, name = self.app.owners, self.user["name"]
         if self.creates is not None and self.object_is_kept():
             pattern = THREAD_ID if self.route.endswith("/threads/runs") else FIRST_ID
@@ -3693,7 +3702,7 @@ class ProxyHandler(BaseHandler):
         if self.makes_files and self.reader.whole_in_head():
             for file_id in produced_files(_json_or_none(self.reader.head)):
                 owners.claim(name, file_id, "File")
-        if self.deletes_object:
+        if self.deletes_object and self.object_id is not None:
             owners.release(self.object_id)
         return bool(owners.pending)
 
@@ -3706,6 +3715,7 @@ class ProxyHandler(BaseHandler):
     async def answer_own_list(self) -> None:
         """A list as the caller sees it: its own objects only, paged through upstream
         pages one at a time until the client's ``limit`` is filled."""
+        assert self.user is not None  # (authenticated in prepare)
         query = {k: v for k, v in self.request.query_arguments.items() if k not in ("limit", "after")}
         limit_text = self.get_query_argument("limit", "20")
         limit = min(int(limit_text), 1000) if limit_text.isdigit() and int(limit_text) > 0 else 20
@@ -3835,6 +3845,7 @@ class ProxyHandler(BaseHandler):
             raise ApiError(400, "This key may use only some models, and the model named in this "
                                 "request body could not be read.", code="invalid_body")
         self.request_model = models[0] if models else None
+        assert self.user is not None  # (authenticated in prepare)
         for model in models:
             if self.has_allowlist() and not allows_model(self.user, model):
                 self.request_model = model  # (the log names the one refused)
@@ -3936,7 +3947,8 @@ class ProxyHandler(BaseHandler):
             method=self.request.method,
             headers=headers,
             body=body,
-            body_producer=self.produce_body if streamed else None,
+            # (Tornado's type has write() return None, not a Future, and no coroutine here.)
+            body_producer=self.produce_body if streamed else None,  # type: ignore[arg-type]
             streaming_callback=self.on_upstream_chunk,
             decompress_response=False,
             follow_redirects=False,
@@ -4005,7 +4017,9 @@ class ProxyHandler(BaseHandler):
         this request's whole graph (~56 objects) to the cyclic GC, whose passes
         then held every stream."""
         request = self.upstream_request
-        request.on_headers = request.streaming_callback = request.body_producer = None
+        assert request is not None, "let go of once its exchange ends"
+        request.streaming_callback = request.body_producer = None
+        request.on_headers = None  # type: ignore[attr-defined]  # (planted by new_upstream_request)
 
     def _drain_body_queue(self) -> None:
         """Unblock a data_received waiting on a full queue."""
@@ -4054,13 +4068,14 @@ class ProxyHandler(BaseHandler):
                 add_checked_field(headers, name, value)
         return headers
 
-    def on_upstream_chunk(self, chunk: bytes) -> Optional[Awaitable[None]]:
+    def on_upstream_chunk(self, chunk: bytes) -> Optional[Awaitable[Any]]:
         """Pass a chunk on; the upstream is read again once the client took it."""
         if self.client_gone:
             return None
         if self.filter_models and self.get_status() == 200:
             self.models_list.append(chunk)
             return None
+        assert self.reader is not None, "made by on_upstream_headers unless the client was gone"
         data = self.reader.feed(chunk)
         if not data:
             return None
@@ -4077,6 +4092,7 @@ class ProxyHandler(BaseHandler):
             await self.admit()
             await self.answer_own_list()
             return
+        exchange: Awaitable[tornado.httpclient.HTTPResponse]
         if self.fetch is None:  # no body, or one read whole: sent now, awaited in this task
             body = None
             if self.body_chunks is not None:
@@ -4111,6 +4127,7 @@ class ProxyHandler(BaseHandler):
             http1(self.request).stream.close()
             return
         if self.filter_models and self.get_status() == 200:
+            assert self.user is not None  # (authenticated in prepare)
             self.write(allowed_models_only(b"".join(self.models_list), self.user))
         elif self.reader is not None:
             rest = self.reader.flush()
@@ -4350,6 +4367,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         """What a client event may not do: name a model outside the key's list, another
         user's object, or start a response once the quota is used up."""
         user = self.user
+        assert user is not None, "authenticated in get, before the upgrade"
         limited = "*" not in (user.get("models") or ["*"])
         if not (limited or self.isolated() or user.get("quota")):
             return None
@@ -4435,7 +4453,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                 return
             if written is None:
                 continue
-            if self.ws_connection is None:
+            if self.ws_connection is None or self.ws_connection.stream is None:
                 written.add_done_callback(_retrieve)
                 continue
             behind = unless_taken(written, self.ws_connection.stream)
@@ -4603,7 +4621,7 @@ class AdminHandler(BaseHandler):
     or from ``Authorization: Bearer TOKEN`` on ``/admin/…``.
     """
 
-    def initialize(self, token_in_path: bool) -> None:
+    def initialize(self, token_in_path: bool) -> None:  # type: ignore[override]  # (the route's kwargs)
         super().initialize()
         self.token_in_path = token_in_path
 
@@ -4813,7 +4831,7 @@ class App:
     def __init__(self, settings: Settings, store: Store):
         self.settings = settings
         self.store = store
-        self.http_client = tornado.httpclient.AsyncHTTPClient()
+        self.http_client = cast(UpstreamClient, tornado.httpclient.AsyncHTTPClient())  # (see serve)
         self._token_digest = hashlib.sha256(settings.access_token.encode()).digest()
         self._admin_failures: Dict[str, List[float]] = {}
         self.usage = UsageBook(store)
@@ -5142,6 +5160,7 @@ def fork_workers(count: int) -> bool:
     of anything else (at most 5 a minute), and returns False when all are gone.
     """
     children: Dict[int, int] = {}  # pid -> worker number
+    number: Optional[int]  # (None: a pid not among them)
     stopping: List[int] = []
     restarts: "collections.deque[float]" = collections.deque(maxlen=5)
     stop_signals = {signal.SIGTERM, signal.SIGINT}
