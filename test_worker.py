@@ -4491,7 +4491,7 @@ def read_answers(sock: socket.socket, count: int, timeout: float = 20.0
         try:
             got = sock.recv(1 << 16)
         except socket.timeout:
-            raise AssertionError(f"{len(answers)} of {count} answers in {timeout:g} s: {raw!r}")
+            raise AssertionError(f"{len(answers)} of {count} answers in {timeout:g} s: {raw!r}") from None
         raw += got
     return answers
 

@@ -61,15 +61,16 @@ import sys
 import time
 import urllib.parse
 import zlib
-from typing import Any, Awaitable, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union, cast
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # (typeshed's fcntl is a module, never None)
 
 import tornado.escape
 import tornado.gen
+import tornado.http1connection
 import tornado.httpclient
 import tornado.httpserver
 import tornado.httputil
@@ -276,7 +277,7 @@ def _networks(value: str, name: str) -> Tuple[Any, ...]:
         try:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
-            raise ConfigError(f"{name}: {item!r} is not an address or CIDR like 10.0.0.0/8")
+            raise ConfigError(f"{name}: {item!r} is not an address or CIDR like 10.0.0.0/8") from None
     return tuple(networks)
 
 
@@ -513,13 +514,13 @@ class DbmKV:
         self.path = path
         self.readonly = readonly
         self._gen = 0
-        self._snapshot = None  # the dbm of generation self._gen, read-only
+        self._snapshot: Optional["dbm._Database"] = None  # the dbm of generation self._gen, read-only
         self._overlay: Dict[str, Optional[str]] = {}  # key -> value, None = deleted
         self._frozen: Dict[str, Optional[str]] = {}  # overlay being checkpointed
         self._snapshot_cache: Dict[str, Optional[str]] = {}  # reads of the snapshot
-        self._journal = None
+        self._journal: Optional[io.FileIO] = None  # None when read-only or closed
         self._journal_gen = 0
-        self._lock_file = None
+        self._lock_file: Optional[io.TextIOWrapper] = None
         self._checkpointing: Optional[asyncio.Future] = None
         self._windows: Dict[str, "collections.deque[float]"] = {}  # take_slot's
         # The journal's fsyncs, in order, off the event loop (see _synced);
@@ -563,7 +564,7 @@ class DbmKV:
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise ConfigError(f"DB_PATH {self.path} is in use by another worker.py process")
+            raise ConfigError(f"DB_PATH {self.path} is in use by another worker.py process") from None
 
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -622,8 +623,8 @@ class DbmKV:
         if len(self._snapshot_cache) >= SNAPSHOT_CACHE_ENTRIES:
             self._snapshot_cache.clear()
         # A snapshot never changes, so what it said stays true until the next one.
-        self._snapshot_cache[key] = value = None if value is None else value.decode()
-        return value
+        self._snapshot_cache[key] = text = None if value is None else value.decode()
+        return text
 
     async def get(self, key: str) -> Optional[str]:
         return self._get(key)
@@ -639,7 +640,7 @@ class DbmKV:
         once per key), which on the event loop would hold up every request for seconds."""
         found: Dict[str, Any] = {}
         if self._snapshot is not None:
-            snapshot = self._snapshot
+            snapshot: Any = self._snapshot
             try:
                 found = await asyncio.get_running_loop().run_in_executor(
                     None, self._read_snapshot, snapshot, prefix, decode)
@@ -716,6 +717,7 @@ class DbmKV:
             return True
         ops = {key: _dump(value) if isinstance(value, list) else value
                for key, value in ops.items()}
+        assert self._journal is not None, "a read-only or closed store takes no writes"
         self._append(_encode_journal_line(ops))
         # Seen at once (the next write's ``expect`` and read-modify-writes build
         # on it), acknowledged by the caller only once on disk.
@@ -727,16 +729,18 @@ class DbmKV:
         return True
 
     def _append(self, line: bytes) -> None:
-        start = self._journal.tell()
+        journal = self._journal
+        assert journal is not None, "a read-only or closed store takes no writes"
+        start = journal.tell()
         try:
             written = 0
             while written < len(line):  # an unbuffered file may take part of it
-                written += self._journal.write(line[written:])
+                written += journal.write(line[written:])
         except BaseException as e:
             # Take a part-written line back out, or every later line would sit
             # behind it and be cut off with it at the next start.
-            os.ftruncate(self._journal.fileno(), start)
-            self._journal.seek(start)  # (truncating leaves the position where it was)
+            os.ftruncate(journal.fileno(), start)
+            journal.seek(start)  # (truncating leaves the position where it was)
             if isinstance(e, OSError):
                 raise self._cannot_write(e) from None
             raise
@@ -749,6 +753,7 @@ class DbmKV:
         takes milliseconds on an SSD and tens of them on an SD card, and every
         stream would wait for it on the event loop. One thread keeps the order."""
         loop = asyncio.get_running_loop()
+        assert self._journal is not None, "a read-only or closed store takes no writes"
         try:
             await loop.run_in_executor(self._syncer, os.fsync, self._journal.fileno())
         except OSError as e:
@@ -797,6 +802,7 @@ class DbmKV:
 
     def _rotate_journal(self, new_gen: int) -> None:
         old, self._journal = self._journal, open(self._file(f"wal-{new_gen}"), "ab", buffering=0)
+        assert old is not None, "a read-only or closed store has no journal"
         self._journal_gen = new_gen
         self._syncer.submit(old.close)  # after the fsyncs still waiting on it
         _fsync_dir(self.path)
@@ -807,9 +813,9 @@ class DbmKV:
         with dbm.open(target, "n") as new:
             if old_gen:
                 with dbm.open(self._file(f"snap-{old_gen}"), "r") as old:
-                    for key in old.keys():
-                        if key.decode() not in changes:
-                            new[key] = old[key]
+                    for stored in cast(List[bytes], old.keys()):  # (typeshed: str | bytes)
+                        if stored.decode() not in changes:
+                            new[stored] = old[stored]
             for key, value in changes.items():
                 if value is not None:
                     new[key.encode()] = value.encode()
@@ -1236,7 +1242,7 @@ def parse_limits(fields: Dict[str, str]) -> Dict[str, Any]:
             try:
                 limits["expires"] = iso(parse_time(text))
             except (ValueError, OverflowError):
-                raise AdminError(400, "expires must be YYYY-MM-DD, an ISO-8601 time, or never")
+                raise AdminError(400, "expires must be YYYY-MM-DD, an ISO-8601 time, or never") from None
     for field in ("quota", "rpm"):
         if field in fields:
             limits[field] = _whole_number(fields[field], field)
@@ -2860,6 +2866,12 @@ class Ownership:
 # The shared base handler: CORS, error bodies, the access log
 # ---------------------------------------------------------------------------
 
+def http1(request: tornado.httputil.HTTPServerRequest) -> tornado.http1connection.HTTP1Connection:
+    """The request's connection: Tornado's HTTP/1 server makes every one (its
+    type says only an HTTPConnection, or None)."""
+    return cast(tornado.http1connection.HTTP1Connection, request.connection)
+
+
 class BaseHandler(tornado.web.RequestHandler):
     """Owns what every route shares: CORS headers, errors, and the log line."""
 
@@ -2873,7 +2885,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.log_tokens = "-"
         self.log_cost = "-"
         self.app.active.add(self)
-        self.app.idle_clients.pop(self.request.connection.stream, None)  # busy now
+        self.app.idle_clients.pop(http1(self.request).stream, None)  # busy now
 
     def on_finish(self) -> None:
         self.app.active.discard(self)
@@ -3047,7 +3059,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
     MAX_IDLE_PER_HOST = 256
     IDLE_SECONDS = 30.0
 
-    def initialize(self, defaults: Optional[Dict[str, Any]] = None) -> None:  # type: ignore[override]
+    def initialize(self, defaults: Optional[Dict[str, Any]] = None) -> None:
         super().initialize(defaults)
         self.tls: Optional[ssl.SSLContext] = None  # made when first needed: loading CAs takes 30 ms
         self.idle: Dict[Tuple[str, str, int], List["UpstreamConnection"]] = {}
@@ -3108,9 +3120,8 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         deadline = loop.call_later(request.request_timeout or 1e9, on_timeout)
         try:
             return await self._exchange(request, original, start)
-        except Exception as error:
-            if timed_out:
-                error = tornado.simple_httpclient.HTTPTimeoutError("Timeout")
+        except Exception as caught:
+            error = tornado.simple_httpclient.HTTPTimeoutError("Timeout") if timed_out else caught
             # Its traceback's frames hold the futures that hold it: a cycle, left
             # to the cyclic GC. Only the error's kind is ever shown, so let go.
             error.__traceback__ = error.__context__ = None
@@ -3151,6 +3162,7 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
                 self._release(key, connection)
             else:
                 connection.abort()  # (nothing left to say on it, nor to send)
+            assert answer.code is not None, "an exchange ends after its answer's head"
             return tornado.httpclient.HTTPResponse(
                 request, answer.code, reason=answer.reason, headers=answer.headers,
                 buffer=io.BytesIO(b"".join(answer.body)),
@@ -3364,7 +3376,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(head)
             self.sending = True
             try:
-                await request.body_producer(self.write_chunked if chunked else self.write)
+                await request.body_producer(  # (Tornado types write() as returning None, not a Future)
+                    self.write_chunked if chunked else self.write)  # type: ignore[arg-type]
                 if chunked:
                     await self.write(b"0\r\n\r\n")
             except Exception:
@@ -3427,6 +3440,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(error)
 
     def _deliver(self, data: bytes) -> None:
+        assert self.answer is not None, "steps run during an exchange"
         waited = self.answer.data_received(data)
         if waited is not None:
             self.waiting = True
@@ -3466,6 +3480,7 @@ class UpstreamConnection(asyncio.Protocol):
         line, _, fields = text.partition("\n")
         start_line = tornado.httputil.parse_response_start_line(line.rstrip("\r"))
         headers = parse_fields(fields)
+        assert self.answer is not None, "steps run during an exchange"
         self.answer.started = True
         code = start_line.code
         if code < 200:  # 100 Continue and friends: the answer follows
@@ -3478,6 +3493,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _body_reader(self, code: int, headers: tornado.httputil.HTTPHeaders) -> Callable[[], bool]:
         """What reads this answer's body (RFC 9112 §6.3)."""
+        assert self.answer is not None, "steps run during an exchange"
         if self.answer.request.method == "HEAD" or code == 304:
             return self._complete
         try:
@@ -3570,6 +3586,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _complete(self) -> bool:
         answer, done = self.answer, self.done
+        assert answer is not None, "steps run during an exchange"
         # Reused only when nothing more than this answer came (a byte more
         # would be taken as the start of the next request's answer).
         self.reusable = (answer.keep_alive and not self.buffer and not self.ended
@@ -3909,6 +3926,10 @@ class ProxyHandler(BaseHandler):
     request_bytes = 0  # the body's size, when it was read whole
     accounted = False  # (a method Tornado refuses never reaches prepare)
     request_model: Optional[str] = None
+    creates: Optional[str]  # set in prepare (None), then by check_ownership
+    object_id: Optional[str]
+    list_collection: Optional[str]
+    stores: Any  # the body's "store", as given
 
     async def prepare(self) -> None:
         self.upstream_headers_sent = self.client_gone = self.accounted = False
@@ -3932,7 +3953,7 @@ class ProxyHandler(BaseHandler):
             return
         # Tornado's own limit answers a bare 400; ours, counted as the body
         # streams, answers OpenAI's 413, so Tornado's is set past it.
-        self.request.connection.set_max_body_size(2 * self.app.settings.max_body_bytes + (1 << 20))
+        http1(self.request).set_max_body_size(2 * self.app.settings.max_body_bytes + (1 << 20))
         self.body_received = 0
         refuse_bad_framing(self.request.headers)
         self.user = await authenticate(self.app.store, self.request.headers)
@@ -3988,6 +4009,7 @@ class ProxyHandler(BaseHandler):
         applies to them (GUI apps list models on every page load)."""
         if self.costs_nothing():
             return
+        assert self.user is not None  # (authenticated in prepare)
         await check_limits(self.app, self.user, [])
         await take_rpm_slot(self.app, self.user)
 
@@ -3996,11 +4018,13 @@ class ProxyHandler(BaseHandler):
             MODELS_LIST.match(self.route) or MODEL_IN_PATH.match(self.route))
 
     def has_allowlist(self) -> bool:
+        assert self.user is not None  # (authenticated in prepare)
         return "*" not in (self.user.get("models") or ["*"])
 
     def checks_models(self) -> bool:
         """Whether the models a body names must be read: for an allowlist, or a
         budget (a model without a price is refused)."""
+        assert self.user is not None  # (authenticated in prepare)
         return self.has_allowlist() or bool(self.user.get("budget"))
 
     # -- isolation --------------------------------------------------------------
@@ -4008,6 +4032,7 @@ class ProxyHandler(BaseHandler):
     async def check_ownership(self) -> None:
         """Note what the request does to owned objects; refuse another user's."""
         method = self.request.method
+        assert self.user is not None  # (authenticated in prepare)
         match = await check_path_access(self.app, self.user, self.route, method)
         if match is None:
             return
@@ -4030,6 +4055,7 @@ class ProxyHandler(BaseHandler):
         return self.isolated and self.list_collection is not None
 
     async def refuse_others_objects(self, obj: Any) -> None:
+        assert self.user is not None  # (authenticated in prepare)
         for object_id in referenced_ids(obj):
             if await self.app.owners.owner(object_id) != self.user["name"]:
                 raise no_such_object(object_id)
@@ -4039,6 +4065,7 @@ class ProxyHandler(BaseHandler):
         one is no one's. Whether claims now wait to be written."""
         if not 200 <= status < 300 or self.reader is None:
             return False
+        assert self.user is not None  # (authenticated in prepare)
         owners, name = self.app.owners, self.user["name"]
         if self.creates is not None and self.object_is_kept():
             pattern = THREAD_ID if self.route.endswith("/threads/runs") else FIRST_ID
@@ -4051,7 +4078,7 @@ class ProxyHandler(BaseHandler):
         if self.makes_files and self.reader.whole_in_head():
             for file_id in produced_files(_json_or_none(self.reader.head)):
                 owners.claim(name, file_id, "File")
-        if self.deletes_object:
+        if self.deletes_object and self.object_id is not None:
             owners.release(self.object_id)
         return bool(owners.pending)
 
@@ -4064,6 +4091,7 @@ class ProxyHandler(BaseHandler):
     async def answer_own_list(self) -> None:
         """A list as the caller sees it: its own objects only, paged through upstream
         pages one at a time until the client's ``limit`` is filled."""
+        assert self.user is not None  # (authenticated in prepare)
         query = {k: v for k, v in self.request.query_arguments.items() if k not in ("limit", "after")}
         limit_text = self.get_query_argument("limit", "20")
         limit = min(int(limit_text), 1000) if limit_text.isdigit() and int(limit_text) > 0 else 20
@@ -4080,7 +4108,7 @@ class ProxyHandler(BaseHandler):
                     headers=self.upstream_request_headers(identity=True),
                     request_timeout=self.app.settings.upstream_timeout), raise_error=False)
             except Exception as error:
-                raise self.upstream_error(error)
+                raise self.upstream_error(error) from None
             if response.code == 599:
                 raise self.upstream_error(response.error)
             page = _json_or_none(response.body) if response.code == 200 else None
@@ -4128,6 +4156,7 @@ class ProxyHandler(BaseHandler):
     def must_inspect_body(self) -> bool:
         if self.request.method != "POST":
             return False
+        assert self.user is not None  # (authenticated in prepare)
         path = self.route
         return bool(USAGE_ON_REQUEST.match(path) or MODEL_NOT_IN_ANSWER.match(path)
                     or (self.has_allowlist() and (MODEL_IN_BODY.match(path) or self.body_is_json()))
@@ -4195,6 +4224,7 @@ class ProxyHandler(BaseHandler):
                                 "model named in this request body could not be read.",
                            code="invalid_body")
         self.request_model = models[0] if models else None
+        assert self.user is not None  # (authenticated in prepare)
         for model in models:
             if self.has_allowlist() and not allows_model(self.user, model):
                 self.request_model = model  # (the log names the one refused)
@@ -4305,7 +4335,8 @@ class ProxyHandler(BaseHandler):
             method=self.request.method,
             headers=headers,
             body=body,
-            body_producer=self.produce_body if streamed else None,
+            # (Tornado's type has write() return None, not a Future, and no coroutine here.)
+            body_producer=self.produce_body if streamed else None,  # type: ignore[arg-type]
             streaming_callback=self.on_upstream_chunk,
             decompress_response=False,
             follow_redirects=False,
@@ -4322,7 +4353,8 @@ class ProxyHandler(BaseHandler):
         nothing for CLIENT_BODY_SECONDS (while not held back by the upstream) is
         cut (by ``App.watch_clients``, once a second for all: no timer per
         request), so a slow or stalled client cannot hold a connection forever."""
-        self.request.connection.set_body_timeout(None)  # a 512 MB upload may take hours
+        # A 512 MB upload may take hours. (Tornado types the timeout as a float; None is none.)
+        http1(self.request).set_body_timeout(None)  # type: ignore[arg-type]
         self.body_seen, self.body_held = time.monotonic(), False
         self.uploading = True
 
@@ -4373,7 +4405,9 @@ class ProxyHandler(BaseHandler):
         this request's whole graph (~56 objects) to the cyclic GC, whose passes
         then held every stream."""
         request = self.upstream_request
-        request.on_headers = request.streaming_callback = request.body_producer = None
+        assert request is not None, "let go of once its exchange ends"
+        request.streaming_callback = request.body_producer = None
+        request.on_headers = None  # type: ignore[attr-defined]  # (planted by new_upstream_request)
 
     def _drain_body_queue(self) -> None:
         """Unblock a data_received waiting on a full queue."""
@@ -4399,7 +4433,7 @@ class ProxyHandler(BaseHandler):
         if "Content-Length" not in headers:
             # A stream: each piece goes out as it comes (with a length, Tornado
             # sends the last piece unheld when the answer finishes).
-            self.request.connection.stream.set_nodelay(True)
+            http1(self.request).stream.set_nodelay(True)
         self.reader = UsageReader(headers.get("Content-Type", ""),
                                   headers.get("Content-Encoding", ""), strip=self.ask_usage)
         if self.reader.strip or (self.filter_models and code == 200):
@@ -4422,19 +4456,20 @@ class ProxyHandler(BaseHandler):
                 add_checked_field(headers, name, value)
         return headers
 
-    def on_upstream_chunk(self, chunk: bytes) -> Optional[Awaitable[None]]:
+    def on_upstream_chunk(self, chunk: bytes) -> Optional[Awaitable[Any]]:
         """Pass a chunk on; the upstream is read again once the client took it."""
         if self.client_gone:
             return None
         if self.filter_models and self.get_status() == 200:
             self.models_list.append(chunk)
             return None
+        assert self.reader is not None, "made by on_upstream_headers unless the client was gone"
         data = self.reader.feed(chunk)
         if not data:
             return None
         self.write(data)
         # (Tornado's HTTP write futures never hold an error no one has seen.)
-        return unless_taken(self.flush(), self.request.connection.stream, seen=True)
+        return unless_taken(self.flush(), http1(self.request).stream, seen=True)
 
     async def _pass_through(self, *args: str) -> None:
         self.body_complete = True
@@ -4445,6 +4480,7 @@ class ProxyHandler(BaseHandler):
             await self.admit()
             await self.answer_own_list()
             return
+        exchange: Awaitable[tornado.httpclient.HTTPResponse]
         if self.fetch is None:  # no body, or one read whole: sent now, awaited in this task
             body = None
             if self.body_chunks is not None:
@@ -4476,15 +4512,16 @@ class ProxyHandler(BaseHandler):
         if failure is not None:
             # The upstream broke off mid-answer: end the client's answer the
             # same way, so it never mistakes a cut stream for a whole one.
-            self.request.connection.stream.close()
+            http1(self.request).stream.close()
             return
         if self.filter_models and self.get_status() == 200:
+            assert self.user is not None  # (authenticated in prepare)
             self.write(allowed_models_only(b"".join(self.models_list), self.user))
         elif self.reader is not None:
             rest = self.reader.flush()
             if rest:  # (nothing at all may be written for a 204 or 304)
                 self.write(rest)
-            if self.fetches_later and self.reader.result() is not None:
+            if self.fetches_later and self.object_id and self.reader.result() is not None:
                 self.counts_later = await self.app.store.count_once(self.object_id)
         self.finish()
 
@@ -4509,7 +4546,7 @@ class ProxyHandler(BaseHandler):
         answer_preflight(self)
 
     def finish(self, chunk: Optional[Union[str, bytes, dict]] = None) -> "asyncio.Future[None]":
-        stream = self.request.connection.stream
+        stream = http1(self.request).stream
         if self._finished or self.body_complete or self.client_gone or stream.closed() \
                 or not self.has_body():
             return super().finish(chunk)
@@ -4765,6 +4802,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         without a price, for a budget), another user's object, or start a
         response once the quota or budget is used up."""
         user = self.user
+        assert user is not None, "authenticated in get, before the upgrade"
         limited = "*" not in (user.get("models") or ["*"]) or bool(user.get("budget"))
         if not (limited or self.isolated() or user.get("quota")):
             return None
@@ -4822,13 +4860,13 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         except tornado.httpclient.HTTPClientError as error:
             if error.code == 599:
                 raise ApiError(504, "The upstream API did not answer in time.", "server_error",
-                               "upstream_timeout")
+                               "upstream_timeout") from None
             raise ApiError(error.code, f"The upstream refused the WebSocket ({error.code}).",
-                           "server_error" if error.code >= 500 else "invalid_request_error")
+                           "server_error" if error.code >= 500 else "invalid_request_error") from None
         except Exception as error:
             log.warning("upstream WebSocket failed: %s", type(error).__name__)
             raise ApiError(502, "The upstream API could not be reached.", "server_error",
-                           "upstream_unreachable")
+                           "upstream_unreachable") from None
 
     def select_subprotocol(self, subprotocols: List[str]) -> Optional[str]:
         return self.upstream.selected_subprotocol if self.upstream else None
@@ -4852,7 +4890,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                 return
             if written is None:
                 continue
-            if self.ws_connection is None:
+            if self.ws_connection is None or self.ws_connection.stream is None:
                 written.add_done_callback(_retrieve)
                 continue
             behind = unless_taken(written, self.ws_connection.stream)
@@ -5050,7 +5088,7 @@ class AdminHandler(BaseHandler):
     or from ``Authorization: Bearer TOKEN`` on ``/admin/…``.
     """
 
-    def initialize(self, token_in_path: bool) -> None:
+    def initialize(self, token_in_path: bool) -> None:  # type: ignore[override]  # (the route's kwargs)
         super().initialize()
         self.token_in_path = token_in_path
 
@@ -5254,7 +5292,7 @@ class AdminHandler(BaseHandler):
                 try:
                     day = datetime.datetime.strptime(fields[field], "%Y-%m-%d").date()
                 except ValueError:
-                    raise AdminError(400, f"{field} must be a day as YYYY-MM-DD")
+                    raise AdminError(400, f"{field} must be a day as YYYY-MM-DD") from None
                 first, last = (day, last) if field == "from" else (first, day)
         if first > last:
             raise AdminError(400, "from must not be after to")
@@ -6021,7 +6059,7 @@ class App:
     def __init__(self, settings: Settings, store: Store):
         self.settings = settings
         self.store = store
-        self.http_client = tornado.httpclient.AsyncHTTPClient()
+        self.http_client = cast(UpstreamClient, tornado.httpclient.AsyncHTTPClient())  # (see serve)
         self._token_digest = hashlib.sha256(settings.access_token.encode()).digest()
         self._admin_failures: Dict[str, List[float]] = {}
         self.usage = UsageBook(store)
@@ -6047,7 +6085,7 @@ class App:
         for handler in list(self.active):
             if isinstance(handler, ProxyHandler) and handler.upload_stalled(now):
                 log.info("closing an upload that sent nothing for %g s", CLIENT_BODY_SECONDS)
-                handler.request.connection.stream.close()  # on_connection_close: 499, upstream ended
+                http1(handler.request).stream.close()  # on_connection_close: 499, upstream ended
 
     async def flush(self) -> None:
         """Write what the request path only noted: usage and object ownership."""
@@ -6191,7 +6229,7 @@ def tls_context(settings: Settings) -> Optional[ssl.SSLContext]:
     try:
         context.load_cert_chain(settings.tls_cert, settings.tls_key)
     except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"TLS_CERT/TLS_KEY: cannot load the certificate and key: {e}")
+        raise ConfigError(f"TLS_CERT/TLS_KEY: cannot load the certificate and key: {e}") from e
     return context
 
 
@@ -6373,6 +6411,7 @@ def fork_workers(count: int) -> bool:
     of anything else (at most 5 a minute), and returns False when all are gone.
     """
     children: Dict[int, int] = {}  # pid -> worker number
+    number: Optional[int]  # (None: a pid not among them)
     stopping: List[int] = []
     restarts: "collections.deque[float]" = collections.deque(maxlen=5)
     stop_signals = {signal.SIGTERM, signal.SIGINT}
@@ -6459,14 +6498,14 @@ async def run_import(settings: Settings, path: str) -> None:
         with open(path) as f:
             users = json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"import: cannot read {path}: {e}")
+        raise ConfigError(f"import: cannot read {path}: {e}") from e
     if not isinstance(users, dict):
         raise ConfigError(f"import: {path} must hold a JSON object of users")
     kv = open_kv(settings)
     try:
         count = await Store(kv).import_users(users)
     except ValueError as e:
-        raise ConfigError(f"import: {e}")
+        raise ConfigError(f"import: {e}") from e
     finally:
         await kv.aclose()
     print(f"imported {count} users")
