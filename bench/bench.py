@@ -1263,22 +1263,36 @@ class Bench:
             self.notes.append("nginx is not on PATH: no reverse-proxy baseline (install it to get one).")
             log("bench: " + self.notes[-1])
 
-        workers = [("worker", {"bench": {"key": CLIENT_KEY}})]
+        workers = [("worker", {"bench": {"key": CLIENT_KEY}}, self.worker)]
+        if args.baseline:
+            # The same user on another worker.py (an earlier checkout's), measured
+            # in the same run: "before and after" with the machine's drift shared.
+            workers.append(("baseline", {"bench": {"key": CLIENT_KEY}},
+                            os.path.abspath(args.baseline)))
+        if args.budget:
+            # A user with a monthly budget (and a price looked up for every
+            # request): what checking and pricing spend costs per request.
+            workers.append(("worker-budget", {"bench": {
+                "key": CLIENT_KEY, "budget": 10 ** 18, "period": "month"}}, self.worker))
         if args.many_users:
-            workers.append((f"worker-{args.many_users // 1000}k-users", many_users(args.many_users)))
-        for name, users in workers:
+            workers.append((f"worker-{args.many_users // 1000}k-users", many_users(args.many_users),
+                            self.worker))
+        for name, users, worker in workers:
             env = worker_env(os.path.join(self.tmp, name + ".db"), free_port(), upstream_url, cert)
-            self.add_worker(name, env, users)
+            self.add_worker(name, env, users, worker)
         if args.redis:
             self.add_redis_workers(upstream_url, cert)
 
-    def add_worker(self, name: str, env: Dict[str, str], users: Dict[str, Any]) -> None:
-        """A worker.py target: its users imported now, started (and restarted) by start_all."""
-        took = import_users(self.worker, env, users, self.tmp, name)
+    def add_worker(self, name: str, env: Dict[str, str], users: Dict[str, Any],
+                   worker: str = "") -> None:
+        """A worker.py target (this checkout's, or ``worker``): its users imported
+        now, started (and restarted) by start_all."""
+        worker = worker or self.worker
+        took = import_users(worker, env, users, self.tmp, name)
         log(f"bench: imported {len(users):,} users for {name} in {took:.2f} s")
         target = Target(name, int(env["PORT"]))
-        target.start_fn = lambda: Proc(name, [sys.executable, self.worker], env=env,
-                                       cwd=os.path.dirname(self.worker),
+        target.start_fn = lambda: Proc(name, [sys.executable, worker], env=env,
+                                       cwd=os.path.dirname(worker),
                                        log_path=os.path.join(self.tmp, name + ".log"))
         self.targets.append(target)
 
@@ -1641,6 +1655,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--no-redis", dest="redis", action="store_false",
                    help="leave out worker.py with KV_URL (on when redis-server and redis-py are there)")
     p.add_argument("--many-users", type=int, default=10000, help="users of the second worker (0: none)")
+    p.add_argument("--baseline", help="another worker.py (say, an earlier checkout's) measured "
+                                      "beside this one, as the target 'baseline'")
+    p.add_argument("--budget", action="store_true",
+                   help="also a worker whose user has a monthly budget (target 'worker-budget')")
     p.add_argument("--reps", type=int, help="non-stream reps (default 3; quick 1)")
     p.add_argument("--levels", default="1,16,64", help="non-stream concurrency levels")
     p.add_argument("--duration", type=float, help="seconds per level (default 2; quick 0.5)")
