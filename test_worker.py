@@ -10560,7 +10560,7 @@ ALL = {"name": "u", "scope": "all"}
 LISTED = {"name": "u", "scope": "all", "models": ["gpt-4o-mini"]}
 BUDGET = {"name": "u", "scope": "all", "budget": 500}
 QUOTA = {"name": "u", "scope": "all", "quota": 1000}
-JSON_BODY = {"Content-Type": "application/json", "Content-Length": "100"}
+PLAN_JSON = {"Content-Type": "application/json", "Content-Length": "100"}
 BIG = str(10 << 20)  # a body past SMALL_BODY_BYTES
 
 
@@ -10581,29 +10581,29 @@ def check_plan(method: str, path: str, user: Dict[str, Any], headers: Dict[str, 
 
 
 CHAT_PLANS = [
-    ("POST", "/v1/chat/completions", ALL, JSON_BODY,
+    ("POST", "/v1/chat/completions", ALL, PLAN_JSON,
      dict(body="whole", inspect=True, asks_usage=True, counted=True, creates="chat/completions")),
-    ("POST", "/v1/completions", ALL, JSON_BODY,
+    ("POST", "/v1/completions", ALL, PLAN_JSON,
      dict(body="whole", inspect=True, asks_usage=True, counted=True, creates=None)),
-    ("POST", "/v1//v1/chat/completions", ALL, JSON_BODY, dict(route="/v1/chat/completions")),
+    ("POST", "/v1//v1/chat/completions", ALL, PLAN_JSON, dict(route="/v1/chat/completions")),
     ("GET", "/v1/chat/completions", ALL, {}, dict(body="none", lists=None, counted=False)),
     ("GET", "/v1/chat/completions", OWN, {}, dict(lists="chat/completions")),
     ("GET", "/v1/chat/completions/chatcmpl-1", OWN, {},
      dict(object_id="chatcmpl-1", checks_owner=True, counted=False)),
     ("GET", "/v1/chat/completions/chatcmpl-1", ALL, {}, dict(checks_owner=False)),
-    ("POST", "/v1/chat/completions/chatcmpl-1", OWN, JSON_BODY,
+    ("POST", "/v1/chat/completions/chatcmpl-1", OWN, PLAN_JSON,
      dict(updates=True, counted=False, creates=None)),
     ("DELETE", "/v1/chat/completions/chatcmpl-1", OWN, {}, dict(deletes=True, counted=False)),
 ]
 
 RESPONSES_PLANS = [
-    ("POST", "/v1/responses", ALL, JSON_BODY,
+    ("POST", "/v1/responses", ALL, PLAN_JSON,
      dict(body="whole", inspect=False, asks_usage=False, creates="responses", counted=True)),
-    ("POST", "/v1/responses", OWN, JSON_BODY, dict(inspect=True)),
+    ("POST", "/v1/responses", OWN, PLAN_JSON, dict(inspect=True)),
     ("GET", "/v1/responses/resp_1", OWN, {},
      dict(fetched_later="responses", counted=True, checks_owner=True)),
     ("DELETE", "/v1/responses/resp_1", ALL, {}, dict(fetched_later=None, deletes=True)),
-    ("POST", "/v1/responses/input_tokens", OWN, JSON_BODY,
+    ("POST", "/v1/responses/input_tokens", OWN, PLAN_JSON,
      dict(object_id=None, checks_owner=False, creates=None)),
 ]
 
@@ -10620,13 +10620,13 @@ FILE_PLANS = [
     ("GET", "/v1/files", OWN, {"Content-Length": BIG}, dict(body="drop")),
     ("DELETE", "/v1/files/file-1", ALL, {"Transfer-Encoding": "chunked"},
      dict(body="whole", deletes=True)),
-    ("POST", "/v1/uploads/upload_1/complete", OWN, JSON_BODY,
+    ("POST", "/v1/uploads/upload_1/complete", OWN, PLAN_JSON,
      dict(makes_files=True, checks_owner=True, creates=None)),
-    ("POST", "/v1/uploads", OWN, JSON_BODY, dict(creates="uploads")),
+    ("POST", "/v1/uploads", OWN, PLAN_JSON, dict(creates="uploads")),
 ]
 
 BATCH_PLANS = [
-    ("POST", "/v1/batches", ALL, JSON_BODY, dict(creates="batches", counted=True)),
+    ("POST", "/v1/batches", ALL, PLAN_JSON, dict(creates="batches", counted=True)),
     ("GET", "/v1/batches/batch_1", OWN, {},
      dict(fetched_later="batches", makes_files=True, counted=True, checks_owner=True)),
     ("GET", "/v1/batches", OWN, {}, dict(lists="batches")),
@@ -10642,47 +10642,47 @@ MODEL_PLANS = [
 ]
 
 AUDIO_IMAGE_PLANS = [
-    ("POST", "/v1/audio/speech", ALL, JSON_BODY,
+    ("POST", "/v1/audio/speech", ALL, PLAN_JSON,
      dict(priced_per="characters", priced_by_request=True, inspect=True)),
     ("POST", "/v1/audio/transcriptions", ALL, {"Content-Type": "multipart/form-data; boundary=b",
                                                "Content-Length": BIG},
      dict(priced_per=None, priced_by_request=True, inspect=True, body="whole")),
-    ("POST", "/v1/images/generations", ALL, JSON_BODY,
+    ("POST", "/v1/images/generations", ALL, PLAN_JSON,
      dict(priced_per="images", priced_by_request=True, refusal=None)),
-    ("POST", "/v1/images/variations", BUDGET, JSON_BODY, dict(refusal=403)),
+    ("POST", "/v1/images/variations", BUDGET, PLAN_JSON, dict(refusal=403)),
 ]
 
 REALTIME_PLANS = [
-    ("POST", "/v1/realtime/client_secrets", ALL, JSON_BODY, dict(refusal=None)),
-    ("POST", "/v1/realtime/client_secrets", LISTED, JSON_BODY, dict(refusal=403)),
-    ("POST", "/v1/realtime/sessions", QUOTA, JSON_BODY, dict(refusal=403)),
-    ("POST", "/v1/realtime/calls", BUDGET, JSON_BODY, dict(refusal=403)),
-    ("POST", "/v1/realtime/calls", ALL, JSON_BODY, dict(refusal=None, model_in_body=True)),
+    ("POST", "/v1/realtime/client_secrets", ALL, PLAN_JSON, dict(refusal=None)),
+    ("POST", "/v1/realtime/client_secrets", LISTED, PLAN_JSON, dict(refusal=403)),
+    ("POST", "/v1/realtime/sessions", QUOTA, PLAN_JSON, dict(refusal=403)),
+    ("POST", "/v1/realtime/calls", BUDGET, PLAN_JSON, dict(refusal=403)),
+    ("POST", "/v1/realtime/calls", ALL, PLAN_JSON, dict(refusal=None, model_in_body=True)),
 ]
 
 ADMIN_ONLY_PLANS = [
     ("GET", "/v1/organization/users", OWN, {}, dict(refusal=403)),
     ("GET", "/v1/organization/users", ALL, {}, dict(refusal=None)),
     ("GET", "/v1/projects/p/api_keys", OWN, {}, dict(refusal=403)),
-    ("POST", "/v1/fine_tuning/checkpoints/c/permissions", OWN, JSON_BODY, dict(refusal=403)),
+    ("POST", "/v1/fine_tuning/checkpoints/c/permissions", OWN, PLAN_JSON, dict(refusal=403)),
     ("GET", "/v1/chatkit/threads", OWN, {}, dict(refusal=403)),
 ]
 
 LIMIT_PLANS = [  # isolation on and off, an allowlist, a budget
-    ("POST", "/v1/embeddings", ALL, JSON_BODY, dict(inspect=False, checks_models=False)),
-    ("POST", "/v1/embeddings", BUDGET, JSON_BODY,
+    ("POST", "/v1/embeddings", ALL, PLAN_JSON, dict(inspect=False, checks_models=False)),
+    ("POST", "/v1/embeddings", BUDGET, PLAN_JSON,
      dict(inspect=True, checks_models=True, model_in_body=True)),
     ("POST", "/v1/embeddings", LISTED, {"Content-Type": "text/plain", "Content-Length": BIG},
      dict(inspect=True, body="whole")),
-    ("POST", "/v1/unknown", LISTED, JSON_BODY, dict(inspect=True, model_in_body=False)),
+    ("POST", "/v1/unknown", LISTED, PLAN_JSON, dict(inspect=True, model_in_body=False)),
     ("POST", "/v1/unknown", LISTED, {"Content-Type": "text/plain", "Content-Length": "10"},
      dict(inspect=False, body="whole")),
     ("POST", "/v1/unknown", OWN, {"Content-Type": "text/plain", "Content-Length": "10"},
      dict(inspect=True, isolated=True)),
     ("POST", "/v1/unknown", ALL, {"Content-Type": "text/plain", "Content-Length": BIG},
      dict(body="stream", isolated=False)),
-    ("POST", "/v1/fine_tuning/jobs", BUDGET, JSON_BODY, dict(refusal=403)),
-    ("POST", "/v1/fine_tuning/jobs", ALL, JSON_BODY, dict(refusal=None, creates="fine_tuning/jobs")),
+    ("POST", "/v1/fine_tuning/jobs", BUDGET, PLAN_JSON, dict(refusal=403)),
+    ("POST", "/v1/fine_tuning/jobs", ALL, PLAN_JSON, dict(refusal=None, creates="fine_tuning/jobs")),
     ("GET", "/v1/fine_tuning/jobs", BUDGET, {}, dict(refusal=None)),
 ]
 
@@ -10754,7 +10754,7 @@ BODY_FACTS = [  # (path, body, expected BodyFacts fields)
 @pytest.mark.parametrize("path, body, expected", BODY_FACTS)
 def test_what_a_body_decides_is_decided_once_in_its_facts(path, body, expected):
     worker = import_worker()
-    plan = plan_of("POST", path, ALL, JSON_BODY)
+    plan = plan_of("POST", path, ALL, PLAN_JSON)
     facts = worker.body_facts(plan, body, 42)
     assert facts.size == 42
     assert {field: getattr(facts, field) for field in expected} == expected
