@@ -4658,7 +4658,7 @@ class ProxyHandler(BaseHandler):
         """Pass a chunk on; the upstream is read again once the client took it."""
         if self.client_gone:
             return None
-        if self.filtering_models():
+        if self.plan.filters_models and self.get_status() == 200:  # (no call per chunk otherwise)
             self.models_list.append(chunk)
             return None
         assert self.reader is not None, "made by on_upstream_headers unless the client was gone"
