@@ -3925,6 +3925,8 @@ def asking_usage(obj: Dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+# -- The checks a request's plan names (each raises its ApiError) ------------
+
 async def check_limits(app: "App", user: Dict[str, Any], models: List[str]) -> None:
     """The models named (the allowlist, and a price for a key with a budget),
     then the quota and budget. Requests per minute come last (take_rpm_slot),
@@ -4173,7 +4175,7 @@ class ProxyHandler(BaseHandler):
     upstream_request: Optional[tornado.httpclient.HTTPRequest] = None  # once sent
     fetch: Optional["asyncio.Future[Any]"] = None  # a streamed body's exchange, in a task of its own
     reader: Optional["UsageReader"] = None  # the answer's usage, read on the way (from its head)
-    models_list: List[bytes]  # a model list held for the allowlist (filters_models)
+    models_list: Optional[List[bytes]] = None  # a model list, held for the allowlist (from its head)
     client_gone = False
     counts_later = False  # a fetched_later object's usage, seen now, is to be counted
     accounted = False  # account() has counted it
@@ -4630,9 +4632,9 @@ class ProxyHandler(BaseHandler):
             http1(self.request).stream.set_nodelay(True)
         self.reader = UsageReader(headers.get("Content-Type", ""),
                                   headers.get("Content-Encoding", ""), strip=self.facts.strips_usage)
-        if self.filtering_models():
+        if self.plan.filters_models and code == 200:
             self.models_list = []
-        if self.reader.strip or self.filtering_models():
+        if self.reader.strip or self.models_list is not None:
             self.clear_header("Content-Length")  # this proxy changes the body
 
     def take_upstream_fields(self, headers: tornado.httputil.HTTPHeaders) -> None:
@@ -4650,15 +4652,11 @@ class ProxyHandler(BaseHandler):
                 except ValueError:  # (Tornado 6.2 refuses a tab inside a value: dropped)
                     pass
 
-    def filtering_models(self) -> bool:
-        """Whether this answer is a model list to show through the allowlist."""
-        return self.plan.filters_models and self.get_status() == 200
-
     def on_upstream_chunk(self, chunk: bytes) -> Optional[Awaitable[Any]]:
         """Pass a chunk on; the upstream is read again once the client took it."""
         if self.client_gone:
             return None
-        if self.plan.filters_models and self.get_status() == 200:  # (no call per chunk otherwise)
+        if self.models_list is not None:
             self.models_list.append(chunk)
             return None
         assert self.reader is not None, "made by on_upstream_headers unless the client was gone"
@@ -4671,7 +4669,7 @@ class ProxyHandler(BaseHandler):
 
     async def end_answer(self) -> None:
         """The answer's end: a model list filtered, what the usage reader held."""
-        if self.filtering_models():
+        if self.models_list is not None:
             assert self.user is not None  # (authenticated in prepare)
             self.write(allowed_models_only(b"".join(self.models_list), self.user))
         elif self.reader is not None:
@@ -4685,7 +4683,7 @@ class ProxyHandler(BaseHandler):
         self.account()  # (before Tornado writes the log line, which reports it)
         stream = http1(self.request).stream
         if self._finished or self.body_complete or self.client_gone or stream.closed() \
-                or not has_body(self.request.headers):
+                or not has_body(self.request.headers):  # (also before a plan is made: a 401)
             return super().finish(chunk)
         # Answered before the body is in (401, 413 …): Tornado closes the
         # connection once the answer is written, and a close with unread data
