@@ -10548,3 +10548,370 @@ class TestRealtimeBackPressure:
                   f"resident {before:.0f} MB before, {peak:.0f} MB at most")
             assert peak - before < 32, f"{peak - before:.0f} MB more for a slow realtime client"
             assert w.models(key).status == 200
+
+
+# ---------------------------------------------------------------------------
+# One way through a request: its plan, its answer, its accounting (issue 16)
+# ---------------------------------------------------------------------------
+
+# Users as plan_request sees them: scope "own" is the default (isolated).
+OWN = {"name": "u"}
+ALL = {"name": "u", "scope": "all"}
+LISTED = {"name": "u", "scope": "all", "models": ["gpt-4o-mini"]}
+BUDGET = {"name": "u", "scope": "all", "budget": 500}
+QUOTA = {"name": "u", "scope": "all", "quota": 1000}
+PLAN_JSON = {"Content-Type": "application/json", "Content-Length": "100"}
+BIG = str(10 << 20)  # a body past SMALL_BODY_BYTES
+
+
+def plan_of(method: str, path: str, user: Dict[str, Any], headers: Dict[str, str]) -> Any:
+    worker = import_worker()
+    return worker.plan_request(method, worker.route_path(path),
+                               tornado.httputil.HTTPHeaders(headers), user)
+
+
+def check_plan(method: str, path: str, user: Dict[str, Any], headers: Dict[str, str],
+               expected: Dict[str, Any]) -> None:
+    """The plan's fields named in ``expected`` (``refusal`` by its status)."""
+    plan = plan_of(method, path, user, headers)
+    got = {field: getattr(plan, field) for field in expected}
+    if "refusal" in got and got["refusal"] is not None:
+        got["refusal"] = got["refusal"].status_code
+    assert got == expected, plan
+
+
+CHAT_PLANS = [
+    ("POST", "/v1/chat/completions", ALL, PLAN_JSON,
+     dict(body="whole", inspect=True, asks_usage=True, counted=True, creates="chat/completions")),
+    ("POST", "/v1/completions", ALL, PLAN_JSON,
+     dict(body="whole", inspect=True, asks_usage=True, counted=True, creates=None)),
+    ("POST", "/v1//v1/chat/completions", ALL, PLAN_JSON, dict(route="/v1/chat/completions")),
+    ("GET", "/v1/chat/completions", ALL, {}, dict(body="none", lists=None, counted=False)),
+    ("GET", "/v1/chat/completions", OWN, {}, dict(lists="chat/completions")),
+    ("GET", "/v1/chat/completions/chatcmpl-1", OWN, {},
+     dict(object_id="chatcmpl-1", checks_owner=True, counted=False)),
+    ("GET", "/v1/chat/completions/chatcmpl-1", ALL, {}, dict(checks_owner=False)),
+    ("POST", "/v1/chat/completions/chatcmpl-1", OWN, PLAN_JSON,
+     dict(updates=True, counted=False, creates=None)),
+    ("DELETE", "/v1/chat/completions/chatcmpl-1", OWN, {}, dict(deletes=True, counted=False)),
+]
+
+RESPONSES_PLANS = [
+    ("POST", "/v1/responses", ALL, PLAN_JSON,
+     dict(body="whole", inspect=False, asks_usage=False, creates="responses", counted=True)),
+    ("POST", "/v1/responses", OWN, PLAN_JSON, dict(inspect=True)),
+    ("GET", "/v1/responses/resp_1", OWN, {},
+     dict(fetched_later="responses", counted=True, checks_owner=True)),
+    ("DELETE", "/v1/responses/resp_1", ALL, {}, dict(fetched_later=None, deletes=True)),
+    ("POST", "/v1/responses/input_tokens", OWN, PLAN_JSON,
+     dict(object_id=None, checks_owner=False, creates=None)),
+]
+
+FILE_PLANS = [
+    ("POST", "/v1/files", ALL, {"Content-Type": "multipart/form-data; boundary=b",
+                                "Content-Length": BIG}, dict(body="stream", inspect=False)),
+    ("POST", "/v1/files", OWN, {"Content-Type": "multipart/form-data; boundary=b",
+                                "Content-Length": BIG}, dict(body="stream", creates="files")),
+    ("POST", "/v1/files", OWN, {"Content-Type": "text/plain", "Content-Length": BIG},
+     dict(body="sniff", inspect=True)),
+    ("POST", "/v1/files", OWN, {"Content-Type": "text/plain", "Content-Length": "10"},
+     dict(body="whole", inspect=True)),
+    ("GET", "/v1/files", OWN, {}, dict(lists="files", body="none")),
+    ("GET", "/v1/files", OWN, {"Content-Length": BIG}, dict(body="drop")),
+    ("DELETE", "/v1/files/file-1", ALL, {"Transfer-Encoding": "chunked"},
+     dict(body="whole", deletes=True)),
+    ("POST", "/v1/uploads/upload_1/complete", OWN, PLAN_JSON,
+     dict(makes_files=True, checks_owner=True, creates=None)),
+    ("POST", "/v1/uploads", OWN, PLAN_JSON, dict(creates="uploads")),
+]
+
+BATCH_PLANS = [
+    ("POST", "/v1/batches", ALL, PLAN_JSON, dict(creates="batches", counted=True)),
+    ("GET", "/v1/batches/batch_1", OWN, {},
+     dict(fetched_later="batches", makes_files=True, counted=True, checks_owner=True)),
+    ("GET", "/v1/batches", OWN, {}, dict(lists="batches")),
+]
+
+MODEL_PLANS = [
+    ("GET", "/v1/models", ALL, {}, dict(costs_nothing=True, filters_models=False)),
+    ("GET", "/v1/models", LISTED, {}, dict(costs_nothing=True, filters_models=True)),
+    ("HEAD", "/v1/models", LISTED, {}, dict(costs_nothing=True, filters_models=False)),
+    ("GET", "/v1/models/gpt-4o", BUDGET, {}, dict(costs_nothing=True, path_model="gpt-4o")),
+    ("DELETE", "/v1/models/ft:gpt-4o:x", ALL, {}, dict(refusal=None, costs_nothing=False)),
+    ("DELETE", "/v1/models/ft:gpt-4o:x", OWN, {}, dict(refusal=403)),
+]
+
+AUDIO_IMAGE_PLANS = [
+    ("POST", "/v1/audio/speech", ALL, PLAN_JSON,
+     dict(priced_per="characters", priced_by_request=True, inspect=True)),
+    ("POST", "/v1/audio/transcriptions", ALL, {"Content-Type": "multipart/form-data; boundary=b",
+                                               "Content-Length": BIG},
+     dict(priced_per=None, priced_by_request=True, inspect=True, body="whole")),
+    ("POST", "/v1/images/generations", ALL, PLAN_JSON,
+     dict(priced_per="images", priced_by_request=True, refusal=None)),
+    ("POST", "/v1/images/variations", BUDGET, PLAN_JSON, dict(refusal=403)),
+]
+
+REALTIME_PLANS = [
+    ("POST", "/v1/realtime/client_secrets", ALL, PLAN_JSON, dict(refusal=None)),
+    ("POST", "/v1/realtime/client_secrets", LISTED, PLAN_JSON, dict(refusal=403)),
+    ("POST", "/v1/realtime/sessions", QUOTA, PLAN_JSON, dict(refusal=403)),
+    ("POST", "/v1/realtime/calls", BUDGET, PLAN_JSON, dict(refusal=403)),
+    ("POST", "/v1/realtime/calls", ALL, PLAN_JSON, dict(refusal=None, model_in_body=True)),
+]
+
+ADMIN_ONLY_PLANS = [
+    ("GET", "/v1/organization/users", OWN, {}, dict(refusal=403)),
+    ("GET", "/v1/organization/users", ALL, {}, dict(refusal=None)),
+    ("GET", "/v1/projects/p/api_keys", OWN, {}, dict(refusal=403)),
+    ("POST", "/v1/fine_tuning/checkpoints/c/permissions", OWN, PLAN_JSON, dict(refusal=403)),
+    ("GET", "/v1/chatkit/threads", OWN, {}, dict(refusal=403)),
+]
+
+LIMIT_PLANS = [  # isolation on and off, an allowlist, a budget
+    ("POST", "/v1/embeddings", ALL, PLAN_JSON, dict(inspect=False, checks_models=False)),
+    ("POST", "/v1/embeddings", BUDGET, PLAN_JSON,
+     dict(inspect=True, checks_models=True, model_in_body=True)),
+    ("POST", "/v1/embeddings", LISTED, {"Content-Type": "text/plain", "Content-Length": BIG},
+     dict(inspect=True, body="whole")),
+    ("POST", "/v1/unknown", LISTED, PLAN_JSON, dict(inspect=True, model_in_body=False)),
+    ("POST", "/v1/unknown", LISTED, {"Content-Type": "text/plain", "Content-Length": "10"},
+     dict(inspect=False, body="whole")),
+    ("POST", "/v1/unknown", OWN, {"Content-Type": "text/plain", "Content-Length": "10"},
+     dict(inspect=True, isolated=True)),
+    ("POST", "/v1/unknown", ALL, {"Content-Type": "text/plain", "Content-Length": BIG},
+     dict(body="stream", isolated=False)),
+    ("POST", "/v1/fine_tuning/jobs", BUDGET, PLAN_JSON, dict(refusal=403)),
+    ("POST", "/v1/fine_tuning/jobs", ALL, PLAN_JSON, dict(refusal=None, creates="fine_tuning/jobs")),
+    ("GET", "/v1/fine_tuning/jobs", BUDGET, {}, dict(refusal=None)),
+]
+
+
+class TestRequestPlan:
+    """plan_request: what the proxy does with a request, per route family
+    (a pure function: no server)."""
+
+    @pytest.mark.parametrize("method, path, user, headers, expected", CHAT_PLANS)
+    def test_chat_and_completions(self, method, path, user, headers, expected):
+        check_plan(method, path, user, headers, expected)
+
+    @pytest.mark.parametrize("method, path, user, headers, expected", RESPONSES_PLANS)
+    def test_responses(self, method, path, user, headers, expected):
+        check_plan(method, path, user, headers, expected)
+
+    @pytest.mark.parametrize("method, path, user, headers, expected", FILE_PLANS)
+    def test_files_and_uploads(self, method, path, user, headers, expected):
+        check_plan(method, path, user, headers, expected)
+
+    @pytest.mark.parametrize("method, path, user, headers, expected", BATCH_PLANS)
+    def test_batches(self, method, path, user, headers, expected):
+        check_plan(method, path, user, headers, expected)
+
+    @pytest.mark.parametrize("method, path, user, headers, expected", MODEL_PLANS)
+    def test_models(self, method, path, user, headers, expected):
+        check_plan(method, path, user, headers, expected)
+
+    @pytest.mark.parametrize("method, path, user, headers, expected", AUDIO_IMAGE_PLANS)
+    def test_audio_and_images(self, method, path, user, headers, expected):
+        check_plan(method, path, user, headers, expected)
+
+    @pytest.mark.parametrize("method, path, user, headers, expected", REALTIME_PLANS)
+    def test_realtime(self, method, path, user, headers, expected):
+        check_plan(method, path, user, headers, expected)
+
+    @pytest.mark.parametrize("method, path, user, headers, expected", ADMIN_ONLY_PLANS)
+    def test_admin_only_paths(self, method, path, user, headers, expected):
+        check_plan(method, path, user, headers, expected)
+
+    @pytest.mark.parametrize("method, path, user, headers, expected", LIMIT_PLANS)
+    def test_isolation_allowlist_and_budget(self, method, path, user, headers, expected):
+        check_plan(method, path, user, headers, expected)
+
+    def test_a_plan_is_frozen(self):
+        plan = plan_of("GET", "/v1/models", ALL, {})
+        import dataclasses
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            plan.body = "whole"
+
+
+BODY_FACTS = [  # (path, body, expected BodyFacts fields)
+    ("/v1/chat/completions", {"stream": True}, dict(strips_usage=True)),
+    ("/v1/chat/completions", {"stream": True, "stream_options": {"include_usage": True}},
+     dict(strips_usage=False)),
+    ("/v1/chat/completions", {"stream": True, "stream_options": {}}, dict(strips_usage=True)),
+    ("/v1/chat/completions", {"stream": True, "stream_options": "x"}, dict(strips_usage=False)),
+    ("/v1/chat/completions", {"stream": "true"}, dict(strips_usage=False)),
+    ("/v1/chat/completions", {"store": True}, dict(stores=True, strips_usage=False)),
+    ("/v1/responses", {"stream": True}, dict(strips_usage=False)),
+    ("/v1/audio/speech", {"input": "hello"}, dict(characters=5)),
+    ("/v1/audio/speech", {"input": 5}, dict(characters=0)),
+    ("/v1/images/generations", {"n": 2, "size": "1024x1024", "quality": "hd"},
+     dict(images=(2, "1024x1024", "hd"))),
+    ("/v1/images/generations", {"n": -1, "size": 5}, dict(images=(1, None, None))),
+]
+
+
+@pytest.mark.parametrize("path, body, expected", BODY_FACTS)
+def test_what_a_body_decides_is_decided_once_in_its_facts(path, body, expected):
+    worker = import_worker()
+    plan = plan_of("POST", path, ALL, PLAN_JSON)
+    facts = worker.body_facts(plan, body, 42)
+    assert facts.size == 42
+    assert {field: getattr(facts, field) for field in expected} == expected
+
+
+def test_asking_for_usage_keeps_the_clients_stream_options():
+    worker = import_worker()
+    sent = worker.asking_usage({"stream": True, "stream_options": {"x": 1}})
+    assert json.loads(sent) == {"stream": True, "stream_options": {"x": 1, "include_usage": True}}
+
+
+class _Receiver:
+    """An UpstreamReceiver that keeps what it is handed."""
+
+    def __init__(self) -> None:
+        self.heads: List[Tuple[int, str, Dict[str, str]]] = []
+        self.chunks: List[bytes] = []
+
+    def on_upstream_headers(self, code: int, reason: str, headers: Any) -> None:
+        self.heads.append((code, reason, dict(headers)))
+
+    def on_upstream_chunk(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+
+def test_an_upstream_answer_reaches_its_receiver_not_the_request():
+    """The answer goes to the receiver handed to the exchange: nothing is planted
+    on Tornado's request (whose callbacks would make a cycle with the handler)."""
+    worker = import_worker()
+
+    async def exchange() -> Tuple[_Receiver, Any, Any]:
+        conn = worker.UpstreamConnection()
+        conn.connection_made(_FedTransport())
+        request = tornado.httpclient.HTTPRequest("http://127.0.0.1/v1/x")
+        receiver = _Receiver()
+        answer = worker._UpstreamAnswer(request, receiver)
+        sent = asyncio.ensure_future(conn.exchange(b"GET /v1/x HTTP/1.1\r\n\r\n", request,
+                                                   False, answer))
+        await asyncio.sleep(0)
+        conn.data_received(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Made\r\nX-A: 1\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n3\r\n!!!\r\n0\r\n\r\n")
+        await asyncio.wait_for(sent, 1)
+        return receiver, answer, request
+
+    receiver, answer, request = run_async(exchange(), timeout=10)
+    assert [(code, reason, head["X-A"]) for code, reason, head in receiver.heads] == [
+        (201, "Made", "1")]
+    assert b"".join(receiver.chunks) == b"ok!!!" and answer.body == []
+    assert request.streaming_callback is None and not hasattr(request, "on_headers")
+
+
+class TestTornadoPrivateNames:
+    """worker.TORNADO_PRIVATE_NAMES, each on an instance of its class in the
+    installed Tornado: a Tornado that drops one fails here, loudly, not in a
+    request."""
+
+    def instances(self) -> Dict[str, Any]:
+        import tornado.http1connection
+
+        class Connection:
+            def set_close_callback(self, callback: Any) -> None:
+                pass
+
+        async def made() -> Dict[str, Any]:
+            app = tornado.web.Application()
+            request = tornado.httputil.HTTPServerRequest(
+                connection=Connection(), headers=tornado.httputil.HTTPHeaders({"Host": "x"}),
+                start_line=tornado.httputil.RequestStartLine("GET", "/", "HTTP/1.1"))
+            ours, theirs = socket.socketpair()
+            theirs.close()
+            stream = tornado.iostream.IOStream(ours)
+            params = tornado.http1connection.HTTP1ConnectionParameters()
+            found = {"RequestHandler": tornado.web.RequestHandler(app, request),
+                     "HTTPServer": tornado.httpserver.HTTPServer(app),
+                     "HTTP1ConnectionParameters": params,
+                     "HTTP1Connection": tornado.http1connection.HTTP1Connection(
+                         stream, False, params),
+                     "IOStream": stream}
+            return found
+
+        return run_async(made(), timeout=10)
+
+    def test_every_private_name_worker_uses_is_there(self):
+        worker = import_worker()
+        made = self.instances()
+        try:
+            missing = [f"{kind}.{name}" for kind, names in worker.TORNADO_PRIVATE_NAMES.items()
+                       for name in names if not hasattr(made[kind], name)]
+        finally:
+            made["IOStream"].close()
+        assert missing == [], f"Tornado {tornado.version} no longer has {missing}: see worker.py"
+
+    def test_a_header_timeout_of_none_still_means_no_timer(self):
+        """Server sets conn_params.header_timeout to None: Tornado must read that as none."""
+        import inspect
+        import tornado.http1connection
+        source = inspect.getsource(tornado.http1connection.HTTP1Connection)
+        assert "header_timeout is None" in source
+
+    def test_the_list_names_every_private_name_the_file_uses(self):
+        """Every ``self._name`` in a worker.py class built on Tornado's that is
+        Tornado's (on a Tornado base class, or on a Tornado instance) is listed,
+        read, set or overridden."""
+        import ast
+        worker = import_worker()
+        listed = {name for names in worker.TORNADO_PRIVATE_NAMES.values() for name in names}
+        made = self.instances()
+        made["IOStream"].close()
+        with open(os.path.join(HERE, "worker.py")) as f:
+            tree = ast.parse(f.read())
+        found = set()
+        for node in tree.body:
+            cls = getattr(worker, node.name, None) if isinstance(node, ast.ClassDef) else None
+            bases = [b for b in getattr(cls, "__mro__", ())[1:] if b.__module__.startswith("tornado.")]
+            theirs = {name for base in bases for name in vars(base)}
+            theirs |= {name for instance in made.values() for name in vars(instance)
+                       if any(isinstance(instance, base) for base in bases)}
+            found |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)
+                      and isinstance(n.value, ast.Name) and n.value.id == "self"
+                      and n.attr.startswith("_") and not n.attr.startswith("__")
+                      and n.attr in theirs}
+            found |= {n.name for n in node.body if isinstance(n, ast.FunctionDef)
+                      and n.name in theirs and n.name.startswith("_")
+                      and not n.name.startswith("__")} if bases else set()
+        assert found <= listed, found - listed
+        assert "header_timeout" in listed  # (set on HTTPServer.conn_params: see worker.py)
+
+
+class TestEveryRequestIsCountedOnce:
+    """account(): a request that went upstream is counted once, whichever way
+    it ends; one refused here is not counted; each is logged once."""
+
+    def test_finish_error_failure_hang_ups_and_refusals(self, tmp_root, upstream):
+        with running_worker(tmp_root, upstream.url) as w:
+            name = unique("once")
+            key = w.register(name)
+            port = int(w.env["PORT"])
+            assert post_json(w, "/v1/chat/completions", key, chat_json()).status == 200
+            assert post_json(w, "/v1/chat/completions", key, chat_json(), **{
+                "x-fake-status": "500"}).status == 500
+            assert post_json(w, "/v1/chat/completions", key, chat_json(), **{
+                "x-fake-fault": "close-before-headers"}).status == 502
+            refused = request("GET", w.url + "/v1/files/file-not-mine", headers=bearer(key))
+            assert refused.status == 404  # refused here: not counted
+            stream = chat_json(stream=True)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(raw_request("POST", "/v1/chat/completions", key, stream, **{
+                    "Content-Type": "application/json", "x-fake-delay-ms": "200"}))
+                assert s.recv(65536)  # the first event: then the client is gone
+            eventually(lambda: w.log().count(" 499 ") == 1, 5)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(raw_request("POST", "/v1/files", key, b"x" * (400 << 10), **{
+                    "Content-Type": "multipart/form-data; boundary=b",
+                    "Content-Length": str(4 << 20)}))  # streamed up; gone mid-upload
+                time.sleep(0.3)
+            eventually(lambda: w.log().count(" 499 ") == 2, 5)
+            assert eventually(lambda: me_totals(w, key)[0] == 5, 5), me_totals(w, key)
+            lines = [line for line in w.log().splitlines()
+                     if f"user={name}" in line and " /me " not in line]
+            assert len(lines) == 6, "\n".join(lines)

@@ -29,6 +29,14 @@ Other commands::
     python worker.py import FILE     # users exported from the Cloudflare version (or from export)
     python worker.py export          # every user as JSON (key hashes, never keys)
     python worker.py prices          # the price of each model, built in or from PRICES_FILE
+
+Reading this file: its sections follow a request. A proxied request's plan
+is made once, by ``plan_request`` (a ``RequestPlan``: what to read, inspect,
+claim, strip and count), and ``ProxyHandler`` follows it; its answer is read
+by ``UpstreamConnection`` and handed to the handler through one interface,
+``UpstreamReceiver`` (``on_upstream_headers``, ``on_upstream_chunk``); it is
+counted in one place, ``ProxyHandler.account`` (a WebSocket's responses in
+``RealtimeHandler.account``), and the access log line only reports that.
 """
 
 import asyncio
@@ -41,6 +49,7 @@ import datetime
 import dbm
 import decimal
 import errno
+import functools
 import gc
 import hashlib
 import hmac
@@ -61,7 +70,8 @@ import sys
 import time
 import urllib.parse
 import zlib
-from typing import Any, Awaitable, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union, cast
+from typing import (Any, Awaitable, Callable, Dict, Iterable, List, NamedTuple, Optional, Protocol, Tuple,
+                    Union, cast)
 
 try:
     import fcntl
@@ -84,6 +94,29 @@ import tornado.web
 import tornado.websocket
 
 log = logging.getLogger("worker")
+
+# Tornado's private names this file uses: only where Tornado has no public way.
+# Each checked on Tornado 6.2, 6.3.3, 6.4.2, 6.5.2 and 6.6.1;
+# test_worker.py's TestTornadoPrivateNames fails loudly if one disappears.
+#   RequestHandler._finished          read: whether the answer has finished (no
+#                                     public getter); ProxyHandler's body and finish.
+#   RequestHandler._headers_written   read: whether the answer's head has gone out
+#                                     (no public getter): a failure before it is a 502.
+#   RequestHandler._request_summary   overridden: Tornado's own error logs print
+#                                     it, with the full URI (the admin token).
+#   HTTPServer.conn_params.header_timeout
+#                                     set to None: no timer per request (the
+#                                     public idle_connection_timeout arms one);
+#                                     App.watch_clients times connections out.
+# Public but undocumented attributes, checked the same way: HTTP1Connection.stream
+# (a request's connection, as http1() types it) and IOStream.socket.
+TORNADO_PRIVATE_NAMES = {
+    "RequestHandler": ("_finished", "_headers_written", "_request_summary"),
+    "HTTPServer": ("conn_params",),
+    "HTTP1ConnectionParameters": ("header_timeout",),
+    "HTTP1Connection": ("stream",),
+    "IOStream": ("socket",),
+}
 
 
 # ---------------------------------------------------------------------------
@@ -2906,9 +2939,6 @@ class BaseHandler(tornado.web.RequestHandler):
             if origin != "*":
                 self.set_header("Vary", "Origin")
 
-    def on_log(self) -> None:
-        """Called just before the request's log line is written."""
-
     def compute_etag(self) -> Optional[str]:
         return None  # answers are passed through or freshly made: never 304
 
@@ -2936,7 +2966,8 @@ class BaseHandler(tornado.web.RequestHandler):
         if isinstance(error, StoreError):
             return ApiError(error.status, str(error), code=STORE_ERROR_CODES.get(error.status))
         kind = "server_error" if status_code >= 500 else "invalid_request_error"
-        return ApiError(status_code, self._reason, kind)
+        reason = getattr(error, "reason", None) or tornado.httputil.responses.get(status_code, "Unknown")
+        return ApiError(status_code, reason, kind)
 
     def finish_json(self, data: Dict[str, Any]) -> None:
         """A JSON answer, ending in a newline as every answer curl shows."""
@@ -3046,10 +3077,11 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
     Tornado's simple_httpclient opens a new connection for every request (and
     against OpenAI, a new TLS handshake). This one keeps finished connections
     open for the next request (HTTP/1.1 keep-alive, ``MAX_IDLE_PER_HOST``
-    of them, closed after ``IDLE_SECONDS``), honours a ``streaming_callback``
-    that returns an awaitable (reading pauses until it is done: back-pressure
-    from a slow client), and can ``cancel`` a request at once, also before
-    the upstream has sent a byte (tornado issue #157). Its connections are
+    of them, closed after ``IDLE_SECONDS``), hands an answer to the
+    ``UpstreamReceiver`` given to ``send`` as it arrives (one that returns an
+    awaitable pauses reading until it is done: back-pressure from a slow
+    client), and can ``cancel`` a request at once, also before the upstream
+    has sent a byte (tornado issue #157). Its connections are
     asyncio protocols (``UpstreamConnection``), not Tornado IOStreams: an
     IOStream pays a future and a reader toggle for every read, which cost
     more than the rest of a small request. Installed with
@@ -3089,37 +3121,37 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         elif id(request) in self.connecting:
             self.connecting[id(request)].cancel()
 
-    # Beyond AsyncHTTPClient's interface: a request's ``on_headers(code, reason,
-    # headers)``, if set, gets the parsed headers instead of header_callback lines.
-
     def fetch_impl(self, request: tornado.httpclient.HTTPRequest,
                    callback: Callable[[tornado.httpclient.HTTPResponse], None]) -> None:
         task = asyncio.ensure_future(self.send(request))
         task.add_done_callback(lambda done: callback(done.result()))
 
-    def start(self, request: tornado.httpclient.HTTPRequest) -> "asyncio.Future[Any]":
-        """``send(request)`` in a task of its own, for a request whose body is
-        sent as it arrives, while its caller goes on receiving it."""
-        return asyncio.ensure_future(self.send(request))
+    def start(self, request: tornado.httpclient.HTTPRequest,
+              receiver: "UpstreamReceiver") -> "asyncio.Future[Any]":
+        """``send(request, receiver)`` in a task of its own, for a request whose
+        body is sent as it arrives, while its caller goes on receiving it."""
+        return asyncio.ensure_future(self.send(request, receiver))
 
-    async def send(self, request: tornado.httpclient.HTTPRequest) -> tornado.httpclient.HTTPResponse:
+    async def send(self, request: tornado.httpclient.HTTPRequest,
+                   receiver: Optional["UpstreamReceiver"] = None) -> tornado.httpclient.HTTPResponse:
         """``fetch(request, raise_error=False)`` for the proxy's own requests,
         without fetch's copy of the headers, its wrapper and its task (awaited
         in the caller's: two loop turns fewer): ``request`` has every setting it
-        needs, and its headers are made for it alone."""
-        original = getattr(request, "request", request)  # fetch() wraps it in a proxy
+        needs, and its headers are made for it alone. The answer's head and
+        body go to ``receiver`` as they arrive (the response returned has no
+        body then); its end is this call's return."""
         start = time.monotonic()
-        self.in_flight[id(original)] = None
+        self.in_flight[id(request)] = None
         timed_out = []
 
         def on_timeout() -> None:
             timed_out.append(True)
-            self.cancel(original)
+            self.cancel(request)
 
         loop = asyncio.get_running_loop()
         deadline = loop.call_later(request.request_timeout or 1e9, on_timeout)
         try:
-            return await self._exchange(request, original, start)
+            return await self._exchange(request, receiver, start)
         except Exception as caught:
             error = tornado.simple_httpclient.HTTPTimeoutError("Timeout") if timed_out else caught
             # Its traceback's frames hold the futures that hold it: a cycle, left
@@ -3129,10 +3161,11 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
                 request, 599, error=error, request_time=time.monotonic() - start)
         finally:
             deadline.cancel()
-            self.cancelled.discard(id(original))
-            self.in_flight.pop(id(original), None)
+            self.cancelled.discard(id(request))
+            self.in_flight.pop(id(request), None)
 
-    async def _exchange(self, request: tornado.httpclient.HTTPRequest, original: Any,
+    async def _exchange(self, request: tornado.httpclient.HTTPRequest,
+                        receiver: Optional["UpstreamReceiver"],
                         start: float) -> tornado.httpclient.HTTPResponse:
         url = urllib.parse.urlsplit(request.url)
         key = (url.scheme, url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
@@ -3143,18 +3176,18 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
             connection = self._idle_connection(key) if replayable else None
             reused = connection is not None
             if connection is None:
-                connection = await self._connect(key, request, original)
-            self.in_flight[id(original)] = connection
-            if id(original) in self.cancelled:
+                connection = await self._connect(key, request)
+            self.in_flight[id(request)] = connection
+            if id(request) in self.cancelled:
                 connection.abort()
-            answer = _UpstreamAnswer(request)
+            answer = _UpstreamAnswer(request, receiver)
             try:
                 await connection.exchange(head, request, chunked, answer)
             except (tornado.iostream.StreamClosedError, OSError):
                 # The upstream had closed the idle connection as this request
                 # went out: once more, on a new one, if that cannot run it twice.
                 if (reused and not answer.started and attempt == 0
-                        and id(original) not in self.cancelled
+                        and id(request) not in self.cancelled
                         and request.method in IDEMPOTENT_METHODS):
                     continue
                 raise
@@ -3169,9 +3202,9 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
                 effective_url=request.url, request_time=time.monotonic() - start)
         raise AssertionError("unreachable")
 
-    async def _connect(self, key: Tuple[str, str, int], request: tornado.httpclient.HTTPRequest,
-                       original: Any) -> "UpstreamConnection":
-        """A new connection; ``cancel(original)`` stops the attempt at once."""
+    async def _connect(self, key: Tuple[str, str, int],
+                       request: tornado.httpclient.HTTPRequest) -> "UpstreamConnection":
+        """A new connection; ``cancel(request)`` stops the attempt at once."""
         scheme, host, port = key
         timeout = min(request.connect_timeout or 1e9, request.request_timeout or 1e9)
         if scheme == "https" and self.tls is None:
@@ -3180,11 +3213,11 @@ class UpstreamClient(tornado.httpclient.AsyncHTTPClient):
         attempt = asyncio.ensure_future(asyncio.get_running_loop().create_connection(
             UpstreamConnection, host, port, ssl=tls, server_hostname=host if tls else None,
             happy_eyeballs_delay=0.3))
-        self.connecting[id(original)] = attempt
+        self.connecting[id(request)] = attempt
         try:
             done, _ = await asyncio.wait([attempt], timeout=timeout)
         finally:
-            self.connecting.pop(id(original), None)
+            self.connecting.pop(id(request), None)
         if not done:
             attempt.cancel()
             attempt.add_done_callback(_close_late_connection)
@@ -3613,11 +3646,26 @@ class UpstreamConnection(asyncio.Protocol):
             done.set_exception(error)
 
 
-class _UpstreamAnswer(tornado.httputil.HTTPMessageDelegate):
-    """Hands an upstream answer to the request's callbacks as it arrives."""
+class UpstreamReceiver(Protocol):
+    """Where an upstream answer goes as it arrives (``UpstreamClient.send``'s
+    ``receiver``; ProxyHandler is one). Its end is ``send``'s return."""
 
-    def __init__(self, request: tornado.httpclient.HTTPRequest):
+    def on_upstream_headers(self, code: int, reason: str,
+                            headers: tornado.httputil.HTTPHeaders) -> None:
+        """The answer's status and header fields (parsed, interim answers skipped)."""
+
+    def on_upstream_chunk(self, chunk: bytes) -> Optional[Awaitable[Any]]:
+        """A piece of its body; the upstream is read again once what it returns is done."""
+
+
+class _UpstreamAnswer(tornado.httputil.HTTPMessageDelegate):
+    """Hands an upstream answer to its receiver as it arrives (or, for a
+    ``fetch``, to the request's callbacks, or keeps its body)."""
+
+    def __init__(self, request: tornado.httpclient.HTTPRequest,
+                 receiver: Optional[UpstreamReceiver] = None):
         self.request = request
+        self.receiver = receiver
         self.code: Optional[int] = None
         self.reason = ""
         self.headers = tornado.httputil.HTTPHeaders()
@@ -3635,9 +3683,8 @@ class _UpstreamAnswer(tornado.httputil.HTTPMessageDelegate):
                      or self.request.method == "HEAD" or start_line.code in (204, 304))
         self.keep_alive = (start_line.version == "HTTP/1.1" and delimited
                            and "close" not in connection_tokens(headers))
-        on_headers = getattr(self.request, "on_headers", None)  # parsed already: no round trip
-        if on_headers is not None:
-            on_headers(start_line.code, start_line.reason, headers)
+        if self.receiver is not None:  # parsed already: no round trip through lines
+            self.receiver.on_upstream_headers(start_line.code, start_line.reason, headers)
             return
         callback = self.request.header_callback
         if callback is not None:
@@ -3646,7 +3693,9 @@ class _UpstreamAnswer(tornado.httputil.HTTPMessageDelegate):
                 callback(f"{name}: {value}\r\n")
             callback("\r\n")
 
-    def data_received(self, chunk: bytes) -> Optional[Awaitable[None]]:
+    def data_received(self, chunk: bytes) -> Optional[Awaitable[Any]]:
+        if self.receiver is not None:
+            return self.receiver.on_upstream_chunk(chunk)
         if self.request.streaming_callback is not None:
             return self.request.streaming_callback(chunk)
         self.body.append(chunk)
@@ -3696,6 +3745,187 @@ UNMETERED = re.compile(
 # Batch API's half price).
 METERED_LATER = {"responses": 1, "batches": 2}
 
+
+# -- The request plan: what the proxy does with a request, decided once -------
+
+# How a request's body is read (RequestPlan.body).
+NO_BODY = "none"  # it has none
+READ_WHOLE = "whole"  # read whole (and inspected, if the plan says), then sent
+SNIFF = "sniff"  # read whole if its first bytes may start JSON, whatever its label; else streamed
+STREAM = "stream"  # sent upstream as it arrives
+DROP = "drop"  # dropped as it arrives: the answer is made here (the user's own list)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestPlan:
+    """Everything ProxyHandler does with one request, made once by plan_request
+    before its body is read, then followed. What only the body can tell is
+    decided once, as it is read (BodyFacts)."""
+
+    method: str
+    route: str  # the path as the checks read it (route_path), not as it is sent
+    refusal: Optional[ApiError] = None  # what the route refuses this user, whatever the body says
+    body: str = NO_BODY  # NO_BODY, READ_WHOLE, SNIFF, STREAM or DROP
+    inspect: bool = False  # a body read whole is parsed (inspect_body)
+    checks_models: bool = False  # the models it names must be allowed (allowlist) and priced (budget)
+    model_in_body: bool = False  # the endpoint's body names a model (MODEL_IN_BODY)
+    isolated: bool = False  # the user sees only their own objects
+    asks_usage: bool = False  # a stream's usage is asked for, and taken out again (USAGE_ON_REQUEST)
+    priced_by_request: bool = False  # the answer names no model: the request's prices it
+    priced_per: Optional[str] = None  # "characters" (speech) or "images" (DALL-E): not per token
+    costs_nothing: bool = False  # listing or retrieving models: no quota, rpm or price applies
+    filters_models: bool = False  # a model list, shown through the allowlist
+    path_model: Optional[str] = None  # /v1/models/NAME
+    counted: bool = False  # its answer's usage is counted (a POST that is no update; fetched_later)
+    # Owned objects (isolation): what the request creates, reads, lists, updates or deletes.
+    collection: Optional[str] = None  # the path's owned collection (OWNED_COLLECTIONS)
+    object_id: Optional[str] = None  # the object the path names
+    checks_owner: bool = False  # that object must be the user's: 404 otherwise
+    creates: Optional[str] = None  # the collection whose object a 2xx answer makes
+    lists: Optional[str] = None  # a list answered here, with the user's own objects only
+    deletes: bool = False
+    updates: bool = False
+    makes_files: bool = False  # its answer may name files made for it (batch, job, upload)
+    fetched_later: Optional[str] = None  # a METERED_LATER object: its usage counted when seen, once
+
+
+NO_PLAN = RequestPlan(method="", route="")  # before prepare has made one (and for OPTIONS)
+
+
+def plan_request(method: str, route: str, headers: tornado.httputil.HTTPHeaders,
+                 user: Dict[str, Any]) -> RequestPlan:
+    """What the proxy will do with a request: a pure function of its method,
+    its route (route_path), its headers and the authenticated user."""
+    isolated = user.get("scope", "own") != "all"
+    allowlist = "*" not in (user.get("models") or ["*"])
+    checks_models = allowlist or bool(user.get("budget"))
+    model_in_body = bool(MODEL_IN_BODY.match(route))
+    usage_route = bool(USAGE_ON_REQUEST.match(route))
+    priced_by_request = bool(MODEL_NOT_IN_ANSWER.match(route))
+    content_type = headers.get("Content-Type", "application/json").lower()
+    declared_json = content_type.startswith("application/json")
+    length = headers.get("Content-Length", "")
+    small = length.isdigit() and int(length) <= SMALL_BODY_BYTES
+    may_be_json = not content_type.startswith("multipart/") or small  # (to an upstream that reads bytes)
+    inspect = method == "POST" and (
+        usage_route or priced_by_request or (allowlist and (model_in_body or declared_json))
+        or (bool(user.get("budget")) and model_in_body) or (isolated and may_be_json))
+    sniffs = (isolated and not declared_json and not small and not usage_route
+              and not (checks_models and model_in_body))
+    objects = object_plan(method, route, isolated)
+    model_path = MODEL_IN_PATH.match(route)
+    updates = objects.get("updates", False)
+    return RequestPlan(
+        method, route,
+        refusal=route_refusal(method, route, user),
+        body=body_plan(method, headers, inspect, sniffs, objects.get("lists") is not None),
+        inspect=inspect, checks_models=checks_models, model_in_body=model_in_body,
+        isolated=isolated, asks_usage=method == "POST" and usage_route,
+        priced_by_request=priced_by_request,
+        priced_per="characters" if SPEECH.match(route) else "images" if IMAGES.match(route) else None,
+        costs_nothing=method in ("GET", "HEAD") and bool(MODELS_LIST.match(route) or model_path),
+        filters_models=allowlist and method == "GET" and bool(MODELS_LIST.match(route)),
+        path_model=model_path.group(1) if model_path else None,
+        counted=objects.get("fetched_later") is not None or (method == "POST" and not updates),
+        **objects)
+
+
+def body_plan(method: str, headers: tornado.httputil.HTTPHeaders, inspect: bool,
+              sniffs: bool, answered_here: bool) -> str:
+    """How to read the body. Whole first: small ones (so a kept-alive connection
+    that went stale can be retried with it), those to inspect, and a chunked
+    one on a method other than POST, PUT or PATCH (which the upstream would not
+    see framed: sent on as it came, its bytes would be read as a request of
+    their own). ``sniffs``: a large one read whole only if it may be JSON."""
+    if not has_body(headers):
+        return NO_BODY
+    length = headers.get("Content-Length", "")
+    small = length.isdigit() and int(length) <= SMALL_BODY_BYTES
+    if small or inspect or (not length.isdigit() and method not in STREAMED_BODY_METHODS):
+        return SNIFF if sniffs else READ_WHOLE
+    return DROP if answered_here else STREAM
+
+
+def object_plan(method: str, route: str, isolated: bool) -> Dict[str, Any]:
+    """RequestPlan's fields for the owned object the route names, makes or lists."""
+    match = COLLECTION_PATH.match(route)
+    if match is None:
+        return {}
+    collection, object_id, rest = match.groups()
+    if names_object(match):
+        later = collection in METERED_LATER and (method, rest) in (("GET", None), ("POST", "cancel"))
+        return {"collection": collection, "object_id": object_id, "checks_owner": isolated,
+                "deletes": method == "DELETE" and rest is None,
+                "updates": method == "POST" and rest is None,
+                "makes_files": collection in ("batches", "fine_tuning/jobs", "uploads"),
+                "fetched_later": collection if later else None,
+                "creates": MAKES_OTHER.get((collection, rest or "")) if method == "POST" else None}
+    if object_id is None and method == "GET" and collection in LISTED_COLLECTIONS:
+        return {"collection": collection, "lists": collection if isolated else None}
+    if method == "POST":
+        made = collection if object_id is None else MAKES_OTHER.get((collection, object_id))
+        return {"collection": collection, "creates": made}
+    return {"collection": collection}
+
+
+def route_refusal(method: str, route: str, user: Dict[str, Any]) -> Optional[ApiError]:
+    """What ``user`` may not do at ``route`` whatever the body says (the first
+    rule broken), or None."""
+    try:
+        refuse_ephemeral_keys(user, route)
+        refuse_unmetered(user, method, route)
+        refuse_closed_paths(user, route, method)
+    except ApiError as error:
+        return error
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class BodyFacts:
+    """What a body read whole decided for the rest of its request (inspect_body)."""
+
+    size: int = 0  # its bytes (a cut stream's estimate counts a token per 4)
+    stores: Any = None  # its "store", as given (chat completions are kept only with true)
+    strips_usage: bool = False  # a stream whose usage this proxy asked for: taken out of the answer
+    characters: int = 0  # text to speech: priced per character of its input
+    images: Optional[Tuple[int, Optional[str], Optional[str]]] = None  # DALL-E's n, size, quality
+
+
+NO_FACTS = BodyFacts()  # a body streamed, or none
+
+
+def body_facts(plan: RequestPlan, obj: Dict[str, Any], size: int) -> BodyFacts:
+    """BodyFacts of a JSON body (a form's fields read as {}: 1 image)."""
+    characters = images = None
+    if plan.priced_per == "characters" and isinstance(obj.get("input"), str):
+        characters = len(obj["input"])
+    if plan.priced_per == "images":
+        n, size_asked, quality = obj.get("n", 1), obj.get("size"), obj.get("quality")
+        images = (n if isinstance(n, int) and n > 0 else 1,
+                  size_asked if isinstance(size_asked, str) else None,
+                  quality if isinstance(quality, str) else None)
+    return BodyFacts(size, obj.get("store"), plan.asks_usage and must_ask_usage(obj),
+                     characters or 0, images)
+
+
+def must_ask_usage(obj: Dict[str, Any]) -> bool:
+    """Whether a chat or completions body streams without asking for its usage
+    (OpenAI sends a stream's usage only when asked). A stream_options that is
+    not an object is the upstream's to refuse (400)."""
+    options = obj.get("stream_options")
+    if obj.get("stream") is not True or (options is not None and not isinstance(options, dict)):
+        return False
+    return not (options or {}).get("include_usage")
+
+
+def asking_usage(obj: Dict[str, Any]) -> bytes:
+    """The body, asking for its stream's usage (taken out of the answer again,
+    so the client gets what it asked for)."""
+    obj["stream_options"] = {**(obj.get("stream_options") or {}), "include_usage": True}
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+# -- The checks a request's plan names (each raises its ApiError) ------------
 
 async def check_limits(app: "App", user: Dict[str, Any], models: List[str]) -> None:
     """The models named (the allowlist, and a price for a key with a budget),
@@ -3770,11 +4000,8 @@ CLOSED_PATHS = {
 }
 
 
-async def check_path_access(app: "App", user: Dict[str, Any], route: str,
-                            method: str) -> Optional["re.Match[str]"]:
-    """The path rules of both proxies, for a user who sees only their own
-    objects: no administration endpoints, no one else's object (answered as
-    OpenAI answers an unknown id). Returns the path's collection, if any."""
+def refuse_closed_paths(user: Dict[str, Any], route: str, method: str) -> None:
+    """For a user who sees only their own objects: no administration endpoints."""
     isolated = user.get("scope", "own") != "all"
     closed = ADMIN_ONLY_PATH.match(route)
     if isolated and closed:
@@ -3783,12 +4010,24 @@ async def check_path_access(app: "App", user: Dict[str, Any], route: str,
     if isolated and method == "DELETE" and MODEL_IN_PATH.match(route):
         raise ApiError(403, "This key may not delete models: a fine-tuned model is the whole "
                             "account's.", code="forbidden")
+
+
+async def refuse_unless_owner(app: "App", user: Dict[str, Any], collection: str,
+                              object_id: str) -> None:
+    """404 for another user's object, as OpenAI answers an unknown id."""
+    if await app.owners.owner(object_id) != user["name"]:
+        raise no_such_object(object_id, OWNED_COLLECTIONS[collection])
+
+
+async def check_path_access(app: "App", user: Dict[str, Any], route: str, method: str) -> None:
+    """The path rules for a WebSocket (the HTTP proxy's are in its plan): no
+    administration endpoints, no one else's object, for a user who sees only
+    their own."""
+    refuse_closed_paths(user, route, method)
     match = COLLECTION_PATH.match(route)
-    if match is not None and isolated and names_object(match):
+    if match is not None and user.get("scope", "own") != "all" and names_object(match):
         collection, object_id, _ = match.groups()
-        if await app.owners.owner(object_id) != user["name"]:
-            raise no_such_object(object_id, OWNED_COLLECTIONS[collection])
-    return match
+        await refuse_unless_owner(app, user, collection, object_id)
 
 
 def names_object(match: "re.Match[str]") -> bool:
@@ -3903,75 +4142,63 @@ def _models_in_json(body: bytes) -> Tuple[List[str], Any]:
 
 
 class ProxyHandler(BaseHandler):
-    """Passes one API request through, streaming both ways.
+    """Passes one API request through, streaming both ways, as its plan says.
 
-    Its life: prepare (authenticate, check limits, open the upstream request
-    with a body producer) → data_received (body chunks to the upstream, with
-    back-pressure) → the method handler (wait for the upstream) →
-    on_upstream_headers → on_upstream_chunk (usage read on the way) → finish
-    → on_log (usage counted, objects made noted). Small bodies, and those to
-    look at (models for an allowlist, referenced objects, chat completions to
-    ask for streamed usage) are read whole first and sent when complete.
-    Isolation between users (check_ownership) refuses another user's objects
-    and answers list endpoints with the caller's own objects only.
+    Its life, in the order of this class: prepare (authenticate; plan_request
+    makes the request's plan; the checks it names; the upstream request opened
+    at once if the body streams) → data_received (the body: read whole, or on
+    to the upstream with back-pressure) → _pass_through (a body read whole
+    inspected and sent; the answer awaited) → on_upstream_headers and
+    on_upstream_chunk (the answer, as UpstreamClient.send hands it over, its
+    usage read on the way) → finish → account (the one place a request is
+    counted; the log line reports what it counted). Isolation between users
+    refuses another user's objects and answers list endpoints with the
+    caller's own objects only.
     """
 
     BODY_QUEUE_CHUNKS = 4  # body chunks in flight between client and upstream
-    # Set again in prepare; here for a connection that closes before it runs.
-    user: Optional[Dict[str, Any]] = None
-    fetch: Optional["asyncio.Future[Any]"] = None  # a streamed body's exchange
+    # A request's state, declared once; the defaults hold until prepare sets
+    # them (a connection may close before it runs; a method Tornado refuses
+    # never reaches it).
+    user: Optional[Dict[str, Any]] = None  # authenticated in prepare
+    plan = NO_PLAN  # made in prepare
+    facts = NO_FACTS  # what a body read whole told (inspect_body)
+    request_model: Optional[str] = None  # the model it names (path, query, body): logged if refused
+    body_chunks: Optional[List[bytes]] = None  # a body being read whole
+    sniffing = False  # a SNIFF body whose first bytes are not in yet
+    body_received = 0  # the body's bytes so far (MAX_BODY_MB)
+    body_queue: "asyncio.Queue[Optional[bytes]]"  # a streamed body, on its way upstream
+    uploading = False  # watched by App.watch_clients (upload_stalled)
+    body_seen = 0.0  # when its last chunk came
+    body_held = False  # the upstream is behind: the client is not to blame
+    body_complete = False
     upstream_request: Optional[tornado.httpclient.HTTPRequest] = None  # once sent
-    body_complete = client_gone = isolated = sniffing = False
-    uploading = False  # watched by App.watch_clients
-    request_bytes = 0  # the body's size, when it was read whole
-    accounted = False  # (a method Tornado refuses never reaches prepare)
-    request_model: Optional[str] = None
-    creates: Optional[str]  # set in prepare (None), then by check_ownership
-    object_id: Optional[str]
-    list_collection: Optional[str]
-    stores: Any  # the body's "store", as given
+    fetch: Optional["asyncio.Future[Any]"] = None  # a streamed body's exchange, in a task of its own
+    reader: Optional["UsageReader"] = None  # the answer's usage, read on the way (from its head)
+    models_list: Optional[List[bytes]] = None  # a model list, held for the allowlist (from its head)
+    client_gone = False
+    counts_later = False  # a fetched_later object's usage, seen now, is to be counted
+    accounted = False  # account() has counted it
 
     async def prepare(self) -> None:
-        self.upstream_headers_sent = self.client_gone = self.accounted = False
-        self.body_complete = False
-        self.fetch: Optional[asyncio.Future] = None
-        self.upstream_request = None
-        self.user: Optional[Dict[str, Any]] = None
-        self.reader: Optional[UsageReader] = None
-        self.ask_usage = self.filter_models = False
-        self.request_model: Optional[str] = None
-        self.body_chunks: Optional[List[bytes]] = None
-        self.creates = self.object_id = self.list_collection = self.stores = None
-        self.deletes_object = self.makes_files = self.updates_object = False
-        self.fetches_later: Optional[str] = None  # a METERED_LATER collection's object
-        self.counts_later = False  # its usage seen now is to be counted (count_once)
-        self.speech_characters = 0  # text to speech: its price is per character
-        self.images_asked: Optional[Tuple[int, Any, Any]] = None  # DALL-E's n, size, quality
-        self.price_name: Optional[str] = None  # the name its price has, if not the model's
-        self.route = route_path(self.request.path)  # what the checks look at
         if self.request.method == "OPTIONS":
             return
         # Tornado's own limit answers a bare 400; ours, counted as the body
         # streams, answers OpenAI's 413, so Tornado's is set past it.
         http1(self.request).set_max_body_size(2 * self.app.settings.max_body_bytes + (1 << 20))
-        self.body_received = 0
         refuse_bad_framing(self.request.headers)
-        self.user = await authenticate(self.app.store, self.request.headers)
-        self.log_user = self.user["name"]
+        self.user = user = await authenticate(self.app.store, self.request.headers)
+        self.log_user = user["name"]
         self._check_body_size()
-        self.check_named_models(self.user)
-        self.isolated = self.user.get("scope", "own") != "all"
-        await self.check_ownership()
-        streamed = self.has_body() and not self.must_read_body() and not self.answers_own_list()
-        if streamed:
-            await self.admit()  # now: the body goes upstream as it comes
-        if self.has_body():
-            self.watch_upload()
-        if self.must_read_body():
-            self.body_chunks = []
-            self.sniffing = self.read_whole_if_json()
-        elif streamed:
-            self.start_streamed_upstream()
+        self.plan = plan = plan_request(self.request.method, route_path(self.request.path),
+                                        self.request.headers, user)
+        self.check_named_models(plan, user)
+        if plan.refusal is not None:
+            raise plan.refusal
+        if plan.checks_owner:
+            assert plan.collection is not None and plan.object_id is not None
+            await refuse_unless_owner(self.app, user, plan.collection, plan.object_id)
+        await self.expect_body(plan)
 
     def _check_body_size(self) -> None:
         length = self.request.headers.get("Content-Length", "")
@@ -3983,76 +4210,54 @@ class ProxyHandler(BaseHandler):
                              f"{self.app.settings.max_body_mb:g} MB (MAX_BODY_MB).",
                         code="request_too_large")
 
+    async def expect_body(self, plan: RequestPlan) -> None:
+        """Get ready for the body as the plan reads it: whole, sniffed, dropped,
+        or streamed upstream as it comes (the request sent now)."""
+        if plan.body == NO_BODY:
+            return
+        if plan.body == STREAM:
+            await self.admit()  # now: the body goes upstream as it comes
+        self.watch_upload()
+        if plan.body in (READ_WHOLE, SNIFF):
+            self.body_chunks = []
+            self.sniffing = plan.body == SNIFF
+        elif plan.body == STREAM:
+            self.start_streamed_upstream()
+
     # -- limits ---------------------------------------------------------------
 
-    def check_named_models(self, user: Dict[str, Any]) -> None:
-        """The models named in the path or query against the allowlist."""
-        path = self.route
-        match = MODEL_IN_PATH.match(path)
-        models = [match.group(1)] if match else []
-        models += self.get_query_arguments("model")  # every one: see models_in_body
-        for model in models:
+    def check_named_models(self, plan: RequestPlan, user: Dict[str, Any]) -> None:
+        """The models named in the path or query against the allowlist (and a
+        price, for a budget: retrieving a model costs nothing)."""
+        models = ([plan.path_model] if plan.path_model else []) + self.get_query_arguments("model")
+        for model in models:  # every one: see models_in_body
             self.request_model = model  # (the log names the one refused)
             refuse_unlisted_models(user, [model])
-            if not self.costs_nothing():  # (retrieving a model costs nothing)
+            if not plan.costs_nothing:
                 refuse_unpriced(self.app, user, model)
-        refuse_ephemeral_keys(user, path)
-        refuse_unmetered(user, self.request.method, path)
         self.request_model = models[0] if models else None
-        self.filter_models = (self.has_allowlist() and self.request.method == "GET"
-                              and bool(MODELS_LIST.match(path)))
+
+    def refuse_body_models(self, models: List[str]) -> None:
+        """The models a body names against the allowlist, and a price for a budget."""
+        assert self.user is not None  # (authenticated in prepare)
+        for model in models:
+            if not allows_model(self.user, model):
+                self.request_model = model  # (the log names the one refused)
+                raise model_not_found(model)
+            refuse_unpriced(self.app, self.user, model)
 
     async def admit(self) -> None:
         """The last checks, just before the request goes upstream: the quota,
         then requests per minute (a request refused for anything else takes no
         slot). Listing and retrieving models cost nothing upstream: neither
         applies to them (GUI apps list models on every page load)."""
-        if self.costs_nothing():
+        if self.plan.costs_nothing:
             return
         assert self.user is not None  # (authenticated in prepare)
         await check_limits(self.app, self.user, [])
         await take_rpm_slot(self.app, self.user)
 
-    def costs_nothing(self) -> bool:
-        return self.request.method in ("GET", "HEAD") and bool(
-            MODELS_LIST.match(self.route) or MODEL_IN_PATH.match(self.route))
-
-    def has_allowlist(self) -> bool:
-        assert self.user is not None  # (authenticated in prepare)
-        return "*" not in (self.user.get("models") or ["*"])
-
-    def checks_models(self) -> bool:
-        """Whether the models a body names must be read: for an allowlist, or a
-        budget (a model without a price is refused)."""
-        assert self.user is not None  # (authenticated in prepare)
-        return self.has_allowlist() or bool(self.user.get("budget"))
-
     # -- isolation --------------------------------------------------------------
-
-    async def check_ownership(self) -> None:
-        """Note what the request does to owned objects; refuse another user's."""
-        method = self.request.method
-        assert self.user is not None  # (authenticated in prepare)
-        match = await check_path_access(self.app, self.user, self.route, method)
-        if match is None:
-            return
-        collection, object_id, rest = match.groups()
-        if names_object(match):
-            self.object_id = object_id
-            self.deletes_object = method == "DELETE" and rest is None
-            self.updates_object = method == "POST" and rest is None
-            self.makes_files = collection in ("batches", "fine_tuning/jobs", "uploads")
-            if collection in METERED_LATER and (method, rest) in (("GET", None), ("POST", "cancel")):
-                self.fetches_later = collection
-            if method == "POST":
-                self.creates = MAKES_OTHER.get((collection, rest or ""))
-        elif object_id is None and method == "GET" and collection in LISTED_COLLECTIONS:
-            self.list_collection = collection
-        elif method == "POST":
-            self.creates = collection if object_id is None else MAKES_OTHER.get((collection, object_id))
-
-    def answers_own_list(self) -> bool:
-        return self.isolated and self.list_collection is not None
 
     async def refuse_others_objects(self, obj: Any) -> None:
         assert self.user is not None  # (authenticated in prepare)
@@ -4063,30 +4268,31 @@ class ProxyHandler(BaseHandler):
     def note_objects(self, status: int) -> bool:
         """After a 2xx answer: the objects it made are the caller's; a deleted
         one is no one's. Whether claims now wait to be written."""
+        plan = self.plan
         if not 200 <= status < 300 or self.reader is None:
             return False
         assert self.user is not None  # (authenticated in prepare)
         owners, name = self.app.owners, self.user["name"]
-        if self.creates is not None and self.object_is_kept():
-            pattern = THREAD_ID if self.route.endswith("/threads/runs") else FIRST_ID
+        if plan.creates is not None and self.object_is_kept():
+            pattern = THREAD_ID if plan.route.endswith("/threads/runs") else FIRST_ID
             match = pattern.search(self.reader.head)
             if match:
                 # Made later (in the background, a batch): its usage is counted when seen.
-                later = self.creates in METERED_LATER and self.reader.result() is None
-                owners.claim(name, match.group(1).decode(), OWNED_COLLECTIONS[self.creates],
-                             EXPIRING_COLLECTIONS.get(self.creates), counted=not later)
-        if self.makes_files and self.reader.whole_in_head():
+                later = plan.creates in METERED_LATER and self.reader.result() is None
+                owners.claim(name, match.group(1).decode(), OWNED_COLLECTIONS[plan.creates],
+                             EXPIRING_COLLECTIONS.get(plan.creates), counted=not later)
+        if plan.makes_files and self.reader.whole_in_head():
             for file_id in produced_files(_json_or_none(self.reader.head)):
                 owners.claim(name, file_id, "File")
-        if self.deletes_object and self.object_id is not None:
-            owners.release(self.object_id)
+        if plan.deletes and plan.object_id is not None:
+            owners.release(plan.object_id)
         return bool(owners.pending)
 
     def object_is_kept(self) -> bool:
         """Whether OpenAI keeps what this request creates (chat: only with store)."""
-        if self.creates == "chat/completions":
-            return self.stores is True
-        return self.stores is not False
+        if self.plan.creates == "chat/completions":
+            return self.facts.stores is True
+        return self.facts.stores is not False
 
     async def answer_own_list(self) -> None:
         """A list as the caller sees it: its own objects only, paged through upstream
@@ -4103,7 +4309,7 @@ class ProxyHandler(BaseHandler):
             page_query = {**query, "limit": [str(LIST_PAGE_LIMIT)], **({"after": [after]} if after else {})}
             try:
                 response = await self.app.http_client.fetch(tornado.httpclient.HTTPRequest(
-                    self.app.settings.upstream_url + self.route + "?"
+                    self.app.settings.upstream_url + self.plan.route + "?"
                     + urllib.parse.urlencode(page_query, doseq=True),
                     headers=self.upstream_request_headers(identity=True),
                     request_timeout=self.app.settings.upstream_timeout), raise_error=False)
@@ -4140,41 +4346,8 @@ class ProxyHandler(BaseHandler):
                                 "last_id": mine[-1].get("id") if mine else None,
                                 "has_more": has_more}))
 
-    def must_read_body(self) -> bool:
-        """Whether to read the body whole before sending it: small ones (so a
-        kept-alive connection that went stale can be retried with it), those
-        that must be looked at, and a chunked one on a method other than POST,
-        PUT or PATCH (which the upstream would not see framed: sent on as it
-        came, its bytes would be read as a request of their own)."""
-        if not self.has_body():
-            return False
-        length = self.request.headers.get("Content-Length", "")
-        return ((length.isdigit() and int(length) <= SMALL_BODY_BYTES)
-                or (not length.isdigit() and self.request.method not in STREAMED_BODY_METHODS)
-                or self.must_inspect_body())
 
-    def must_inspect_body(self) -> bool:
-        if self.request.method != "POST":
-            return False
-        assert self.user is not None  # (authenticated in prepare)
-        path = self.route
-        return bool(USAGE_ON_REQUEST.match(path) or MODEL_NOT_IN_ANSWER.match(path)
-                    or (self.has_allowlist() and (MODEL_IN_BODY.match(path) or self.body_is_json()))
-                    or (self.user.get("budget") and MODEL_IN_BODY.match(path))
-                    or (self.isolated and self.may_be_json()))
-
-    def body_is_json(self) -> bool:
-        content_type = self.request.headers.get("Content-Type", "application/json").lower()
-        return content_type.startswith("application/json")
-
-    def read_whole_if_json(self) -> bool:
-        """Whether the body is read whole only because it may be JSON whatever
-        its label: a large one, decided by its first bytes (sniff_body)."""
-        length = self.request.headers.get("Content-Length", "")
-        return (self.isolated and not self.body_is_json()
-                and not (length.isdigit() and int(length) <= SMALL_BODY_BYTES)
-                and not USAGE_ON_REQUEST.match(self.route)
-                and not (self.checks_models() and MODEL_IN_BODY.match(self.route)))
+    # -- the body: read whole, sniffed, or streamed (as the plan says) ----------
 
     async def sniff_body(self) -> None:
         """Send a large body on as it comes after all, unless it starts as JSON may."""
@@ -4191,70 +4364,41 @@ class ProxyHandler(BaseHandler):
         self.start_streamed_upstream()
         await self.body_queue.put(held)
 
-    def may_be_json(self) -> bool:
-        """Whether the body may be JSON to an upstream that reads the bytes, not
-        the label (text/plain, a form, none): all but a large multipart upload."""
-        content_type = self.request.headers.get("Content-Type", "").lower()
-        length = self.request.headers.get("Content-Length", "")
-        return (not content_type.startswith("multipart/")
-                or (length.isdigit() and int(length) <= SMALL_BODY_BYTES))
-
-    async def inspect_body(self, sent: bytes) -> bytes:
-        """Look at a body read whole: the models it names, the objects it refers
-        to, whether it stores what it makes; ask for streamed usage if not asked.
-        Returns what to send: ``sent`` itself unless the usage request was added."""
-        if not self.must_inspect_body():
-            return sent
+    async def inspect_body(self, sent: bytes) -> Tuple[bytes, BodyFacts]:
+        """Look at a body read whole, if the plan says so: the models it names,
+        the objects it refers to, what it decides for the rest of the request
+        (BodyFacts). Returns what to send (``sent`` itself unless the usage
+        request was added to it) and those facts."""
+        plan = self.plan
+        if not plan.inspect:
+            return sent, BodyFacts(len(sent))
         body = as_utf8(self.decoded(sent))
-        refers = self.isolated and any(m in body for m in REFERENCE_MARKERS)
-        if not (self.checks_models() or refers or may_name(body, b'"stream"')
-                or may_name(body, b'"store"') or MODEL_NOT_IN_ANSWER.match(self.route)):
+        refers = plan.isolated and any(m in body for m in REFERENCE_MARKERS)
+        if not (plan.checks_models or refers or may_name(body, b'"stream"')
+                or may_name(body, b'"store"') or plan.priced_by_request):
             # Not a stream, nothing stored, no model to check or to price by:
             # no need to parse it, whatever it is labelled. The model, for
             # counting a failed request, is usually near the start.
             match = MODEL_NEAR_START.search(body, 0, 4096)
             self.request_model = match.group(1).decode("utf-8", "replace") if match else None
-            return sent
+            return sent, BodyFacts(len(sent))
         # Lower-cased for the media type only: a multipart boundary is case-sensitive.
         content_type = self.request.headers.get("Content-Type", "application/json")
         models, obj = models_in_body(content_type, body)
         declared_json = content_type.lower().startswith("application/json")
-        if self.checks_models() and obj is None and (MODEL_IN_BODY.match(self.route) or declared_json):
+        if plan.checks_models and obj is None and (plan.model_in_body or declared_json):
             raise ApiError(400, "This key may use only some models, or has a budget, and the "
                                 "model named in this request body could not be read.",
                            code="invalid_body")
         self.request_model = models[0] if models else None
-        assert self.user is not None  # (authenticated in prepare)
-        for model in models:
-            if self.has_allowlist() and not allows_model(self.user, model):
-                self.request_model = model  # (the log names the one refused)
-                raise model_not_found(model)
-            refuse_unpriced(self.app, self.user, model)
-        if isinstance(obj, dict):
-            self.stores = obj.get("store")
-            if SPEECH.match(self.route) and isinstance(obj.get("input"), str):
-                self.speech_characters = len(obj["input"])
-            if IMAGES.match(self.route):  # (a form's n, size, quality are not read: 1 image)
-                n = obj.get("n", 1)
-                size, quality = obj.get("size"), obj.get("quality")
-                self.images_asked = (n if isinstance(n, int) and n > 0 else 1,
-                                     size if isinstance(size, str) else None,
-                                     quality if isinstance(quality, str) else None)
-        if self.isolated and refers:
+        self.refuse_body_models(models)
+        if refers:
             await self.refuse_others_objects(obj)
-        if (USAGE_ON_REQUEST.match(self.route) and isinstance(obj, dict)
-                and obj.get("stream") is True):
-            options = obj.get("stream_options")
-            if options is not None and not isinstance(options, dict):
-                return sent  # not a stream_options: the upstream's to refuse (400)
-            if not (options or {}).get("include_usage"):
-                # OpenAI sends a stream's usage only when asked: ask, and take
-                # the answer out again so the client gets what it asked for.
-                # (A compressed body goes on uncompressed: upstream_request_headers.)
-                obj["stream_options"] = {**(options or {}), "include_usage": True}
-                self.ask_usage = True
-                return json.dumps(obj, separators=(",", ":")).encode()
-        return sent
+        if not isinstance(obj, dict):
+            return sent, BodyFacts(len(sent))
+        facts = body_facts(plan, obj, len(sent))
+        # (A compressed body that asks for usage goes on uncompressed: upstream_request_headers.)
+        return asking_usage(obj) if facts.strips_usage else sent, facts
 
     def decoded(self, body: bytes) -> bytes:
         """A compressed request body as the upstream will read it (sent on unchanged,
@@ -4289,6 +4433,9 @@ class ProxyHandler(BaseHandler):
 
     # -- request: client → upstream -------------------------------------------
 
+
+    # -- request: client → upstream -------------------------------------------
+
     def upstream_url(self) -> str:
         """Where the request goes: its own path (not the checked, decoded one) and query."""
         query = self.request.query
@@ -4307,26 +4454,26 @@ class ProxyHandler(BaseHandler):
         headers["Authorization"] = "Bearer " + self.app.settings.openapi_api_key
         if "Accept-Encoding" in headers:  # only what the usage reader can decode
             headers["Accept-Encoding"] = readable_encodings(headers["Accept-Encoding"])
-        if self.ask_usage or self.filter_models or identity:  # answers this proxy rewrites
+        strips_usage = self.facts.strips_usage
+        if strips_usage or self.plan.filters_models or identity:  # answers this proxy rewrites
             headers["Accept-Encoding"] = "identity"
-        if self.ask_usage:  # its body was rewritten, and goes on uncompressed
+        if strips_usage:  # its body was rewritten, and goes on uncompressed
             headers.pop("Content-Encoding", None)
         return headers
-
-    def has_body(self) -> bool:
-        return has_body(self.request.headers)
 
     def start_streamed_upstream(self) -> None:
         """Send the request upstream now, its body as it arrives (through
         ``body_queue``), in a task of its own."""
-        self.body_queue: "asyncio.Queue[Optional[bytes]]" = asyncio.Queue(self.BODY_QUEUE_CHUNKS)
-        self.fetch = self.app.http_client.start(self.new_upstream_request(None, streamed=True))
+        self.body_queue = asyncio.Queue(self.BODY_QUEUE_CHUNKS)
+        request = self.new_upstream_request(None, streamed=True)
+        self.fetch = self.app.http_client.start(request, self)
         self.fetch.add_done_callback(self._on_fetch_done)
 
     def new_upstream_request(self, body: Optional[bytes],
                              streamed: bool = False) -> tornado.httpclient.HTTPRequest:
         """The request to send upstream: ``body`` read whole, none, or ``streamed``
-        from ``body_queue`` as it arrives."""
+        from ``body_queue`` as it arrives. It holds nothing of this handler (its
+        answer comes to the receiver UpstreamClient.send is given)."""
         headers = self.upstream_request_headers()
         if body is not None:
             headers.pop("Content-Length", None)  # set again from the body sent
@@ -4336,15 +4483,14 @@ class ProxyHandler(BaseHandler):
             headers=headers,
             body=body,
             # (Tornado's type has write() return None, not a Future, and no coroutine here.)
-            body_producer=self.produce_body if streamed else None,  # type: ignore[arg-type]
-            streaming_callback=self.on_upstream_chunk,
+            body_producer=(functools.partial(send_queued, self.body_queue)  # type: ignore[arg-type]
+                           if streamed else None),
             decompress_response=False,
             follow_redirects=False,
             allow_nonstandard_methods=True,
             connect_timeout=min(UPSTREAM_CONNECT_TIMEOUT, self.app.settings.upstream_timeout),
             request_timeout=self.app.settings.upstream_timeout,
         )
-        request.on_headers = self.on_upstream_headers  # type: ignore[attr-defined]
         self.upstream_request = request
         return request
 
@@ -4370,7 +4516,7 @@ class ProxyHandler(BaseHandler):
         if self._finished or self.user is None:
             return
         if self.body_chunks is None and (self.fetch is None or self.fetch.done()):
-            return  # the answer is decided: the rest of the body goes nowhere
+            return  # the answer is decided (or made here): the rest of the body goes nowhere
         self.body_received += len(chunk)
         if self.body_received > self.app.settings.max_body_bytes:
             self.abort_upstream()
@@ -4385,29 +4531,9 @@ class ProxyHandler(BaseHandler):
             await self.body_queue.put(chunk)
             self.body_held, self.body_seen = False, time.monotonic()
 
-    async def produce_body(self, write: Callable[[bytes], "asyncio.Future[None]"]) -> None:
-        while True:
-            chunk = await self.body_queue.get()
-            if chunk is None:
-                return
-            if chunk is ABORT:
-                raise tornado.iostream.StreamClosedError()  # ends the upstream request
-            await write(chunk)
-
     def _on_fetch_done(self, fetch: "asyncio.Future[Any]") -> None:
         _retrieve(fetch)  # an abandoned fetch logs no warning
         self._drain_body_queue()
-        self._let_go_of_upstream_request()
-
-    def _let_go_of_upstream_request(self) -> None:
-        """Once its exchange ends. The upstream request's callbacks are this
-        handler's methods, and the handler keeps the request: a cycle that left
-        this request's whole graph (~56 objects) to the cyclic GC, whose passes
-        then held every stream."""
-        request = self.upstream_request
-        assert request is not None, "let go of once its exchange ends"
-        request.streaming_callback = request.body_producer = None
-        request.on_headers = None  # type: ignore[attr-defined]  # (planted by new_upstream_request)
 
     def _drain_body_queue(self) -> None:
         """Unblock a data_received waiting on a full queue."""
@@ -4422,88 +4548,22 @@ class ProxyHandler(BaseHandler):
         if self.upstream_request is not None:
             self.app.http_client.cancel(self.upstream_request)  # (nothing if it has ended)
 
-    # -- response: upstream → client ------------------------------------------
-
-    def on_upstream_headers(self, code: int, reason: str,
-                            headers: tornado.httputil.HTTPHeaders) -> None:
-        if self.client_gone:
-            return
-        self.set_status(code, reason or None)
-        self._headers = self.made_ours(headers)
-        if "Content-Length" not in headers:
-            # A stream: each piece goes out as it comes (with a length, Tornado
-            # sends the last piece unheld when the answer finishes).
-            http1(self.request).stream.set_nodelay(True)
-        self.reader = UsageReader(headers.get("Content-Type", ""),
-                                  headers.get("Content-Encoding", ""), strip=self.ask_usage)
-        if self.reader.strip or (self.filter_models and code == 200):
-            self.clear_header("Content-Length")  # this proxy changes the body
-        if self.filter_models and code == 200:
-            self.models_list: List[bytes] = []
-        self.upstream_headers_sent = True
-
-    def made_ours(self, headers: tornado.httputil.HTTPHeaders) -> tornado.httputil.HTTPHeaders:
-        """The upstream's answer fields as the client's answer fields, in place
-        (an OpenAI answer has twenty-odd, each copied and checked again
-        otherwise): without the hop-by-hop ones and the upstream's CORS fields,
-        with this proxy's own (CORS, Vary) but not its Content-Type and Date."""
-        named_by_connection = connection_tokens(headers)
-        for name in [name for name in headers
-                     if name.lower() in NOT_FORWARDED_DOWN or name.lower() in named_by_connection]:
-            del headers[name]
-        for name, value in self._headers.get_all():
-            if name != "Content-Type" and name != "Date":
-                add_checked_field(headers, name, value)
-        return headers
-
-    def on_upstream_chunk(self, chunk: bytes) -> Optional[Awaitable[Any]]:
-        """Pass a chunk on; the upstream is read again once the client took it."""
-        if self.client_gone:
-            return None
-        if self.filter_models and self.get_status() == 200:
-            self.models_list.append(chunk)
-            return None
-        assert self.reader is not None, "made by on_upstream_headers unless the client was gone"
-        data = self.reader.feed(chunk)
-        if not data:
-            return None
-        self.write(data)
-        # (Tornado's HTTP write futures never hold an error no one has seen.)
-        return unless_taken(self.flush(), http1(self.request).stream, seen=True)
+    # -- the exchange: the request sent, its answer awaited ---------------------
 
     async def _pass_through(self, *args: str) -> None:
         self.body_complete = True
         self.stop_watching_upload()
         if self._finished:
             return
-        if self.answers_own_list():
+        if self.plan.lists is not None:
             await self.admit()
             await self.answer_own_list()
             return
-        exchange: Awaitable[tornado.httpclient.HTTPResponse]
-        if self.fetch is None:  # no body, or one read whole: sent now, awaited in this task
-            body = None
-            if self.body_chunks is not None:
-                self.request_bytes = sum(map(len, self.body_chunks))
-                body = await self.inspect_body(b"".join(self.body_chunks))
-                self.body_chunks = None
-            await self.admit()
-            exchange = self.app.http_client.send(self.new_upstream_request(body))
-        else:
-            if not self.fetch.done():
-                await self.body_queue.put(None)  # the client's body is complete
-            exchange = self.fetch
-        try:
-            response = await exchange
-            failure = response.error if response.code == 599 else None
-        except Exception as e:  # raise_error=False still raises for a failed connection
-            failure = e
-        finally:
-            self._let_go_of_upstream_request()
+        failure = await self.exchange()
         if self.client_gone and not self.read_to_its_end():
             self.set_status(499, "Client Closed Request")  # as nginx logs it
             return
-        if not self.upstream_headers_sent or (failure is not None and not self._headers_written):
+        if self.reader is None or (failure is not None and not self._headers_written):
             raise self.upstream_error(failure)  # (nothing has reached the client yet)
         if self.note_objects(self.get_status()):
             await self.app.owners.flush(durable=False)  # fsync'd with the next usage flush
@@ -4514,16 +4574,29 @@ class ProxyHandler(BaseHandler):
             # same way, so it never mistakes a cut stream for a whole one.
             http1(self.request).stream.close()
             return
-        if self.filter_models and self.get_status() == 200:
-            assert self.user is not None  # (authenticated in prepare)
-            self.write(allowed_models_only(b"".join(self.models_list), self.user))
-        elif self.reader is not None:
-            rest = self.reader.flush()
-            if rest:  # (nothing at all may be written for a 204 or 304)
-                self.write(rest)
-            if self.fetches_later and self.object_id and self.reader.result() is not None:
-                self.counts_later = await self.app.store.count_once(self.object_id)
+        await self.end_answer()
         self.finish()
+
+    async def exchange(self) -> Optional[BaseException]:
+        """Send the request (a body read whole inspected first; a streamed one is
+        on its way already), and wait for its answer to end: the failure, if any."""
+        exchange: Awaitable[tornado.httpclient.HTTPResponse]
+        if self.fetch is None:  # no body, or one read whole: sent now, awaited in this task
+            body = None
+            if self.body_chunks is not None:
+                body, self.facts = await self.inspect_body(b"".join(self.body_chunks))
+                self.body_chunks = None
+            await self.admit()
+            exchange = self.app.http_client.send(self.new_upstream_request(body), self)
+        else:
+            if not self.fetch.done():
+                await self.body_queue.put(None)  # the client's body is complete
+            exchange = self.fetch
+        try:
+            response = await exchange
+        except Exception as e:  # raise_error=False still raises for a failed connection
+            return e
+        return response.error if response.code == 599 else None
 
     def read_to_its_end(self) -> bool:
         """Whether the client had the whole answer: a client may close as soon as
@@ -4545,10 +4618,72 @@ class ProxyHandler(BaseHandler):
     def options(self, *args: str) -> None:
         answer_preflight(self)
 
+    # -- the answer: upstream → client (this handler is the UpstreamReceiver) ---
+
+    def on_upstream_headers(self, code: int, reason: str,
+                            headers: tornado.httputil.HTTPHeaders) -> None:
+        if self.client_gone:
+            return
+        self.set_status(code, reason or None)
+        self.take_upstream_fields(headers)
+        if "Content-Length" not in headers:
+            # A stream: each piece goes out as it comes (with a length, Tornado
+            # sends the last piece unheld when the answer finishes).
+            http1(self.request).stream.set_nodelay(True)
+        self.reader = UsageReader(headers.get("Content-Type", ""),
+                                  headers.get("Content-Encoding", ""), strip=self.facts.strips_usage)
+        if self.plan.filters_models and code == 200:
+            self.models_list = []
+        if self.reader.strip or self.models_list is not None:
+            self.clear_header("Content-Length")  # this proxy changes the body
+
+    def take_upstream_fields(self, headers: tornado.httputil.HTTPHeaders) -> None:
+        """The upstream's answer fields as the client's: without the hop-by-hop
+        ones and the upstream's CORS fields, beside this proxy's own (CORS,
+        Vary), its Content-Type and Date instead of Tornado's."""
+        named_by_connection = connection_tokens(headers)
+        self.clear_header("Content-Type")
+        self.clear_header("Date")
+        for name, value in headers.get_all():
+            lower = name.lower()
+            if lower not in NOT_FORWARDED_DOWN and lower not in named_by_connection:
+                try:
+                    self.add_header(name, value)
+                except ValueError:  # (Tornado 6.2 refuses a tab inside a value: dropped)
+                    pass
+
+    def on_upstream_chunk(self, chunk: bytes) -> Optional[Awaitable[Any]]:
+        """Pass a chunk on; the upstream is read again once the client took it."""
+        if self.client_gone:
+            return None
+        if self.models_list is not None:
+            self.models_list.append(chunk)
+            return None
+        assert self.reader is not None, "made by on_upstream_headers unless the client was gone"
+        data = self.reader.feed(chunk)
+        if not data:
+            return None
+        self.write(data)
+        # (Tornado's HTTP write futures never hold an error no one has seen.)
+        return unless_taken(self.flush(), http1(self.request).stream, seen=True)
+
+    async def end_answer(self) -> None:
+        """The answer's end: a model list filtered, what the usage reader held."""
+        if self.models_list is not None:
+            assert self.user is not None  # (authenticated in prepare)
+            self.write(allowed_models_only(b"".join(self.models_list), self.user))
+        elif self.reader is not None:
+            rest = self.reader.flush()
+            if rest:  # (nothing at all may be written for a 204 or 304)
+                self.write(rest)
+            if self.plan.fetched_later and self.plan.object_id and self.reader.result() is not None:
+                self.counts_later = await self.app.store.count_once(self.plan.object_id)
+
     def finish(self, chunk: Optional[Union[str, bytes, dict]] = None) -> "asyncio.Future[None]":
+        self.account()  # (before Tornado writes the log line, which reports it)
         stream = http1(self.request).stream
         if self._finished or self.body_complete or self.client_gone or stream.closed() \
-                or not self.has_body():
+                or not has_body(self.request.headers):  # (also before a plan is made: a 401)
             return super().finish(chunk)
         # Answered before the body is in (401, 413 …): Tornado closes the
         # connection once the answer is written, and a close with unread data
@@ -4574,56 +4709,61 @@ class ProxyHandler(BaseHandler):
         self.stop_watching_upload()
         self.abort_upstream()
         if self.user is not None and not self.body_complete and not self._finished:
-            # Gone mid-upload: Tornado will not finish this request, so log it here.
+            # Gone mid-upload: Tornado will not finish this request, so it is
+            # counted and its line logged here.
             self.set_status(499, "Client Closed Request")
+            self.account()
             self.app.log_request(self)
 
-    # -- usage ----------------------------------------------------------------
+    # -- accounting: where a request is counted ---------------------------------
 
-    def on_log(self) -> None:
-        """Count the request once, with the usage its answer reported."""
+    def account(self) -> None:
+        """Count the request, once, with the usage its answer reported (or an
+        estimate); set what the log line reports. Called at every end: finish
+        (an answer, an error, a refusal, a client gone mid-answer) and a client
+        gone mid-upload. A request refused before it went upstream costs nothing."""
         if self.accounted or self.user is None:
             return
+        self.accounted = True
         if self.upstream_request is None:  # refused here: the log names the model
             self.log_model = self.app.model_label(self.request_model or "-")
             return
-        self.accounted = True
-        model, usage = self.usage_found() or (None, None)
+        model, usage, price_name = self.usage_found() or (None, None, None)
         model = self.app.model_label(model or self.request_model or "-")
-        counts = usage_counts(self.app.prices, self.price_name or model, usage)
-        if self.fetches_later is not None:
-            counts[3] //= METERED_LATER[self.fetches_later]  # (the Batch API's price)
+        counts = usage_counts(self.app.prices, price_name or model, usage)
+        if self.plan.fetched_later is not None:
+            counts[3] //= METERED_LATER[self.plan.fetched_later]  # (the Batch API's price)
         self.app.usage.record(self.user["name"], model, counts)
         self.log_model = model
         if usage is not None:
             self.log_tokens, self.log_cost = str(counts[2]), "$" + dollar_text(counts[3])
 
-    def usage_found(self) -> Optional[Tuple[Optional[str], Any]]:
-        """(model, usage) the answer showed, or an estimate: None if it costs nothing.
+    def usage_found(self) -> Optional[Tuple[Optional[str], Any, Optional[str]]]:
+        """(model, usage, the name of its price if not the model's) the answer
+        showed, or an estimate: None if it costs nothing.
 
         A POST's answer is counted (not an update of an object); a fetched
         object's only if it was made after its creation's answer, once."""
-        reader = self.reader
-        if reader is None or (self.fetches_later and not self.counts_later):
+        reader, plan, facts = self.reader, self.plan, self.facts
+        if reader is None or not plan.counted or (plan.fetched_later and not self.counts_later):
             return None
-        if self.fetches_later is None and (self.request.method != "POST" or self.updates_object):
-            return None
-        found: Optional[Tuple[Optional[str], Any]] = reader.result()
-        if found is None and (self.client_gone or reader.ended) and reader.deltas:
+        found = reader.result()
+        if found is not None:
+            return found[0], found[1], None
+        answered = 200 <= self.get_status() < 300
+        if (self.client_gone or reader.ended) and reader.deltas:
             # Gone before the usage event, or a stream that ended without one
             # (an upstream that ignored the proxy's include_usage): the upstream
             # bills what it made, so count an estimate (else hanging up would
             # dodge any quota): a token per delta passed, a token per 4 bytes
             # of the request body.
-            found = None, {"prompt_tokens": self.request_bytes // 4,
-                           "completion_tokens": reader.deltas}
-        if found is None and self.speech_characters and 200 <= self.get_status() < 300:
-            found = None, TokenCounts(characters=self.speech_characters)
-        if found is None and self.images_asked and 200 <= self.get_status() < 300:
-            n, size, quality = self.images_asked
-            found = None, TokenCounts(images=n)
-            self.price_name = image_price_name(self.request_model or "-", size, quality)
-        return found
+            return None, {"prompt_tokens": facts.size // 4, "completion_tokens": reader.deltas}, None
+        if facts.characters and answered:
+            return None, TokenCounts(characters=facts.characters), None
+        if facts.images and answered:
+            n, size, quality = facts.images
+            return None, TokenCounts(images=n), image_price_name(self.request_model or "-", size, quality)
+        return None
 
 
 @tornado.web.stream_request_body
@@ -4689,6 +4829,19 @@ def allowed_models_only(body: bytes, user: Dict[str, Any]) -> bytes:
 
 
 ABORT = b"abort"  # a body-queue sentinel, compared by identity
+
+
+async def send_queued(queue: "asyncio.Queue[Optional[bytes]]",
+                      write: Callable[[bytes], "asyncio.Future[None]"]) -> None:
+    """A streamed body's producer: the chunks ``queue`` gets, until None (the
+    end) or ABORT (the upstream request ended with StreamClosedError)."""
+    while True:
+        chunk = await queue.get()
+        if chunk is None:
+            return
+        if chunk is ABORT:
+            raise tornado.iostream.StreamClosedError()
+        await write(chunk)
 
 
 def _retrieve(future: "asyncio.Future[Any]") -> None:
@@ -4765,10 +4918,11 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     The key is checked and the upstream connected before the client's upgrade
     is accepted, so a bad key or an unreachable upstream gets an HTTP answer
-    in OpenAI's shape. Usage in ``response.done`` events is counted.
+    in OpenAI's shape. Usage in ``response.done`` events is counted (account).
     """
 
     upstream: Optional[tornado.websocket.WebSocketClientConnection] = None
+    client_stream: Optional[tornado.iostream.IOStream] = None  # the client's, once upgraded
     user: Optional[Dict[str, Any]] = None
     transcription_model: Optional[str] = None  # the session's, for its transcriptions
 
@@ -4792,6 +4946,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         except ApiError as error:
             self.send_error(error.status_code, exc_info=(ApiError, error, None))
             return
+        self.client_stream = http1(self.request).stream  # (the WebSocket's, once upgraded)
         await super().get(*args, **kwargs)
 
     def isolated(self) -> bool:
@@ -4890,10 +5045,10 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                 return
             if written is None:
                 continue
-            if self.ws_connection is None or self.ws_connection.stream is None:
+            if self.client_stream is None or self.client_stream.closed():
                 written.add_done_callback(_retrieve)
                 continue
-            behind = unless_taken(written, self.ws_connection.stream)
+            behind = unless_taken(written, self.client_stream)
             if behind is not None and not await behind:
                 return
 
@@ -4919,7 +5074,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             self.close(code, reason or "")
             return None
         if isinstance(message, str) and any(kind in message[:200] for kind in USAGE_EVENTS):
-            self.count_usage(message)
+            self.account(message)
         elif isinstance(message, str) and any(kind in message[:200] for kind in SESSION_EVENTS):
             self.note_transcription_model(message)
         elif isinstance(message, str) and '"response.created"' in message[:200] and self.user:
@@ -4934,7 +5089,10 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             self.on_close()
             return None
 
-    def count_usage(self, message: str) -> None:
+    def account(self, message: str) -> None:
+        """Count one response's usage as its event passes: a session is counted
+        as it goes (so its quota applies mid-session), and nothing is left to
+        count when it ends."""
         try:
             event = json.loads(message)
             found = usage_in(event)
@@ -6137,10 +6295,10 @@ class App:
         return max(0.0, ADMIN_LOCKOUT_SECONDS - (time.monotonic() - recent[-1]))
 
     def log_request(self, handler: tornado.web.RequestHandler) -> None:
-        """The one log line per request; also where a proxied request is counted."""
+        """The one log line per request. It only reports: a proxied request is
+        counted before it (ProxyHandler.account)."""
         if not isinstance(handler, BaseHandler):
             return
-        handler.on_log()
         status = handler.get_status()
         level = logging.WARNING if status >= 500 else logging.INFO
         if log.isEnabledFor(level):
