@@ -5362,6 +5362,21 @@ class TestBudget:
             assert fetched.status == 200, fetched
         assert stats_cost(priced, name) == CACHED_CHAT_COST // 2
 
+    def test_a_cancelled_batch_is_counted_once_when_its_cancel_shows_usage(self, priced):
+        name = unique("cancel")
+        key = priced.register(name, "?budget=5&scope=all")
+        batch = {"id": "batch_" + secrets.token_hex(8), "object": "batch",
+                 "endpoint": "/v1/chat/completions", "model": "test-model",
+                 "status": "in_progress", "output_file_id": None, "usage": None}
+        assert post_json(priced, "/v1/batches", key, compact(
+            {"input_file_id": "file-x", "endpoint": "/v1/chat/completions",
+             "completion_window": "24h"}), **answered(batch)).status == 200
+        cancelled = dict(batch, status="cancelled", usage=CACHED_CHAT)
+        for _ in range(2):  # the cancel shows what was done so far; a fetch shows it again
+            assert post_json(priced, f"/v1/batches/{batch['id']}/cancel", key, b"",
+                             **answered(cancelled)).status == 200
+        assert stats_cost(priced, name) == CACHED_CHAT_COST // 2
+
     def test_billing_views_in_real_dollars_and_cents(self, priced):
         name = unique("bill")
         key = priced.register(name, "?budget=2.50")

@@ -2873,7 +2873,7 @@ class Ownership:
 
     def claim(self, name: str, object_id: str, kind: str, days: Optional[int] = None,
               counted: bool = True) -> None:
-        """``counted=False``: its usage is not known yet (``Store.count_once``)."""
+        """``counted=False``: its usage is not known yet (``count_once``)."""
         now = utcnow()
         expires = iso(now + datetime.timedelta(days=days)) if days else None
         self.pending[object_id] = {"user": name, "kind": kind, "created": iso(now),
@@ -2881,6 +2881,13 @@ class Ownership:
 
     def release(self, object_id: str) -> None:
         self.pending[object_id] = None
+
+    async def count_once(self, object_id: str) -> bool:
+        """``Store.count_once`` for a record that may not be written yet (an
+        object fetched a moment after its creation): written first."""
+        if object_id in self.pending:
+            await self.flush()
+        return await self.store.count_once(object_id)
 
     async def flush(self, durable: bool = True) -> None:
         async with self._flushing:  # (so a last flush at exit sees what one in the air kept)
@@ -3853,7 +3860,7 @@ def object_plan(method: str, route: str, isolated: bool) -> Dict[str, Any]:
         return {}
     collection, object_id, rest = match.groups()
     if names_object(match):
-        later = collection in METERED_LATER and (method, rest) in (("GET", None), ("POST", "cancel"))
+        later = collection in METERED_LATER and (method, rest) in (("GET", None), ("POST", "/cancel"))
         return {"collection": collection, "object_id": object_id, "checks_owner": isolated,
                 "deletes": method == "DELETE" and rest is None,
                 "updates": method == "POST" and rest is None,
@@ -4677,7 +4684,7 @@ class ProxyHandler(BaseHandler):
             if rest:  # (nothing at all may be written for a 204 or 304)
                 self.write(rest)
             if self.plan.fetched_later and self.plan.object_id and self.reader.result() is not None:
-                self.counts_later = await self.app.store.count_once(self.plan.object_id)
+                self.counts_later = await self.app.owners.count_once(self.plan.object_id)
 
     def finish(self, chunk: Optional[Union[str, bytes, dict]] = None) -> "asyncio.Future[None]":
         self.account()  # (before Tornado writes the log line, which reports it)
