@@ -49,6 +49,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import os
 import posixpath
 import re
@@ -154,6 +155,7 @@ USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
 SHARED_FLUSH_SECONDS = 1.0  # ... and a shared store (Redis), so instances agree soon
 SHARED_CACHE_SECONDS = 1.0  # the longest a key read from Redis is trusted unasked
 REDIS_CONNECTIONS = 64  # per process
+REDIS_BATCH = 500  # counters read in one pipeline (its replies are parsed without a pause)
 EXIT_FLUSH_SECONDS = 5.0  # at exit, how long to keep trying to write the last usage
 RATE_WINDOW_SECONDS = 60.0
 ACCEPT_BACKOFF_SECONDS = 0.5  # out of file descriptors: how long to stop accepting
@@ -499,7 +501,7 @@ class DbmKV:
     ``LOCK`` (held while a process writes).
 
     The interface it shares with ``RedisKV``: ``get``, ``scan``
-    (strings); ``counts``, ``scan_counts``, ``add`` (counters: lists of
+    (strings); ``keys``; ``counts``, ``scan_counts``, ``add`` (counters: lists of
     integers); ``write`` (puts, deletes and counters together, optionally only
     if some keys still hold what the caller read); ``follow`` (a key whose
     value names another); ``take_slot`` (a sliding-window rate limit);
@@ -633,31 +635,53 @@ class DbmKV:
         """Every key starting with ``prefix``, with its value, sorted by key."""
         return await self._scan(prefix, None)
 
-    async def _scan(self, prefix: str, decode: Optional[Callable[[str], Any]]) -> Dict[str, Any]:
-        """``scan``, each value through ``decode`` if given. The snapshot's part is
-        read and decoded in a thread: the snapshot never changes, and a scan of
-        every user's usage reads a hundred thousand keys (dbm.dumb opens its file
-        once per key), which on the event loop would hold up every request for seconds."""
-        found: Dict[str, Any] = {}
-        if self._snapshot is not None:
-            snapshot: Any = self._snapshot
-            try:
-                found = await asyncio.get_running_loop().run_in_executor(
-                    None, self._read_snapshot, snapshot, prefix, decode)
-            except Exception:  # a checkpoint closed that snapshot meanwhile
-                snapshot = None
-            if snapshot is not self._snapshot:  # read the one now current, here
-                found = self._read_snapshot(self._snapshot, prefix, decode)
+    async def keys(self, prefix: str) -> List[str]:
+        """Every key starting with ``prefix``, sorted, without reading a value."""
+        found: Dict[str, Optional[str]] = dict.fromkeys(
+            await self._from_snapshot(self._snapshot_keys, prefix, None), "")
+        for layer in (self._frozen, self._overlay):
+            found.update((k, v) for k, v in layer.items() if k.startswith(prefix))
+        return sorted(key for key, value in found.items() if value is not None)
+
+    async def _scan(self, prefix: str, decode: Optional[Callable[[str], Any]],
+                    keep: Optional[Callable[[str], bool]] = None) -> Dict[str, Any]:
+        """``scan``, each value through ``decode`` if given, only the keys that
+        ``keep`` keeps (if given: decided before their values are read)."""
+        found: Dict[str, Any] = await self._from_snapshot(self._read_snapshot, prefix, decode, keep)
         for layer in (self._frozen, self._overlay):
             found.update((k, v if v is None or decode is None else decode(v))
-                         for k, v in layer.items() if k.startswith(prefix))
+                         for k, v in layer.items()
+                         if k.startswith(prefix) and (keep is None or keep(k)))
         return {key: value for key, value in sorted(found.items()) if value is not None}
 
+    async def _from_snapshot(self, read: Callable[..., Any], *args: Any) -> Any:
+        """``read(snapshot, *args)`` in a thread (empty without a snapshot): the
+        snapshot never changes, and a scan of every user's usage reads a hundred
+        thousand keys (dbm.dumb opens its file once per key), which on the event
+        loop would hold up every request for seconds."""
+        if self._snapshot is None:
+            return {}
+        snapshot: Any = self._snapshot
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(None, read, snapshot, *args)
+        except Exception:  # a checkpoint closed that snapshot meanwhile
+            snapshot = None
+        if snapshot is not self._snapshot:  # read the one now current, here
+            found = read(self._snapshot, *args)
+        return found
+
     @staticmethod
-    def _read_snapshot(snapshot: Any, prefix: str,
-                       decode: Optional[Callable[[str], Any]]) -> Dict[str, Any]:
+    def _snapshot_keys(snapshot: Any, prefix: str,
+                       keep: Optional[Callable[[str], bool]]) -> List[str]:
         raw = prefix.encode()
-        values = {key.decode(): snapshot[key].decode() for key in snapshot.keys() if key.startswith(raw)}
+        keys = [key.decode() for key in snapshot.keys() if key.startswith(raw)]
+        return keys if keep is None else [key for key in keys if keep(key)]
+
+    @classmethod
+    def _read_snapshot(cls, snapshot: Any, prefix: str, decode: Optional[Callable[[str], Any]],
+                       keep: Optional[Callable[[str], bool]]) -> Dict[str, Any]:
+        values = {key: snapshot[key.encode()].decode()
+                  for key in cls._snapshot_keys(snapshot, prefix, keep)}
         return values if decode is None else {key: decode(value) for key, value in values.items()}
 
     async def follow(self, key: str, prefix: str) -> Tuple[Optional[str], Optional[str]]:
@@ -669,8 +693,10 @@ class DbmKV:
         return [None if value is None else json.loads(value)
                 for value in (self._get(key) for key in keys)]
 
-    async def scan_counts(self, prefix: str) -> Dict[str, List[int]]:
-        return await self._scan(prefix, json.loads)
+    async def scan_counts(self, prefix: str, keep: Optional[Callable[[str], bool]] = None
+                          ) -> Dict[str, List[int]]:
+        """The counters whose keys start with ``prefix`` (and that ``keep`` keeps)."""
+        return await self._scan(prefix, json.loads, keep)
 
     async def ping(self) -> bool:
         return True
@@ -1059,6 +1085,10 @@ class RedisKV:
         start = len(self.PREFIX)
         return {key[start:]: value for key, value in zip(keys, values) if value is not None}
 
+    async def keys(self, prefix: str) -> List[str]:
+        start = len(self.PREFIX)
+        return [key[start:] for key in await self._keys(prefix)]
+
     async def follow(self, key: str, prefix: str) -> Tuple[Optional[str], Optional[str]]:
         found = await self._do(self._scripts["follow"](keys=[self._key(key)],
                                                        args=[self._key(prefix)]))
@@ -1066,22 +1096,26 @@ class RedisKV:
         return found[0], found[1]
 
     async def _hashes(self, keys: List[str]) -> List[Optional[List[int]]]:
-        if not keys:
-            return []
-
-        async def fetch() -> List[Dict[str, str]]:
+        """The counters at ``keys``, a pipeline of ``REDIS_BATCH`` at a time: the
+        replies of one pipeline are parsed on the event loop without a pause."""
+        async def fetch(batch: List[str]) -> List[Dict[str, str]]:
             async with self.client.pipeline(transaction=False) as pipe:
-                for key in keys:
+                for key in batch:
                     pipe.hgetall(key)
                 return await pipe.execute()
-        return [_counter(fields) for fields in await self._do(fetch())]
+        counters: List[Optional[List[int]]] = []
+        for start in range(0, len(keys), REDIS_BATCH):
+            batch = keys[start:start + REDIS_BATCH]
+            counters += [_counter(fields) for fields in await self._do(fetch(batch))]
+        return counters
 
     async def counts(self, keys: Iterable[str]) -> List[Optional[List[int]]]:
         return await self._hashes([self._key(key) for key in keys])
 
-    async def scan_counts(self, prefix: str) -> Dict[str, List[int]]:
-        keys = await self._keys(prefix)
+    async def scan_counts(self, prefix: str, keep: Optional[Callable[[str], bool]] = None
+                          ) -> Dict[str, List[int]]:
         start = len(self.PREFIX)
+        keys = [key for key in await self._keys(prefix) if keep is None or keep(key[start:])]
         return {key[start:]: counter for key, counter in zip(keys, await self._hashes(keys))
                 if counter is not None}
 
@@ -1357,6 +1391,7 @@ class Store:
         self._remembered: Dict[str, Tuple[float, Any]] = {}
         self._changes = 0  # own writes so far: a lookup begun before one is not remembered
         self._lookups: Dict[Tuple[str, int], "asyncio.Future[Optional[Dict[str, Any]]]"] = {}
+        self._scans: Dict[Tuple[Optional[str], str, str, int], "asyncio.Future[Dict[str, List[int]]]"] = {}
 
     def _recall(self, key: str) -> Any:
         if self.kv.cache_seconds:
@@ -1502,7 +1537,7 @@ class Store:
     async def last_used(self, name: Optional[str] = None) -> Dict[str, str]:
         """The last day each user (or this one) has usage on."""
         last: Dict[str, str] = {}
-        for key in await self.kv.scan_counts("usage:" + (f"{name}:" if name else "")):
+        for key in await self.kv.keys("usage:" + (f"{name}:" if name else "")):
             _, user, day, _ = key.split(":", 3)
             last[user] = max(day, last.get(user, day))
         return last
@@ -1524,15 +1559,30 @@ class Store:
     async def usage_rows(self, name: Optional[str], first_day: str,
                          last_day: str) -> List[Dict[str, Any]]:
         """Stored usage per day, user and model, oldest first."""
-        rows = []
-        prefix = "usage:" + (f"{name}:" if name else "")
-        for key, counts in (await self.kv.scan_counts(prefix)).items():
-            _, user, day, model = key.split(":", 3)
-            if first_day <= day <= last_day:
-                rows.append({"day": day, "user": user, "model": model,
-                             **dict(zip(USAGE_FIELDS, counts + [0] * len(USAGE_FIELDS)))})
-        rows.sort(key=lambda row: (row["day"], row["user"], row["model"]))
-        return rows
+        return (await self.usage_sums(name, first_day, last_day, USAGE_GROUPS))[0]
+
+    async def usage_sums(self, name: Optional[str], first_day: str, last_day: str,
+                         group: Tuple[str, ...], top: int = 0) -> Tuple[List[Dict[str, Any]], int]:
+        """Stored usage summed per ``group`` (``sum_usage``), in a thread: a month
+        of a thousand users is forty thousand counters."""
+        counters = await self.usage_counters(name, first_day, last_day)
+        return await asyncio.get_running_loop().run_in_executor(
+            None, sum_usage, counters, group, top)
+
+    async def usage_counters(self, name: Optional[str], first_day: str,
+                             last_day: str) -> Dict[str, List[int]]:
+        """The usage counters of the user (or everyone's) from ``first_day`` to
+        ``last_day`` (the other days' are never read), as a dict not to change.
+        Calls for the same days at the same time share one read (the dashboard's)."""
+        pending = (name, first_day, last_day, self._changes)
+        scan = self._scans.get(pending)
+        if scan is None:
+            def in_period(key: str) -> bool:
+                return first_day <= key.split(":", 3)[2] <= last_day
+            scan = self._scans[pending] = asyncio.ensure_future(
+                self.kv.scan_counts("usage:" + (f"{name}:" if name else ""), in_period))
+            scan.add_done_callback(lambda _: self._scans.pop(pending, None))
+        return await asyncio.shield(scan)
 
     # -- objects: who created what ----------------------------------------------
 
@@ -1659,6 +1709,68 @@ def _dump(value: Any) -> str:
 # A usage row's counters, in the order the store keeps them.
 USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "total_tokens", "cost",
                 "cached_tokens", "audio_input_tokens", "audio_output_tokens")
+
+
+# What usage can be summed per (the stats' ``group=``), in the order rows show them.
+USAGE_GROUPS = ("day", "user", "model")
+
+
+def sum_usage(counters: Dict[str, List[int]], group: Tuple[str, ...],
+              top: int = 0) -> Tuple[List[Dict[str, Any]], int]:
+    """Usage counters (``usage:USER:DAY:MODEL``) summed per ``group`` (some of
+    ``USAGE_GROUPS``): rows of the group's fields and every ``USAGE_FIELDS``,
+    ordered by the group's fields. With ``top``, only the ``top`` users or
+    models (or pairs) that cost most keep their names (``_keep_top``). Returns
+    the rows and how many users or models were summed under None."""
+    fields = tuple(name for name in USAGE_GROUPS if name in group)
+    pick = _picker([{"user": 1, "day": 2, "model": 3}[name] for name in fields])
+    sums: Dict[Tuple[Optional[str], ...], List[int]] = {}
+    for key, values in counters.items():
+        _add(sums, pick(key.split(":", 3)), values)
+    named = [i for i, name in enumerate(fields) if name != "day"]
+    others = 0
+    if top and named:
+        sums, others = _keep_top(sums, named, top)
+    rows = sorted(sums.items(), key=(lambda item: [(part is None, part or "") for part in item[0]])
+                  if others else None)
+    columns = fields + USAGE_FIELDS
+    return [dict(zip(columns, (*key, *values))) for key, values in rows], others
+
+
+def _picker(at: List[int]) -> Callable[[Any], Tuple[Any, ...]]:
+    """A function that takes the items at ``at`` out of a sequence, as a tuple."""
+    if len(at) == 1:
+        return lambda parts: (parts[at[0]],)
+    return operator.itemgetter(*at)
+
+
+def _add(sums: Dict[Tuple[Optional[str], ...], List[int]], key: Tuple[Optional[str], ...],
+         values: List[int]) -> None:
+    """Add a counter to the sum at ``key`` (new lists: counters may be shared)."""
+    if len(values) != len(USAGE_FIELDS):  # (a counter from before costs were kept has 4)
+        values = (values + [0] * len(USAGE_FIELDS))[:len(USAGE_FIELDS)]
+    total = sums.get(key)
+    sums[key] = values if total is None else list(map(operator.add, total, values))
+
+
+def _keep_top(sums: Dict[Tuple[Optional[str], ...], List[int]], named: List[int],
+              top: int) -> Tuple[Dict[Tuple[Optional[str], ...], List[int]], int]:
+    """Keep the names (the key's parts at ``named``) of the ``top`` that cost most
+    over all the rows, then used most tokens; sum the others' rows into rows
+    with None there. Returns those rows and how many names were folded."""
+    pick = _picker(named)
+    per_name: Dict[Tuple[Optional[str], ...], List[int]] = {}
+    for key, values in sums.items():
+        _add(per_name, pick(key), values)
+    cost, tokens = USAGE_FIELDS.index("cost"), USAGE_FIELDS.index("total_tokens")
+    ranked = sorted(per_name, key=lambda name: (-per_name[name][cost], -per_name[name][tokens], name))
+    kept = set(ranked[:top])
+    folded: Dict[Tuple[Optional[str], ...], List[int]] = {}
+    for key, values in sums.items():
+        if pick(key) not in kept:
+            key = tuple(None if i in named else part for i, part in enumerate(key))
+        _add(folded, key, values)
+    return folded, len(ranked) - len(kept)
 
 
 def add_to_periods(counts: Dict[str, List[int]], name: str, day: str, row: List[int]) -> None:
@@ -5162,12 +5274,13 @@ class AdminHandler(BaseHandler):
             self.finish(f"error: {self.app.redactor.redact(message)}\n")
 
     def answer(self, text: str, data: Dict[str, Any]) -> None:
-        if self.wants_json():
-            self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps(data) + "\n")
-        else:
-            self.set_header("Content-Type", "text/plain; charset=utf-8")
-            self.finish(text + "\n")
+        self.send_answer(json.dumps(data) if self.wants_json() else text)
+
+    def send_answer(self, body: str) -> None:
+        """The answer's text table, or its JSON if the client asked for JSON."""
+        self.set_header("Content-Type", "application/json" if self.wants_json()
+                        else "text/plain; charset=utf-8")
+        self.finish(body + "\n")
 
     async def run_command(self, command: str, name: Optional[str]) -> None:
         store = self.app.store
@@ -5260,26 +5373,43 @@ class AdminHandler(BaseHandler):
                     {"users": rows})
 
     async def show_stats(self, name: Optional[str]) -> None:
+        """``stats``: usage per day, user and model; with ``group=``, summed per
+        some of them (``top=N``: the N users or models that cost most, and others)."""
         first_day, last_day = self.stats_period()
+        group, top = self.stats_group()
         await self.app.usage.flush()  # so the table includes the last seconds
-        rows = await self.app.store.usage_rows(name, first_day, last_day)
-        total = {"day": "total", "user": "", "model": "", **{
-            field: sum(row[field] for row in rows) for field in USAGE_FIELDS}}
-        shown = ("day", "user", "model", *STATS_COLUMNS)
-        text = (render_table([money_cells({k: row[k] for k in shown}, units=True)
-                              for row in rows + [total]])
-                if rows else f"no usage from {first_day} to {last_day}")
-        self.answer(text, {"from": first_day, "to": last_day,
-                           "usage": [in_dollars(row) for row in rows],
-                           "total": in_dollars({k: v for k, v in total.items()
-                                                if k not in ("day", "user", "model")})})
+        rows, others = await self.app.store.usage_sums(name, first_day, last_day,
+                                                       group or USAGE_GROUPS, top)
+        as_json = self.wants_json()
+        # (A month of a thousand users is megabytes of text: made in a thread.)
+        self.send_answer(await asyncio.get_running_loop().run_in_executor(
+            None, stats_answer, rows, first_day, last_day, group, others if top else None, as_json))
+
+    def stats_group(self) -> Tuple[Tuple[str, ...], int]:
+        """``?group=`` (some of day, user, model, comma-separated) and ``?top=N``."""
+        fields = self.fields()
+        group = tuple(word.strip() for word in fields.get("group", "").split(",") if word.strip())
+        wrong = [word for word in group if word not in USAGE_GROUPS]
+        if wrong or ("group" in fields and not group):
+            raise AdminError(400, "group must name day, user or model, or several of them "
+                                  "separated by commas" + (f"; {wrong[0]!r} is none of them"
+                                                           if wrong else ""))
+        if "top" not in fields:
+            return group, 0
+        top = _whole_number(fields["top"], "top")
+        if not 1 <= top <= 100000:
+            raise AdminError(400, "top must be a whole number from 1 to 100000")
+        if not set(group) & {"user", "model"}:
+            raise AdminError(400, "top needs user or model in group (e.g. group=day,user&top=7)")
+        return group, top
 
     def stats_period(self) -> Tuple[str, str]:
         """``?days=N`` (default 30, today included) or ``?from=&to=`` as UTC days."""
         fields = self.fields()
-        unknown = sorted(set(fields) - {"days", "from", "to", "format"})
+        unknown = sorted(set(fields) - {"days", "from", "to", "format", "group", "top"})
         if unknown:
-            raise AdminError(400, f"unknown field {unknown[0]}; fields are days, from, to")
+            raise AdminError(400, f"unknown field {unknown[0]}; fields are days, from, to, "
+                                  f"group, top")
         today = utcnow().date()
         if "days" in fields and ("from" in fields or "to" in fields):
             raise AdminError(400, "days and from/to: give one of them")
@@ -5347,6 +5477,28 @@ async def spend_in_period(app: "App", user: Dict[str, Any]) -> Dict[str, Any]:
     resets = period_resets(period, utcnow().date())
     return {"period": period, "used": tokens, "spent": usd(cost), "spent_units": cost,
             "resets_at": iso(resets) if resets else None}
+
+
+def stats_answer(rows: List[Dict[str, Any]], first_day: str, last_day: str,
+                 group: Tuple[str, ...], others: Optional[int], as_json: bool) -> str:
+    """The stats as a table for curl or as JSON: its rows (of the ``group``'s
+    fields, or day, user and model) and their total; ``others`` with ``top``."""
+    fields = [field for field in USAGE_GROUPS if field in group] if group else list(USAGE_GROUPS)
+    total = {field: sum(row[field] for row in rows) for field in USAGE_FIELDS}
+    if as_json:
+        data: Dict[str, Any] = {"from": first_day, "to": last_day}
+        if group:
+            data["group"] = fields
+        data.update(usage=[in_dollars(row) for row in rows], total=in_dollars(total))
+        if others is not None:
+            data["others"] = others
+        return json.dumps(data)
+    if not rows:
+        return f"no usage from {first_day} to {last_day}"
+    label = {field: "total" if field == fields[0] else "" for field in fields}
+    shown = (*fields, *STATS_COLUMNS)
+    return render_table([money_cells({k: "(others)" if row[k] is None else row[k] for k in shown},
+                                     units=True) for row in rows + [{**label, **total}]])
 
 
 def render_table(rows: List[Dict[str, Any]]) -> str:
