@@ -5810,10 +5810,11 @@ function chart(host, days, series, fmt, label) {
     return h('li', {}, dot, x.name);
   })));
 }
-// Series per day for the keys that spend most; the rest as "others".
+// Series per day for the keys that spend most; the rest (and rows whose key is
+// null: the server's own "others") as "others".
 function stacked(rows, days, keyOf, valueOf, most) {
   const sums = new Map();
-  for (const r of rows) sums.set(keyOf(r), (sums.get(keyOf(r)) || 0) + valueOf(r));
+  for (const r of rows) if (keyOf(r) !== null) sums.set(keyOf(r), (sums.get(keyOf(r)) || 0) + valueOf(r));
   const names = [...sums.keys()].sort((a, b) => sums.get(b) - sums.get(a));
   const shown = names.slice(0, names.length > most ? most - 1 : most);
   const index = new Map(days.map((d, i) => [d, i]));
@@ -5822,10 +5823,10 @@ function stacked(rows, days, keyOf, valueOf, most) {
   for (const r of rows) {
     const i = index.get(r.day);
     if (i === undefined) continue;
-    const j = shown.indexOf(keyOf(r));
+    const j = keyOf(r) === null ? -1 : shown.indexOf(keyOf(r));
     (j < 0 ? others : series[j]).values[i] += valueOf(r);
   }
-  return names.length > shown.length ? series.concat([others]) : series;
+  return names.length > shown.length || rows.some((r) => keyOf(r) === null) ? series.concat([others]) : series;
 }
 function ask(dialog) {
   return new Promise((resolve) => {
@@ -5933,7 +5934,7 @@ separated by commas, <code>*</code> for all. Empty fields keep their value (or t
 </form></dialog>
 """ + DIALOGS, r"""
 const xsrf = document.querySelector('main').dataset.xsrf;
-let users = [], stats = { usage: [], total: {} }, money_ = false, lastDay = new Map();
+let users = [], stats = { byUser: [], byModel: [], total: {} }, money_ = false, lastDay = new Map();
 async function api(method, path, fields) {
   const init = { method, credentials: 'same-origin', headers: { Accept: 'application/json', 'X-XSRF-Token': xsrf } };
   if (fields) init.body = new URLSearchParams(fields);
@@ -5983,26 +5984,26 @@ function sums(rows) {
 }
 function render() {
   const today = new Date().toISOString().slice(0, 10), month = today.slice(0, 7);
-  for (const [id, rows] of [['today', stats.usage.filter((r) => r.day === today)],
-                            ['month', stats.usage.filter((r) => r.day.startsWith(month))]]) {
+  for (const [id, rows] of [['today', stats.byUser.filter((r) => r.day === today)],
+                            ['month', stats.byUser.filter((r) => r.day.startsWith(month))]]) {
     const t = sums(rows);
     if (hasMoney()) setValue($('#' + id), money(t.cost)); else setValue($('#' + id), tokens(t.total_tokens), 'tokens');
     $('#' + id + '-sub').textContent = `${compact.format(t.requests)} requests` +
       (hasMoney() ? ` · ${tokens(t.total_tokens)} tokens` : '');
   }
   $('#count').textContent = users.length.toLocaleString('en');
-  const active = new Set(stats.usage.filter((r) => r.day.startsWith(month)).map((r) => r.user));
-  $('#count-sub').textContent = `${active.size.toLocaleString('en')} active this month`;
+  const active = users.filter((u) => (u.last_used || '') >= month).length;
+  $('#count-sub').textContent = `${active.toLocaleString('en')} active this month`;
   $('#chart-title').textContent = (hasMoney() ? 'Spend' : 'Tokens') + ' per day, last 30 days, by user';
   const days = lastDays(30);
-  chart($('#chart'), days, stacked(stats.usage, days, (r) => r.user, spend, 8), amount,
+  chart($('#chart'), days, stacked(stats.byUser, days, (r) => r.user, spend, 8), amount,
     'Stacked bar chart of ' + (hasMoney() ? 'spend' : 'tokens') + ' per day by user');
   const find = $('#filter').value.trim().toLowerCase();
   const shown = find ? users.filter((u) => u.name.toLowerCase().includes(find)) : users;
   $('#users').replaceChildren(...(shown.length ? shown.map(userRow) : [h('tr', {}, h('td', { colspan: 7,
     class: 'muted', text: users.length ? 'No user matches.' : 'No users yet: register the first one.' }))]));
   const byModel = new Map();
-  for (const r of stats.usage.filter((r) => r.day >= days[0])) {
+  for (const r of stats.byModel.filter((r) => r.day >= days[0])) {
     if (!byModel.has(r.model)) byModel.set(r.model, []);
     byModel.get(r.model).push(r);
   }
@@ -6018,12 +6019,20 @@ function render() {
     : [h('tr', {}, h('td', { colspan: 6, class: 'muted', text: 'No usage in the last 30 days.' }))]));
 }
 // Usage only on opening: register, set and delete change the users, not the stats.
+// The server sums it: per day for the 7 users who spent most and the others, and
+// per day and model (both over the same days, so the server reads them once).
+const STATS = '/admin/stats?format=json&days=31&group=';
+async function loadStats() {
+  const [byUser, byModel] = await Promise.all([api('GET', STATS + 'day,user&top=7'),
+                                               api('GET', STATS + 'day,model')]);
+  return { byUser: byUser.usage, byModel: byModel.usage, total: byUser.total };
+}
 async function load(withStats = true) {
   try {
     [users, stats] = await Promise.all([api('GET', '/admin/users?format=json').then((d) => d.users),
-                                        withStats ? api('GET', '/admin/stats?format=json&days=31') : stats]);
-    money_ = 'cost' in stats.total || stats.usage.some((r) => 'cost' in r);
-    lastDay = new Map(stats.usage.map((r) => [r.user, r.day]));  // (rows are oldest first)
+                                        withStats ? loadStats() : stats]);
+    money_ = 'cost' in stats.total || stats.byUser.some((r) => 'cost' in r);
+    lastDay = new Map(stats.byUser.map((r) => [r.user, r.day]));  // (rows are oldest first)
     $('#problem').textContent = '';
     render();
   } catch (e) { $('#problem').textContent = e.message; }
