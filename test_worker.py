@@ -10548,3 +10548,264 @@ class TestRealtimeBackPressure:
                   f"resident {before:.0f} MB before, {peak:.0f} MB at most")
             assert peak - before < 32, f"{peak - before:.0f} MB more for a slow realtime client"
             assert w.models(key).status == 200
+
+
+# ---------------------------------------------------------------------------
+# Stats summed by the server, and the dashboard at scale (issue 18 item 4)
+# ---------------------------------------------------------------------------
+
+# Names this block takes from the rest of test_worker.py: ACCESS_TOKEN, Worker, request,
+# admin_json, assert_aligned_table, chat_as, import_worker, node_browser_dir, CHROMIUM,
+# BROWSER_ARGS, SCREENSHOTS_OUT, clean_environ, unique; fixtures tmp_root, upstream,
+# redis_server.
+
+# Every counter of a usage row, in the order worker.py keeps them (cost in 1e-12 USD).
+ROW_FIELDS = ("requests", "input_tokens", "output_tokens", "total_tokens", "cost",
+              "cached_tokens", "audio_input_tokens", "audio_output_tokens")
+ROW_MODELS = ("gpt-4o-mini", "gpt-4.1", "o4-mini")
+MICRO = 10 ** 6  # cost units in a micro-dollar
+
+
+def usage_export(users: int, days: int, today: datetime.date, prefix: str = "sum") -> Dict[str, Any]:
+    """What ``worker.py export`` writes for ``users`` users with usage on each of the
+    last ``days`` days (one model a day, in turn), costs in whole micro-dollars; user i
+    costs ((37 i mod users) + 1) times a day's share, so their ranking is fixed."""
+    export = {}
+    for i in range(users):
+        name = f"{prefix}{i:04d}"
+        usage = []
+        for d in range(days):
+            n = i * 7919 + d * 104729
+            given, made = 10 + n % 5000, n % 3000
+            usage.append({"day": (today - datetime.timedelta(days=d)).isoformat(),
+                          "model": ROW_MODELS[(i + d) % len(ROW_MODELS)], "requests": 1 + n % 50,
+                          "input_tokens": given, "output_tokens": made, "total_tokens": given + made,
+                          "cost": ((i * 37) % users + 1) * (d % 5 + 1) * 997 * MICRO,
+                          "cached_tokens": n % 7, "audio_input_tokens": 0, "audio_output_tokens": 0})
+        export[name] = {"key_hash": hashlib.sha256(name.encode()).hexdigest(),
+                        "created": "2026-01-01T00:00:00Z", "usage": usage}
+    return export
+
+
+def expected_sums(export: Dict[str, Any], group: Tuple[str, ...], first: str,
+                  last: str) -> Dict[Tuple[str, ...], Dict[str, int]]:
+    """The export's rows from ``first`` to ``last`` summed per ``group`` (costs in units)."""
+    sums: Dict[Tuple[str, ...], Dict[str, int]] = {}
+    for name, entry in export.items():
+        for row in entry["usage"]:
+            if first <= row["day"] <= last:
+                key = tuple({"user": name, **row}[field] for field in group)
+                total = sums.setdefault(key, dict.fromkeys(ROW_FIELDS, 0))
+                for field in ROW_FIELDS:
+                    total[field] += row[field]
+    return sums
+
+
+def as_units(row: Dict[str, Any]) -> Dict[str, int]:
+    """A JSON row's counters, its cost (USD) back in units, to the micro-dollar."""
+    return {field: round(row[field] * MICRO) * MICRO if field == "cost" else row[field]
+            for field in ROW_FIELDS}
+
+
+def import_into(w: Worker, export: Dict[str, Any], timeout: float = 60) -> None:
+    """``python worker.py import FILE`` into the (stopped) worker's store."""
+    path = os.path.join(w.dir, "export.json")
+    with open(path, "w") as f:
+        json.dump(export, f)
+    done = w.command("import", path, timeout=timeout)
+    assert done.returncode == 0 and b"imported" in done.stdout, done
+    os.unlink(path)
+
+
+def grouped(w: Worker, query: str, name: str = "") -> Dict[str, Any]:
+    return admin_json(w, f"stats{'/' + name if name else ''}?{query}")
+
+
+@pytest.fixture(scope="class")
+def summing_worker(tmp_root: str, upstream: FakeUpstream) -> Iterator[Tuple[Worker, Dict[str, Any]]]:
+    """A worker with 12 imported users × 40 days of usage on 3 models."""
+    export = usage_export(12, 40, datetime.datetime.utcnow().date())
+    w = Worker(tmp_root, upstream.url)
+    try:
+        import_into(w, export)
+        yield w.start(), export
+    finally:
+        w.stop()
+
+
+class TestStatsGroups:
+    """``stats?group=…`` (and ``top=N``): the same usage as the rows, summed by the server."""
+
+    GROUPS = ["day", "user", "model", "day,user", "day,model", "user,model", "day,user,model",
+              "model,day", "user,%20day"]
+
+    @pytest.fixture
+    def w(self, summing_worker):
+        return summing_worker
+
+    def period(self, back: int = 39, until: int = 1) -> Tuple[str, str]:
+        today = datetime.datetime.utcnow().date()
+        return ((today - datetime.timedelta(days=back)).isoformat(),
+                (today - datetime.timedelta(days=until)).isoformat())
+
+    @pytest.mark.parametrize("group", GROUPS)
+    def test_sums_are_the_rows_summed(self, w, group):
+        w, export = w
+        first, last = self.period()
+        fields = tuple(f for f in ("day", "user", "model") if f in group)
+        got = grouped(w, f"group={group}&from={first}&to={last}")
+        assert got["group"] == list(fields) and (got["from"], got["to"]) == (first, last)
+        assert "others" not in got
+        keys = [tuple(row[f] for f in fields) for row in got["usage"]]
+        assert keys == sorted(keys) and len(set(keys)) == len(keys), keys  # ordered, once each
+        for row in got["usage"]:
+            assert set(row) == set(fields) | set(ROW_FIELDS), row
+        # Exactly the imported counters, costs to the micro-dollar ...
+        want = expected_sums(export, fields, first, last)
+        assert {key: as_units(row) for key, row in zip(keys, got["usage"])} == want
+        # ... and the ungrouped rows the server shows for the same days, summed.
+        rows = grouped(w, f"from={first}&to={last}")
+        assert len(rows["usage"]) == 12 * 39 and "group" not in rows
+        mine: Dict[Tuple[str, ...], Dict[str, float]] = {}
+        for row in rows["usage"]:
+            total = mine.setdefault(tuple(row[f] for f in fields), dict.fromkeys(ROW_FIELDS, 0))
+            for field in ROW_FIELDS:
+                total[field] += row[field]
+        assert {key: as_units(row) for key, row in mine.items()} == want
+        assert as_units(got["total"]) == as_units(rows["total"]) == {
+            field: sum(row[field] for row in want.values()) for field in ROW_FIELDS}
+
+    def test_top_keeps_the_biggest_spenders_and_sums_the_others(self, w):
+        w, export = w
+        first, last = self.period()
+        got = grouped(w, f"group=day,user&top=3&from={first}&to={last}")
+        spent = expected_sums(export, ("user",), first, last)
+        top = sorted(spent, key=lambda key: -spent[key]["cost"])[:3]
+        assert got["others"] == 9
+        named = {row["user"] for row in got["usage"]}
+        assert named == {key[0] for key in top} | {None}, named
+        per_day = expected_sums(export, ("day",), first, last)
+        for (day,), want in per_day.items():
+            rows = [row for row in got["usage"] if row["day"] == day]
+            assert [row["user"] for row in rows][-1] is None  # the others last in each day
+            assert {field: sum(as_units(row)[field] for row in rows) for field in ROW_FIELDS} == want
+        # More than there are: every name kept, nothing summed under None.
+        got = grouped(w, f"group=model&top=50&from={first}&to={last}")
+        assert got["others"] == 0 and [row["model"] for row in got["usage"]] == sorted(ROW_MODELS)
+
+    def test_one_users_sums(self, w):
+        w, export = w
+        first, last = self.period()
+        got = grouped(w, f"group=model&from={first}&to={last}", "sum0003")
+        want = expected_sums({"sum0003": export["sum0003"]}, ("model",), first, last)
+        assert {(row["model"],): as_units(row) for row in got["usage"]} == want
+
+    def test_text_table_for_curl(self, w):
+        w, export = w
+        first, last = self.period()
+        answer = request("GET", f"{w.admin}/stats?group=user&from={first}&to={last}")
+        assert answer.status == 200 and answer.headers["Content-Type"].startswith("text/plain")
+        lines = assert_aligned_table(answer.text, ["user", "requests", "input_tokens",
+                                                   "output_tokens", "total_tokens", "cost"])
+        want = expected_sums(export, ("user",), first, last)
+        assert [line[0] for line in lines[1:]] == sorted(export) + ["total"]
+        for line in lines[1:-1]:
+            assert int(line[1]) == want[(line[0],)]["requests"]
+            assert round(float(line[5]) * MICRO) * MICRO == want[(line[0],)]["cost"], line
+        answer = request("GET", f"{w.admin}/stats?group=day,user&top=2&from={last}&to={last}")
+        lines = assert_aligned_table(answer.text, ["day", "user", "requests", "input_tokens",
+                                                   "output_tokens", "total_tokens", "cost"])
+        assert [line[1] for line in lines[1:]] == [lines[1][1], lines[2][1], "(others)", ""]
+        assert lines[-1][0] == "total"
+        answer = request("GET", f"{w.admin}/stats?group=day&from=2001-01-01&to=2001-01-02")
+        assert answer.status == 200 and answer.text == "no usage from 2001-01-01 to 2001-01-02\n"
+
+    @pytest.mark.parametrize("query, names", [
+        ("group=dayy", "'dayy'"), ("group=", "group"), ("group=day,foo", "'foo'"),
+        ("group=users", "'users'"), ("top=3", "top"), ("group=day&top=3", "top"),
+        ("group=user&top=0", "top"), ("group=user&top=x", "top"), ("group=user&top=-1", "top"),
+        ("groups=day", "groups")])
+    def test_bad_group_or_top_is_400(self, w, query, names):
+        w, _ = w
+        answer = request("GET", f"{w.admin}/stats?{query}")
+        assert answer.status == 400 and answer.text.startswith("error: ") and names in answer.text, answer
+        if query.startswith("group=") and "top" not in query:
+            assert "day, user or model" in answer.text, answer
+        answer = request("GET", f"{w.admin}/stats?{query}&format=json")
+        assert answer.status == 400 and names in answer.json()["error"], answer
+
+    def test_live_usage_is_summed_too(self, w):
+        w, _ = w
+        name = unique("live")
+        key = w.register(name)
+        for model in ("gpt-4o-mini", "gpt-4o-mini", "gpt-4.1"):
+            assert chat_as(w, key, model).status == 200
+        today = datetime.datetime.utcnow().date().isoformat()
+        rows = [row for row in grouped(w, f"from={today}&to={today}")["usage"] if row["user"] == name]
+        got = grouped(w, f"group=user&from={today}&to={today}")["usage"]
+        (mine,) = [row for row in got if row["user"] == name]
+        assert mine["requests"] == 3 and mine["cost"] > 0
+        assert as_units(mine) == {field: as_units({f: sum(r[f] for r in rows) for f in ROW_FIELDS})[field]
+                                  for field in ROW_FIELDS}
+
+    def test_on_redis(self, tmp_root, upstream, redis_server):
+        """The shared store: counters read 500 at a time, the other days' never read."""
+        export = usage_export(12, 50, datetime.datetime.utcnow().date(), "red")
+        w = Worker(tmp_root, upstream.url, KV_URL=redis_server.url(next(_redis_dbs)))
+        try:
+            import_into(w, export)
+            w.start()
+            first, last = self.period(45, 0)
+            for group in ("day", "user,model", "day,user,model"):
+                fields = tuple(group.split(","))
+                got = grouped(w, f"group={group}&from={first}&to={last}")
+                want = expected_sums(export, fields, first, last)
+                assert {tuple(row[f] for f in fields): as_units(row) for row in got["usage"]} == want
+            got = grouped(w, f"group=user&top=2&from={first}&to={last}")
+            assert got["others"] == 10 and len(got["usage"]) == 3
+            assert admin_json(w, "users")["users"][0]["last_used"] == last
+        finally:
+            w.stop()
+
+
+class TestUsageSums:
+    """worker.py's summing on its own: rows, order, top, old counters; one read shared."""
+
+    def test_sum_usage(self):
+        worker = import_worker()
+        counters = {"usage:b:2026-01-02:m1": [1, 2, 3, 5, 7], "usage:a:2026-01-02:m1": [1, 1, 1, 2],
+                    "usage:a:2026-01-01:ft:gpt-4o:org::x": [2, 0, 0, 0, 1, 0, 0, 9],
+                    "usage:c:2026-01-01:m1": [1, 0, 0, 0, 100, 0, 0, 0]}
+        rows, others = worker.sum_usage(counters, ("user",))
+        assert others == 0 and [r["user"] for r in rows] == ["a", "b", "c"]
+        assert rows[0] == {"user": "a", "requests": 3, "input_tokens": 1, "output_tokens": 1,
+                           "total_tokens": 2, "cost": 1, "cached_tokens": 0,
+                           "audio_input_tokens": 0, "audio_output_tokens": 9}
+        rows, _ = worker.sum_usage(counters, ("model", "day"))
+        assert [(r["day"], r["model"]) for r in rows] == [
+            ("2026-01-01", "ft:gpt-4o:org::x"), ("2026-01-01", "m1"), ("2026-01-02", "m1")]
+        rows, others = worker.sum_usage(counters, ("day", "user"), top=1)
+        assert others == 2 and [(r["day"], r["user"], r["cost"]) for r in rows] == [
+            ("2026-01-01", "c", 100), ("2026-01-01", None, 1), ("2026-01-02", None, 7)]
+        assert counters["usage:a:2026-01-02:m1"] == [1, 1, 1, 2]  # (shared: never changed)
+
+    def test_calls_for_the_same_days_share_one_read(self, tmp_path):
+        worker = import_worker()
+
+        async def run() -> None:
+            kv = worker.DbmKV(str(tmp_path / "db")).open()
+            store = worker.Store(kv)
+            await store.add_usage({("u", "2026-01-01", "m"): [1, 2, 3, 5, 8]}, "b1")
+            reads = []
+            scan_counts = kv.scan_counts
+            kv.scan_counts = lambda *args: reads.append(args) or scan_counts(*args)
+            day = ("2026-01-01", "2026-01-01")
+            a, b = await asyncio.gather(store.usage_sums(None, *day, ("user",)),
+                                        store.usage_sums(None, *day, ("model",), 1))
+            assert len(reads) == 1 and a[0][0]["cost"] == b[0][0]["cost"] == 8
+            await store.add_usage({("u", "2026-01-01", "m"): [1, 0, 0, 0, 1]}, "b2")
+            assert (await store.usage_sums(None, *day, ("user",)))[0][0]["cost"] == 9
+            assert len(reads) == 2 and await store.last_used() == {"u": "2026-01-01"}
+            await kv.aclose()
+
+        asyncio.run(run())

@@ -633,26 +633,26 @@ class DbmKV:
 
     async def scan(self, prefix: str) -> Dict[str, str]:
         """Every key starting with ``prefix``, with its value, sorted by key."""
-        return await self._scan(prefix, None)
+        return dict(sorted((await self._scan(prefix, None)).items()))
 
     async def keys(self, prefix: str) -> List[str]:
-        """Every key starting with ``prefix``, sorted, without reading a value."""
+        """Every key starting with ``prefix`` (in no order), without reading a value."""
         found: Dict[str, Optional[str]] = dict.fromkeys(
             await self._from_snapshot(self._snapshot_keys, prefix, None), "")
         for layer in (self._frozen, self._overlay):
             found.update((k, v) for k, v in layer.items() if k.startswith(prefix))
-        return sorted(key for key, value in found.items() if value is not None)
+        return [key for key, value in found.items() if value is not None]
 
     async def _scan(self, prefix: str, decode: Optional[Callable[[str], Any]],
                     keep: Optional[Callable[[str], bool]] = None) -> Dict[str, Any]:
         """``scan``, each value through ``decode`` if given, only the keys that
-        ``keep`` keeps (if given: decided before their values are read)."""
+        ``keep`` keeps (if given: decided before their values are read), in no order."""
         found: Dict[str, Any] = await self._from_snapshot(self._read_snapshot, prefix, decode, keep)
         for layer in (self._frozen, self._overlay):
             found.update((k, v if v is None or decode is None else decode(v))
                          for k, v in layer.items()
                          if k.startswith(prefix) and (keep is None or keep(k)))
-        return {key: value for key, value in sorted(found.items()) if value is not None}
+        return {key: value for key, value in found.items() if value is not None}
 
     async def _from_snapshot(self, read: Callable[..., Any], *args: Any) -> Any:
         """``read(snapshot, *args)`` in a thread (empty without a snapshot): the
@@ -1536,11 +1536,8 @@ class Store:
 
     async def last_used(self, name: Optional[str] = None) -> Dict[str, str]:
         """The last day each user (or this one) has usage on."""
-        last: Dict[str, str] = {}
-        for key in await self.kv.keys("usage:" + (f"{name}:" if name else "")):
-            _, user, day, _ = key.split(":", 3)
-            last[user] = max(day, last.get(user, day))
-        return last
+        keys = await self.kv.keys("usage:" + (f"{name}:" if name else ""))
+        return await asyncio.get_running_loop().run_in_executor(None, last_days, keys)
 
     async def count_once(self, object_id: str) -> bool:
         """Whether the usage now seen of an object whose creation showed none
@@ -1709,6 +1706,16 @@ def _dump(value: Any) -> str:
 # A usage row's counters, in the order the store keeps them.
 USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "total_tokens", "cost",
                 "cached_tokens", "audio_input_tokens", "audio_output_tokens")
+
+
+def last_days(keys: List[str]) -> Dict[str, str]:
+    """The last day in each user's usage keys (``usage:USER:DAY:MODEL``)."""
+    last: Dict[str, str] = {}
+    for key in keys:
+        _, user, day, _ = key.split(":", 3)
+        if day > last.get(user, ""):
+            last[user] = day
+    return last
 
 
 # What usage can be summed per (the stats' ``group=``), in the order rows show them.
