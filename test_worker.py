@@ -10809,3 +10809,107 @@ class TestUsageSums:
             await kv.aclose()
 
         asyncio.run(run())
+
+
+# Signs in to the dashboard and reports what it shows, what it asked the server
+# for, and how long it took to load, as one JSON line.
+DASHBOARD_SCRIPT = r"""
+import { chromium } from 'playwright-core';
+
+const cfg = JSON.parse(process.argv[2]);
+const browser = await chromium.launch({ executablePath: cfg.executablePath, args: cfg.args,
+                                        headless: true, timeout: 30000 });
+const out = { requests: [], console: [] };
+try {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  page.on('request', (r) => out.requests.push(r.method() + ' ' + r.url()));
+  page.on('console', (m) => out.console.push(m.type() + ': ' + m.text()));
+  page.on('pageerror', (e) => out.console.push('pageerror: ' + e.message));
+  await page.goto(cfg.worker + '/admin');
+  await page.fill('#token', cfg.token);
+  await Promise.all([page.waitForNavigation(), page.click('button[type=submit]')]);
+  await page.waitForSelector('body[data-loaded]', { timeout: 60000 });
+  out.loads = [];
+  for (let i = 0; i < cfg.reloads; i++) {
+    const started = Date.now();
+    await page.goto(cfg.worker + '/admin/');
+    await page.waitForSelector('body[data-loaded]', { timeout: 60000 });
+    out.loads.push(Date.now() - started);
+  }
+  out.problem = await page.textContent('#problem');
+  out.today = await page.textContent('#today'); out.month = await page.textContent('#month');
+  out.count = await page.textContent('#count'); out.countSub = await page.textContent('#count-sub');
+  out.legend = await page.$$eval('#chart .legend li', (items) => items.map((li) => li.textContent));
+  out.bars = await page.$$eval('#chart rect', (rects) => rects.length);
+  out.models = await page.$$eval('#models tr', (rows) => rows.map((r) => [...r.cells].map((c) => c.textContent)));
+  out.expected = await page.evaluate((v) => ({ today: money(v.today), month: money(v.month) }), cfg.expect);
+  await page.screenshot({ path: cfg.shot, fullPage: false });
+  await context.close();
+} catch (e) {
+  out.error = String((e && e.stack) || e);
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def run_dashboard(w: Worker, expect: Dict[str, float], shot: str, reloads: int = 1) -> Dict[str, Any]:
+    directory = node_browser_dir()
+    script = os.path.join(directory, f"dashboard-{os.getpid()}-{secrets.token_hex(4)}.mjs")
+    with open(script, "w") as f:
+        f.write(DASHBOARD_SCRIPT)
+    try:
+        done = subprocess.run(["node", script, json.dumps({
+            "worker": w.url, "token": ACCESS_TOKEN, "executablePath": CHROMIUM, "args": BROWSER_ARGS,
+            "expect": expect, "shot": shot, "reloads": reloads})],
+            capture_output=True, timeout=180, cwd=directory, env=clean_environ())
+    finally:
+        os.unlink(script)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    got = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert "error" not in got, (got["error"], got["console"])
+    return got
+
+
+def need_chromium() -> None:
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (Debian: apt-get install chromium)")
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.fail("node and npm are needed to drive Chromium (playwright-core)")
+
+
+class TestDashboardFromSums:
+    """The dashboard draws its totals, chart and model table from the server's sums."""
+
+    def test_totals_chart_and_models(self, summing_worker, tmp_root):
+        need_chromium()
+        w, export = summing_worker
+        today = datetime.datetime.utcnow().date()
+        month = today.replace(day=1).isoformat()
+        days = expected_sums(export, ("day",), month, today.isoformat())
+        cost = {"today": days[(today.isoformat(),)]["cost"] / 10 ** 12,
+                "month": sum(row["cost"] for row in days.values()) / 10 ** 12}
+        shots = tempfile.mkdtemp(prefix="screenshots-", dir=tmp_root)
+        got = run_dashboard(w, cost, os.path.join(shots, "dashboard-sums.png"))
+        os.makedirs(SCREENSHOTS_OUT, exist_ok=True)
+        shutil.copy(os.path.join(shots, "dashboard-sums.png"), SCREENSHOTS_OUT)
+        assert got["problem"] == "" and not [line for line in got["console"] if "error" in line.lower()]
+        # Only sums were asked for: the 7 users who spent most (and the others), and models.
+        stats = sorted(line.split("?", 1)[1] for line in got["requests"] if "/admin/stats" in line)
+        assert stats == ["format=json&days=31&group=day,model"] * 2 + [
+            "format=json&days=31&group=day,user&top=7"] * 2, got["requests"]
+        # Totals of today and this month, in dollars, as the server summed them.
+        assert got["today"] == got["expected"]["today"] and got["month"] == got["expected"]["month"]
+        users = [u for u in admin_json(w, "users")["users"]]
+        assert got["count"] == str(len(users)) and got["countSub"] == f"{len(users)} active this month"
+        # The chart: 7 named users (the top spenders over those days) and the others.
+        first = (today - datetime.timedelta(days=30)).isoformat()
+        spent = expected_sums(export, ("user",), first, today.isoformat())
+        top = sorted(spent, key=lambda key: -spent[key]["cost"])[:7]
+        assert got["legend"][-1] == "others" and set(got["legend"][:-1]) == {key[0] for key in top}
+        assert 30 * 7 <= got["bars"] <= 30 * 8, got["bars"]  # (others: up to one a day)
+        # The model table: one row per model, with its cost.
+        assert sorted(row[0] for row in got["models"]) == sorted(ROW_MODELS), got["models"]
+        assert all(row[-1].startswith("$") for row in got["models"]), got["models"]
