@@ -10913,3 +10913,107 @@ class TestDashboardFromSums:
         # The model table: one row per model, with its cost.
         assert sorted(row[0] for row in got["models"]) == sorted(ROW_MODELS), got["models"]
         assert all(row[-1].startswith("$") for row in got["models"]), got["models"]
+
+
+class HealthWatch(threading.Thread):
+    """Asks /healthz again and again (each with a 10 s bound) until stopped, and
+    keeps how long each answer took."""
+
+    def __init__(self, w: Worker):
+        super().__init__(name="health-watch", daemon=True)
+        self.w, self.times, self.failures = w, [], []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set() and len(self.times) < 10000:
+            started = time.monotonic()
+            try:
+                answer = request("GET", self.w.url + "/healthz", timeout=10)
+                if answer.status != 200:
+                    self.failures.append(answer.status)
+            except OSError as e:
+                self.failures.append(repr(e))
+            self.times.append(time.monotonic() - started)
+            self.done.wait(0.01)
+
+    def stop(self) -> List[float]:
+        self.done.set()
+        self.join(15)
+        assert not self.failures, self.failures
+        return self.times
+
+
+class TestStatsAtScale:
+    """1,000 users × 90 days of usage (90,000 rows) imported: the dashboard's sums
+    are right, and /healthz keeps answering while they are made (no scan holds the
+    event loop). Only a generous hang bound is asserted; the timings are printed."""
+
+    @staticmethod
+    def answers(w: Worker) -> bool:
+        """Whether it answers /healthz, or has exited (reading a large store takes seconds)."""
+        try:
+            return w.proc.poll() is not None or request("GET", w.url + "/healthz", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def test_a_thousand_users_ninety_days(self, tmp_root, upstream):
+        started = time.monotonic()
+        today = datetime.datetime.utcnow().date()
+        export = usage_export(1000, 90, today, "big")
+        w = Worker(tmp_root, upstream.url, LOG_LEVEL="warning")
+        try:
+            import_into(w, export, timeout=120)
+            imported = time.monotonic()
+            w.spawn()
+            wait_until(lambda: self.answers(w), 60, "the worker to start")
+            assert w.proc.poll() is None, w.log()[-3000:]
+            ready = time.monotonic()
+            first = (today - datetime.timedelta(days=30)).isoformat()
+            calls = {"users": "users", "by user": "stats?days=31&group=day,user&top=7",
+                     "by model": "stats?days=31&group=day,model"}
+            answers: Dict[str, Any] = {}
+            took: Dict[str, float] = {}
+
+            def call(label: str) -> None:
+                began = time.monotonic()
+                answers[label] = admin_json(w, calls[label])
+                took[label] = time.monotonic() - began
+
+            watch = HealthWatch(w)
+            watch.start()
+            began = time.monotonic()
+            threads = [threading.Thread(target=call, args=(label,)) for label in calls]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            dashboard = time.monotonic() - began
+            began = time.monotonic()
+            call_rows = request("GET", f"{w.admin}/stats?days=31&format=json", timeout=60)
+            rows_took = time.monotonic() - began
+            health = watch.stop()
+            print(f"\n1000 users x 90 days: import {imported - started:.1f} s, start "
+                  f"{ready - imported:.1f} s; the dashboard's 3 calls together {dashboard * 1000:.0f} ms "
+                  f"({', '.join(f'{k} {v * 1000:.0f} ms' for k, v in took.items())}); all rows of 31 "
+                  f"days ({len(call_rows.body) >> 20} MB) {rows_took * 1000:.0f} ms; /healthz answered "
+                  f"{len(health)} times meanwhile, the slowest in {max(health) * 1000:.0f} ms")
+            assert len(answers) == 3 and call_rows.status == 200
+            assert health and max(health) < 2.0, max(health)  # a hang bound, not a speed target
+            # The sums are right: per day, the 7 biggest spenders, per model.
+            last = today.isoformat()
+            days = expected_sums(export, ("day",), first, last)
+            by_user = answers["by user"]
+            assert by_user["others"] == 993 and len(by_user["usage"]) == 31 * 8
+            for (day,), want in days.items():
+                rows = [as_units(row) for row in by_user["usage"] if row["day"] == day]
+                assert {field: sum(row[field] for row in rows) for field in ROW_FIELDS} == want
+            spent = expected_sums(export, ("user",), first, last)
+            top = sorted(spent, key=lambda key: -spent[key]["cost"])[:7]
+            assert {row["user"] for row in by_user["usage"]} == {key[0] for key in top} | {None}
+            models = expected_sums(export, ("day", "model"), first, last)
+            assert {(row["day"], row["model"]): as_units(row)
+                    for row in answers["by model"]["usage"]} == models
+            users = answers["users"]["users"]
+            assert len(users) == 1000 and {u["last_used"] for u in users} == {last}
+        finally:
+            w.stop(30)
