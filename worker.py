@@ -1738,8 +1738,9 @@ def sum_usage(counters: Dict[str, List[int]], group: Tuple[str, ...],
     others = 0
     if top and named:
         sums, others = _keep_top(sums, named, top)
+    # (By the key alone: comparing (key, counter) pairs in one C call holds the GIL longer.)
     rows = sorted(sums.items(), key=(lambda item: [(part is None, part or "") for part in item[0]])
-                  if others else None)
+                  if others else (lambda item: item[0]))
     columns = fields + USAGE_FIELDS
     return [dict(zip(columns, (*key, *values))) for key, values in rows], others
 
@@ -5374,8 +5375,11 @@ class AdminHandler(BaseHandler):
         counts = collections.Counter(r["user"] for r in await self.app.store.objects_of())
         await self.app.usage.flush()
         last_used = await self.app.store.last_used()
-        rows = [{**await self.user_row(user, last_used), "objects": counts[user["name"]]}
-                for user in await self.app.store.list_users()]
+        rows = []
+        for user in await self.app.store.list_users():
+            rows.append({**await self.user_row(user, last_used), "objects": counts[user["name"]]})
+            if len(rows) % 100 == 0:  # (the embedded store answers at once: let others in)
+                await asyncio.sleep(0)
         self.answer(render_table([money_cells(row) for row in rows]) if rows else "no users",
                     {"users": rows})
 
@@ -5499,13 +5503,24 @@ def stats_answer(rows: List[Dict[str, Any]], first_day: str, last_day: str,
         data.update(usage=[in_dollars(row) for row in rows], total=in_dollars(total))
         if others is not None:
             data["others"] = others
-        return json.dumps(data)
+        return json_in_pieces(data)
     if not rows:
         return f"no usage from {first_day} to {last_day}"
     label = {field: "total" if field == fields[0] else "" for field in fields}
     shown = (*fields, *STATS_COLUMNS)
     return render_table([money_cells({k: "(others)" if row[k] is None else row[k] for k in shown},
                                      units=True) for row in rows + [{**label, **total}]])
+
+
+def json_in_pieces(data: Dict[str, Any], items: int = 1000) -> str:
+    """``json.dumps(data)``, its lists encoded ``items`` at a time: one json.dumps
+    of megabytes holds the GIL, so the event loop too, until it ends."""
+    def encode(value: Any) -> str:
+        if not isinstance(value, list):
+            return json.dumps(value)
+        return "[%s]" % ", ".join(json.dumps(value[i:i + items])[1:-1]
+                                  for i in range(0, len(value), items))
+    return "{%s}" % ", ".join(f"{json.dumps(key)}: {encode(value)}" for key, value in data.items())
 
 
 def render_table(rows: List[Dict[str, Any]]) -> str:
