@@ -155,7 +155,7 @@ USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
 SHARED_FLUSH_SECONDS = 1.0  # ... and a shared store (Redis), so instances agree soon
 SHARED_CACHE_SECONDS = 1.0  # the longest a key read from Redis is trusted unasked
 REDIS_CONNECTIONS = 64  # per process
-REDIS_BATCH = 500  # counters read in one pipeline (its replies are parsed without a pause)
+REDIS_BATCH = 500  # counters read by one script (its reply is parsed without a pause)
 EXIT_FLUSH_SECONDS = 5.0  # at exit, how long to keep trying to write the last usage
 RATE_WINDOW_SECONDS = 60.0
 ACCEPT_BACKOFF_SECONDS = 0.5  # out of file descriptors: how long to stop accepting
@@ -969,6 +969,12 @@ REDIS_SCRIPTS = {
             at = at + n + 1
         end
         return 1""",
+    # hashes: the fields and values of each hash KEYS names, as one JSON text
+    # (an array of [field, value, ...] arrays; an empty one may come as {}).
+    "hashes": """
+        local found = {}
+        for i, key in ipairs(KEYS) do found[i] = redis.call('HGETALL', key) end
+        return cjson.encode(found)""",
     # take_slot: a sliding window of ARGV[2] ms holding at most ARGV[1]
     # requests, timed by Redis's clock so every instance agrees; -1 if this
     # one fits, else the milliseconds until one does.
@@ -1096,17 +1102,26 @@ class RedisKV:
         return found[0], found[1]
 
     async def _hashes(self, keys: List[str]) -> List[Optional[List[int]]]:
-        """The counters at ``keys``, a pipeline of ``REDIS_BATCH`` at a time: the
-        replies of one pipeline are parsed on the event loop without a pause."""
-        async def fetch(batch: List[str]) -> List[Dict[str, str]]:
+        if not keys:
+            return []
+
+        async def fetch() -> List[Dict[str, str]]:
             async with self.client.pipeline(transaction=False) as pipe:
-                for key in batch:
+                for key in keys:
                     pipe.hgetall(key)
                 return await pipe.execute()
+        return [_counter(fields) for fields in await self._do(fetch())]
+
+    async def _many_hashes(self, keys: List[str]) -> List[Optional[List[int]]]:
+        """The counters at ``keys`` (thousands: a month of every user's usage),
+        ``REDIS_BATCH`` at a time, each batch one JSON reply made by a script:
+        redis-py parses the fields of that many hashes slowly, and without a
+        pause of the event loop within one reply."""
         counters: List[Optional[List[int]]] = []
         for start in range(0, len(keys), REDIS_BATCH):
-            batch = keys[start:start + REDIS_BATCH]
-            counters += [_counter(fields) for fields in await self._do(fetch(batch))]
+            text = await self._do(self._scripts["hashes"](keys=keys[start:start + REDIS_BATCH]))
+            counters += [_counter(dict(zip(flat[0::2], flat[1::2]))) if flat else None
+                         for flat in json.loads(text)]
         return counters
 
     async def counts(self, keys: Iterable[str]) -> List[Optional[List[int]]]:
@@ -1116,7 +1131,7 @@ class RedisKV:
                           ) -> Dict[str, List[int]]:
         start = len(self.PREFIX)
         keys = [key for key in await self._keys(prefix) if keep is None or keep(key[start:])]
-        return {key[start:]: counter for key, counter in zip(keys, await self._hashes(keys))
+        return {key[start:]: counter for key, counter in zip(keys, await self._many_hashes(keys))
                 if counter is not None}
 
     async def ping(self) -> bool:
