@@ -10930,3 +10930,469 @@ class TestEveryRequestIsCountedOnce:
             lines = [line for line in w.log().splitlines()
                      if f"user={name}" in line and " /me " not in line]
             assert len(lines) == 6, "\n".join(lines)
+# Stats summed by the server, and the dashboard at scale (issue 18 item 4)
+# ---------------------------------------------------------------------------
+
+# Names this block takes from the rest of test_worker.py: ACCESS_TOKEN, Worker, request,
+# admin_json, assert_aligned_table, chat_as, import_worker, node_browser_dir, CHROMIUM,
+# BROWSER_ARGS, SCREENSHOTS_OUT, clean_environ, unique; fixtures tmp_root, upstream,
+# redis_server.
+
+# Every counter of a usage row, in the order worker.py keeps them (cost in 1e-12 USD).
+ROW_FIELDS = ("requests", "input_tokens", "output_tokens", "total_tokens", "cost",
+              "cached_tokens", "audio_input_tokens", "audio_output_tokens")
+ROW_MODELS = ("gpt-4o-mini", "gpt-4.1", "o4-mini")
+MICRO = 10 ** 6  # cost units in a micro-dollar
+
+
+def usage_export(users: int, days: int, today: datetime.date, prefix: str = "sum") -> Dict[str, Any]:
+    """What ``worker.py export`` writes for ``users`` users with usage on each of the
+    last ``days`` days (one model a day, in turn), costs in whole micro-dollars; user i
+    costs ((37 i mod users) + 1) times a day's share, so their ranking is fixed."""
+    export = {}
+    for i in range(users):
+        name = f"{prefix}{i:04d}"
+        usage = []
+        for d in range(days):
+            n = i * 7919 + d * 104729
+            given, made = 10 + n % 5000, n % 3000
+            usage.append({"day": (today - datetime.timedelta(days=d)).isoformat(),
+                          "model": ROW_MODELS[(i + d) % len(ROW_MODELS)], "requests": 1 + n % 50,
+                          "input_tokens": given, "output_tokens": made, "total_tokens": given + made,
+                          "cost": ((i * 37) % users + 1) * (d % 5 + 1) * 997 * MICRO,
+                          "cached_tokens": n % 7, "audio_input_tokens": 0, "audio_output_tokens": 0})
+        export[name] = {"key_hash": hashlib.sha256(name.encode()).hexdigest(),
+                        "created": "2026-01-01T00:00:00Z", "usage": usage}
+    return export
+
+
+def expected_sums(export: Dict[str, Any], group: Tuple[str, ...], first: str,
+                  last: str) -> Dict[Tuple[str, ...], Dict[str, int]]:
+    """The export's rows from ``first`` to ``last`` summed per ``group`` (costs in units)."""
+    sums: Dict[Tuple[str, ...], Dict[str, int]] = {}
+    for name, entry in export.items():
+        for row in entry["usage"]:
+            if first <= row["day"] <= last:
+                key = tuple({"user": name, **row}[field] for field in group)
+                total = sums.setdefault(key, dict.fromkeys(ROW_FIELDS, 0))
+                for field in ROW_FIELDS:
+                    total[field] += row[field]
+    return sums
+
+
+def as_units(row: Dict[str, Any]) -> Dict[str, int]:
+    """A JSON row's counters, its cost (USD) back in units, to the micro-dollar."""
+    return {field: round(row[field] * MICRO) * MICRO if field == "cost" else row[field]
+            for field in ROW_FIELDS}
+
+
+def import_into(w: Worker, export: Dict[str, Any], timeout: float = 60) -> None:
+    """``python worker.py import FILE`` into the (stopped) worker's store."""
+    path = os.path.join(w.dir, "export.json")
+    with open(path, "w") as f:
+        json.dump(export, f)
+    done = w.command("import", path, timeout=timeout)
+    assert done.returncode == 0 and b"imported" in done.stdout, done
+    os.unlink(path)
+
+
+def grouped(w: Worker, query: str, name: str = "") -> Dict[str, Any]:
+    return admin_json(w, f"stats{'/' + name if name else ''}?{query}")
+
+
+@pytest.fixture(scope="class")
+def summing_worker(tmp_root: str, upstream: FakeUpstream) -> Iterator[Tuple[Worker, Dict[str, Any]]]:
+    """A worker with 12 imported users × 40 days of usage on 3 models."""
+    export = usage_export(12, 40, datetime.datetime.utcnow().date())
+    w = Worker(tmp_root, upstream.url)
+    try:
+        import_into(w, export)
+        yield w.start(), export
+    finally:
+        w.stop()
+
+
+class TestStatsGroups:
+    """``stats?group=…`` (and ``top=N``): the same usage as the rows, summed by the server."""
+
+    GROUPS = ["day", "user", "model", "day,user", "day,model", "user,model", "day,user,model",
+              "model,day", "user,%20day"]
+
+    @pytest.fixture
+    def w(self, summing_worker):
+        return summing_worker
+
+    def period(self, back: int = 39, until: int = 1) -> Tuple[str, str]:
+        today = datetime.datetime.utcnow().date()
+        return ((today - datetime.timedelta(days=back)).isoformat(),
+                (today - datetime.timedelta(days=until)).isoformat())
+
+    @pytest.mark.parametrize("group", GROUPS)
+    def test_sums_are_the_rows_summed(self, w, group):
+        w, export = w
+        first, last = self.period()
+        fields = tuple(f for f in ("day", "user", "model") if f in group)
+        got = grouped(w, f"group={group}&from={first}&to={last}")
+        assert got["group"] == list(fields) and (got["from"], got["to"]) == (first, last)
+        assert "others" not in got
+        keys = [tuple(row[f] for f in fields) for row in got["usage"]]
+        assert keys == sorted(keys) and len(set(keys)) == len(keys), keys  # ordered, once each
+        for row in got["usage"]:
+            assert set(row) == set(fields) | set(ROW_FIELDS), row
+        # Exactly the imported counters, costs to the micro-dollar ...
+        want = expected_sums(export, fields, first, last)
+        assert {key: as_units(row) for key, row in zip(keys, got["usage"])} == want
+        # ... and the ungrouped rows the server shows for the same days, summed.
+        rows = grouped(w, f"from={first}&to={last}")
+        assert len(rows["usage"]) == 12 * 39 and "group" not in rows
+        mine: Dict[Tuple[str, ...], Dict[str, float]] = {}
+        for row in rows["usage"]:
+            total = mine.setdefault(tuple(row[f] for f in fields), dict.fromkeys(ROW_FIELDS, 0))
+            for field in ROW_FIELDS:
+                total[field] += row[field]
+        assert {key: as_units(row) for key, row in mine.items()} == want
+        assert as_units(got["total"]) == as_units(rows["total"]) == {
+            field: sum(row[field] for row in want.values()) for field in ROW_FIELDS}
+
+    def test_top_keeps_the_biggest_spenders_and_sums_the_others(self, w):
+        w, export = w
+        first, last = self.period()
+        got = grouped(w, f"group=day,user&top=3&from={first}&to={last}")
+        spent = expected_sums(export, ("user",), first, last)
+        top = sorted(spent, key=lambda key: -spent[key]["cost"])[:3]
+        assert got["others"] == 9
+        named = {row["user"] for row in got["usage"]}
+        assert named == {key[0] for key in top} | {None}, named
+        per_day = expected_sums(export, ("day",), first, last)
+        for (day,), want in per_day.items():
+            rows = [row for row in got["usage"] if row["day"] == day]
+            assert [row["user"] for row in rows][-1] is None  # the others last in each day
+            assert {field: sum(as_units(row)[field] for row in rows) for field in ROW_FIELDS} == want
+        # More than there are: every name kept, nothing summed under None.
+        got = grouped(w, f"group=model&top=50&from={first}&to={last}")
+        assert got["others"] == 0 and [row["model"] for row in got["usage"]] == sorted(ROW_MODELS)
+
+    def test_one_users_sums(self, w):
+        w, export = w
+        first, last = self.period()
+        got = grouped(w, f"group=model&from={first}&to={last}", "sum0003")
+        want = expected_sums({"sum0003": export["sum0003"]}, ("model",), first, last)
+        assert {(row["model"],): as_units(row) for row in got["usage"]} == want
+
+    def test_text_table_for_curl(self, w):
+        w, export = w
+        first, last = self.period()
+        answer = request("GET", f"{w.admin}/stats?group=user&from={first}&to={last}")
+        assert answer.status == 200 and answer.headers["Content-Type"].startswith("text/plain")
+        lines = assert_aligned_table(answer.text, ["user", "requests", "input_tokens",
+                                                   "output_tokens", "total_tokens", "cost"])
+        want = expected_sums(export, ("user",), first, last)
+        assert [line[0] for line in lines[1:]] == sorted(export) + ["total"]
+        for line in lines[1:-1]:
+            assert int(line[1]) == want[(line[0],)]["requests"]
+            assert round(float(line[5]) * MICRO) * MICRO == want[(line[0],)]["cost"], line
+        answer = request("GET", f"{w.admin}/stats?group=day,user&top=2&from={last}&to={last}")
+        lines = assert_aligned_table(answer.text, ["day", "user", "requests", "input_tokens",
+                                                   "output_tokens", "total_tokens", "cost"])
+        assert [line[1] for line in lines[1:]] == [lines[1][1], lines[2][1], "(others)", ""]
+        assert lines[-1][0] == "total"
+        answer = request("GET", f"{w.admin}/stats?group=day&from=2001-01-01&to=2001-01-02")
+        assert answer.status == 200 and answer.text == "no usage from 2001-01-01 to 2001-01-02\n"
+
+    @pytest.mark.parametrize("query, names", [
+        ("group=dayy", "'dayy'"), ("group=", "group"), ("group=day,foo", "'foo'"),
+        ("group=users", "'users'"), ("top=3", "top"), ("group=day&top=3", "top"),
+        ("group=user&top=0", "top"), ("group=user&top=x", "top"), ("group=user&top=-1", "top"),
+        ("groups=day", "groups")])
+    def test_bad_group_or_top_is_400(self, w, query, names):
+        w, _ = w
+        answer = request("GET", f"{w.admin}/stats?{query}")
+        assert answer.status == 400 and answer.text.startswith("error: ") and names in answer.text, answer
+        if query.startswith("group=") and "top" not in query:
+            assert "day, user or model" in answer.text, answer
+        answer = request("GET", f"{w.admin}/stats?{query}&format=json")
+        assert answer.status == 400 and names in answer.json()["error"], answer
+
+    def test_live_usage_is_summed_too(self, w):
+        w, _ = w
+        name = unique("live")
+        key = w.register(name)
+        for model in ("gpt-4o-mini", "gpt-4o-mini", "gpt-4.1"):
+            assert chat_as(w, key, model).status == 200
+        today = datetime.datetime.utcnow().date().isoformat()
+        rows = [row for row in grouped(w, f"from={today}&to={today}")["usage"] if row["user"] == name]
+        got = grouped(w, f"group=user&from={today}&to={today}")["usage"]
+        (mine,) = [row for row in got if row["user"] == name]
+        assert mine["requests"] == 3 and mine["cost"] > 0
+        assert as_units(mine) == {field: as_units({f: sum(r[f] for r in rows) for f in ROW_FIELDS})[field]
+                                  for field in ROW_FIELDS}
+
+    def test_on_redis(self, tmp_root, upstream, redis_server):
+        """The shared store: counters read 500 at a time, the other days' never read."""
+        export = usage_export(12, 50, datetime.datetime.utcnow().date(), "red")
+        w = Worker(tmp_root, upstream.url, KV_URL=redis_server.url(next(_redis_dbs)))
+        try:
+            import_into(w, export)
+            w.start()
+            first, last = self.period(45, 0)
+            for group in ("day", "user,model", "day,user,model"):
+                fields = tuple(group.split(","))
+                got = grouped(w, f"group={group}&from={first}&to={last}")
+                want = expected_sums(export, fields, first, last)
+                assert {tuple(row[f] for f in fields): as_units(row) for row in got["usage"]} == want
+            got = grouped(w, f"group=user&top=2&from={first}&to={last}")
+            assert got["others"] == 10 and len(got["usage"]) == 3
+            assert admin_json(w, "users")["users"][0]["last_used"] == last
+        finally:
+            w.stop()
+
+
+class TestUsageSums:
+    """worker.py's summing on its own: rows, order, top, old counters; one read shared."""
+
+    def test_sum_usage(self):
+        worker = import_worker()
+        counters = {"usage:b:2026-01-02:m1": [1, 2, 3, 5, 7], "usage:a:2026-01-02:m1": [1, 1, 1, 2],
+                    "usage:a:2026-01-01:ft:gpt-4o:org::x": [2, 0, 0, 0, 1, 0, 0, 9],
+                    "usage:c:2026-01-01:m1": [1, 0, 0, 0, 100, 0, 0, 0]}
+        rows, others = worker.sum_usage(counters, ("user",))
+        assert others == 0 and [r["user"] for r in rows] == ["a", "b", "c"]
+        assert rows[0] == {"user": "a", "requests": 3, "input_tokens": 1, "output_tokens": 1,
+                           "total_tokens": 2, "cost": 1, "cached_tokens": 0,
+                           "audio_input_tokens": 0, "audio_output_tokens": 9}
+        rows, _ = worker.sum_usage(counters, ("model", "day"))
+        assert [(r["day"], r["model"]) for r in rows] == [
+            ("2026-01-01", "ft:gpt-4o:org::x"), ("2026-01-01", "m1"), ("2026-01-02", "m1")]
+        rows, others = worker.sum_usage(counters, ("day", "user"), top=1)
+        assert others == 2 and [(r["day"], r["user"], r["cost"]) for r in rows] == [
+            ("2026-01-01", "c", 100), ("2026-01-01", None, 1), ("2026-01-02", None, 7)]
+        assert counters["usage:a:2026-01-02:m1"] == [1, 1, 1, 2]  # (shared: never changed)
+
+    def test_calls_for_the_same_days_share_one_read(self, tmp_path):
+        worker = import_worker()
+
+        async def run() -> None:
+            kv = worker.DbmKV(str(tmp_path / "db")).open()
+            store = worker.Store(kv)
+            await store.add_usage({("u", "2026-01-01", "m"): [1, 2, 3, 5, 8]}, "b1")
+            reads = []
+            scan_counts = kv.scan_counts
+            kv.scan_counts = lambda *args: reads.append(args) or scan_counts(*args)
+            day = ("2026-01-01", "2026-01-01")
+            a, b = await asyncio.gather(store.usage_sums(None, *day, ("user",)),
+                                        store.usage_sums(None, *day, ("model",), 1))
+            assert len(reads) == 1 and a[0][0]["cost"] == b[0][0]["cost"] == 8
+            await store.add_usage({("u", "2026-01-01", "m"): [1, 0, 0, 0, 1]}, "b2")
+            assert (await store.usage_sums(None, *day, ("user",)))[0][0]["cost"] == 9
+            assert len(reads) == 2 and await store.last_used() == {"u": "2026-01-01"}
+            await kv.aclose()
+
+        asyncio.run(run())
+
+
+# Signs in to the dashboard and reports what it shows, what it asked the server
+# for, and how long it took to load, as one JSON line.
+DASHBOARD_SCRIPT = r"""
+import { chromium } from 'playwright-core';
+
+const cfg = JSON.parse(process.argv[2]);
+const browser = await chromium.launch({ executablePath: cfg.executablePath, args: cfg.args,
+                                        headless: true, timeout: 30000 });
+const out = { requests: [], console: [] };
+try {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  page.on('request', (r) => out.requests.push(r.method() + ' ' + r.url()));
+  page.on('console', (m) => out.console.push(m.type() + ': ' + m.text()));
+  page.on('pageerror', (e) => out.console.push('pageerror: ' + e.message));
+  await page.goto(cfg.worker + '/admin');
+  await page.fill('#token', cfg.token);
+  await Promise.all([page.waitForNavigation(), page.click('button[type=submit]')]);
+  await page.waitForSelector('body[data-loaded]', { timeout: 60000 });
+  out.loads = [];
+  for (let i = 0; i < cfg.reloads; i++) {
+    const started = Date.now();
+    await page.goto(cfg.worker + '/admin/');
+    await page.waitForSelector('body[data-loaded]', { timeout: 60000 });
+    out.loads.push(Date.now() - started);
+  }
+  out.problem = await page.textContent('#problem');
+  out.today = await page.textContent('#today'); out.month = await page.textContent('#month');
+  out.count = await page.textContent('#count'); out.countSub = await page.textContent('#count-sub');
+  out.legend = await page.$$eval('#chart .legend li', (items) => items.map((li) => li.textContent));
+  out.bars = await page.$$eval('#chart rect', (rects) => rects.length);
+  out.models = await page.$$eval('#models tr', (rows) => rows.map((r) => [...r.cells].map((c) => c.textContent)));
+  out.expected = await page.evaluate((v) => ({ today: money(v.today), month: money(v.month) }), cfg.expect);
+  await page.screenshot({ path: cfg.shot, fullPage: false });
+  await context.close();
+} catch (e) {
+  out.error = String((e && e.stack) || e);
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def run_dashboard(w: Worker, expect: Dict[str, float], shot: str, reloads: int = 1) -> Dict[str, Any]:
+    directory = node_browser_dir()
+    script = os.path.join(directory, f"dashboard-{os.getpid()}-{secrets.token_hex(4)}.mjs")
+    with open(script, "w") as f:
+        f.write(DASHBOARD_SCRIPT)
+    try:
+        done = subprocess.run(["node", script, json.dumps({
+            "worker": w.url, "token": ACCESS_TOKEN, "executablePath": CHROMIUM, "args": BROWSER_ARGS,
+            "expect": expect, "shot": shot, "reloads": reloads})],
+            capture_output=True, timeout=180, cwd=directory, env=clean_environ())
+    finally:
+        os.unlink(script)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    got = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert "error" not in got, (got["error"], got["console"])
+    return got
+
+
+def need_chromium() -> None:
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (Debian: apt-get install chromium)")
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.fail("node and npm are needed to drive Chromium (playwright-core)")
+
+
+class TestDashboardFromSums:
+    """The dashboard draws its totals, chart and model table from the server's sums."""
+
+    def test_totals_chart_and_models(self, summing_worker, tmp_root):
+        need_chromium()
+        w, export = summing_worker
+        today = datetime.datetime.utcnow().date()
+        month = today.replace(day=1).isoformat()
+        days = expected_sums(export, ("day",), month, today.isoformat())
+        cost = {"today": days[(today.isoformat(),)]["cost"] / 10 ** 12,
+                "month": sum(row["cost"] for row in days.values()) / 10 ** 12}
+        shots = tempfile.mkdtemp(prefix="screenshots-", dir=tmp_root)
+        got = run_dashboard(w, cost, os.path.join(shots, "dashboard-sums.png"))
+        os.makedirs(SCREENSHOTS_OUT, exist_ok=True)
+        shutil.copy(os.path.join(shots, "dashboard-sums.png"), SCREENSHOTS_OUT)
+        assert got["problem"] == "" and not [line for line in got["console"] if "error" in line.lower()]
+        # Only sums were asked for: the 7 users who spent most (and the others), and models.
+        stats = sorted(line.split("?", 1)[1] for line in got["requests"] if "/admin/stats" in line)
+        assert stats == ["format=json&days=31&group=day,model"] * 2 + [
+            "format=json&days=31&group=day,user&top=7"] * 2, got["requests"]
+        # Totals of today and this month, in dollars, as the server summed them.
+        assert got["today"] == got["expected"]["today"] and got["month"] == got["expected"]["month"]
+        users = [u for u in admin_json(w, "users")["users"]]
+        assert got["count"] == str(len(users)) and got["countSub"] == f"{len(users)} active this month"
+        # The chart: 7 named users (the top spenders over those days) and the others.
+        first = (today - datetime.timedelta(days=30)).isoformat()
+        spent = expected_sums(export, ("user",), first, today.isoformat())
+        top = sorted(spent, key=lambda key: -spent[key]["cost"])[:7]
+        assert got["legend"][-1] == "others" and set(got["legend"][:-1]) == {key[0] for key in top}
+        assert 30 * 7 <= got["bars"] <= 30 * 8, got["bars"]  # (others: up to one a day)
+        # The model table: one row per model, with its cost.
+        assert sorted(row[0] for row in got["models"]) == sorted(ROW_MODELS), got["models"]
+        assert all(row[-1].startswith("$") for row in got["models"]), got["models"]
+
+
+class HealthWatch(threading.Thread):
+    """Asks /healthz again and again (each with a 10 s bound) until stopped, and
+    keeps how long each answer took."""
+
+    def __init__(self, w: Worker):
+        super().__init__(name="health-watch", daemon=True)
+        self.w, self.times, self.failures = w, [], []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set() and len(self.times) < 10000:
+            started = time.monotonic()
+            try:
+                answer = request("GET", self.w.url + "/healthz", timeout=10)
+                if answer.status != 200:
+                    self.failures.append(answer.status)
+            except OSError as e:
+                self.failures.append(repr(e))
+            self.times.append(time.monotonic() - started)
+            self.done.wait(0.01)
+
+    def stop(self) -> List[float]:
+        self.done.set()
+        self.join(15)
+        assert not self.failures, self.failures
+        return self.times
+
+
+class TestStatsAtScale:
+    """1,000 users × 90 days of usage (90,000 rows) imported: the dashboard's sums
+    are right, and /healthz keeps answering while they are made (no scan holds the
+    event loop). Only a generous hang bound is asserted; the timings are printed."""
+
+    @staticmethod
+    def answers(w: Worker) -> bool:
+        """Whether it answers /healthz, or has exited (reading a large store takes seconds)."""
+        try:
+            return w.proc.poll() is not None or request("GET", w.url + "/healthz", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def test_a_thousand_users_ninety_days(self, tmp_root, upstream):
+        started = time.monotonic()
+        today = datetime.datetime.utcnow().date()
+        export = usage_export(1000, 90, today, "big")
+        w = Worker(tmp_root, upstream.url, LOG_LEVEL="warning")
+        try:
+            import_into(w, export, timeout=120)
+            imported = time.monotonic()
+            w.spawn()
+            wait_until(lambda: self.answers(w), 60, "the worker to start")
+            assert w.proc.poll() is None, w.log()[-3000:]
+            ready = time.monotonic()
+            first = (today - datetime.timedelta(days=30)).isoformat()
+            calls = {"users": "users", "by user": "stats?days=31&group=day,user&top=7",
+                     "by model": "stats?days=31&group=day,model"}
+            answers: Dict[str, Any] = {}
+            took: Dict[str, float] = {}
+
+            def call(label: str) -> None:
+                began = time.monotonic()
+                answers[label] = admin_json(w, calls[label])
+                took[label] = time.monotonic() - began
+
+            watch = HealthWatch(w)
+            watch.start()
+            began = time.monotonic()
+            threads = [threading.Thread(target=call, args=(label,)) for label in calls]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            dashboard = time.monotonic() - began
+            began = time.monotonic()
+            call_rows = request("GET", f"{w.admin}/stats?days=31&format=json", timeout=60)
+            rows_took = time.monotonic() - began
+            health = watch.stop()
+            print(f"\n1000 users x 90 days: import {imported - started:.1f} s, start "
+                  f"{ready - imported:.1f} s; the dashboard's 3 calls together {dashboard * 1000:.0f} ms "
+                  f"({', '.join(f'{k} {v * 1000:.0f} ms' for k, v in took.items())}); all rows of 31 "
+                  f"days ({len(call_rows.body) >> 20} MB) {rows_took * 1000:.0f} ms; /healthz answered "
+                  f"{len(health)} times meanwhile, the slowest in {max(health) * 1000:.0f} ms")
+            assert len(answers) == 3 and call_rows.status == 200
+            assert health and max(health) < 2.0, max(health)  # a hang bound, not a speed target
+            # The sums are right: per day, the 7 biggest spenders, per model.
+            last = today.isoformat()
+            days = expected_sums(export, ("day",), first, last)
+            by_user = answers["by user"]
+            assert by_user["others"] == 993 and len(by_user["usage"]) == 31 * 8
+            for (day,), want in days.items():
+                rows = [as_units(row) for row in by_user["usage"] if row["day"] == day]
+                assert {field: sum(row[field] for row in rows) for field in ROW_FIELDS} == want
+            spent = expected_sums(export, ("user",), first, last)
+            top = sorted(spent, key=lambda key: -spent[key]["cost"])[:7]
+            assert {row["user"] for row in by_user["usage"]} == {key[0] for key in top} | {None}
+            models = expected_sums(export, ("day", "model"), first, last)
+            assert {(row["day"], row["model"]): as_units(row)
+                    for row in answers["by model"]["usage"]} == models
+            users = answers["users"]["users"]
+            assert len(users) == 1000 and {u["last_used"] for u in users} == {last}
+        finally:
+            w.stop(30)

@@ -58,6 +58,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import os
 import posixpath
 import re
@@ -187,6 +188,7 @@ USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
 SHARED_FLUSH_SECONDS = 1.0  # ... and a shared store (Redis), so instances agree soon
 SHARED_CACHE_SECONDS = 1.0  # the longest a key read from Redis is trusted unasked
 REDIS_CONNECTIONS = 64  # per process
+REDIS_BATCH = 500  # counters read by one script (its reply is parsed without a pause)
 EXIT_FLUSH_SECONDS = 5.0  # at exit, how long to keep trying to write the last usage
 RATE_WINDOW_SECONDS = 60.0
 ACCEPT_BACKOFF_SECONDS = 0.5  # out of file descriptors: how long to stop accepting
@@ -532,7 +534,7 @@ class DbmKV:
     ``LOCK`` (held while a process writes).
 
     The interface it shares with ``RedisKV``: ``get``, ``scan``
-    (strings); ``counts``, ``scan_counts``, ``add`` (counters: lists of
+    (strings); ``keys``; ``counts``, ``scan_counts``, ``add`` (counters: lists of
     integers); ``write`` (puts, deletes and counters together, optionally only
     if some keys still hold what the caller read); ``follow`` (a key whose
     value names another); ``take_slot`` (a sliding-window rate limit);
@@ -664,33 +666,55 @@ class DbmKV:
 
     async def scan(self, prefix: str) -> Dict[str, str]:
         """Every key starting with ``prefix``, with its value, sorted by key."""
-        return await self._scan(prefix, None)
+        return dict(sorted((await self._scan(prefix, None)).items()))
 
-    async def _scan(self, prefix: str, decode: Optional[Callable[[str], Any]]) -> Dict[str, Any]:
-        """``scan``, each value through ``decode`` if given. The snapshot's part is
-        read and decoded in a thread: the snapshot never changes, and a scan of
-        every user's usage reads a hundred thousand keys (dbm.dumb opens its file
-        once per key), which on the event loop would hold up every request for seconds."""
-        found: Dict[str, Any] = {}
-        if self._snapshot is not None:
-            snapshot: Any = self._snapshot
-            try:
-                found = await asyncio.get_running_loop().run_in_executor(
-                    None, self._read_snapshot, snapshot, prefix, decode)
-            except Exception:  # a checkpoint closed that snapshot meanwhile
-                snapshot = None
-            if snapshot is not self._snapshot:  # read the one now current, here
-                found = self._read_snapshot(self._snapshot, prefix, decode)
+    async def keys(self, prefix: str) -> List[str]:
+        """Every key starting with ``prefix`` (in no order), without reading a value."""
+        found: Dict[str, Optional[str]] = dict.fromkeys(
+            await self._from_snapshot(self._snapshot_keys, prefix, None), "")
+        for layer in (self._frozen, self._overlay):
+            found.update((k, v) for k, v in layer.items() if k.startswith(prefix))
+        return [key for key, value in found.items() if value is not None]
+
+    async def _scan(self, prefix: str, decode: Optional[Callable[[str], Any]],
+                    keep: Optional[Callable[[str], bool]] = None) -> Dict[str, Any]:
+        """``scan``, each value through ``decode`` if given, only the keys that
+        ``keep`` keeps (if given: decided before their values are read), in no order."""
+        found: Dict[str, Any] = await self._from_snapshot(self._read_snapshot, prefix, decode, keep)
         for layer in (self._frozen, self._overlay):
             found.update((k, v if v is None or decode is None else decode(v))
-                         for k, v in layer.items() if k.startswith(prefix))
-        return {key: value for key, value in sorted(found.items()) if value is not None}
+                         for k, v in layer.items()
+                         if k.startswith(prefix) and (keep is None or keep(k)))
+        return {key: value for key, value in found.items() if value is not None}
+
+    async def _from_snapshot(self, read: Callable[..., Any], *args: Any) -> Any:
+        """``read(snapshot, *args)`` in a thread (empty without a snapshot): the
+        snapshot never changes, and a scan of every user's usage reads a hundred
+        thousand keys (dbm.dumb opens its file once per key), which on the event
+        loop would hold up every request for seconds."""
+        if self._snapshot is None:
+            return {}
+        snapshot: Any = self._snapshot
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(None, read, snapshot, *args)
+        except Exception:  # a checkpoint closed that snapshot meanwhile
+            snapshot = None
+        if snapshot is not self._snapshot:  # read the one now current, here
+            found = read(self._snapshot, *args)
+        return found
 
     @staticmethod
-    def _read_snapshot(snapshot: Any, prefix: str,
-                       decode: Optional[Callable[[str], Any]]) -> Dict[str, Any]:
+    def _snapshot_keys(snapshot: Any, prefix: str,
+                       keep: Optional[Callable[[str], bool]]) -> List[str]:
         raw = prefix.encode()
-        values = {key.decode(): snapshot[key].decode() for key in snapshot.keys() if key.startswith(raw)}
+        keys = [key.decode() for key in snapshot.keys() if key.startswith(raw)]
+        return keys if keep is None else [key for key in keys if keep(key)]
+
+    @classmethod
+    def _read_snapshot(cls, snapshot: Any, prefix: str, decode: Optional[Callable[[str], Any]],
+                       keep: Optional[Callable[[str], bool]]) -> Dict[str, Any]:
+        values = {key: snapshot[key.encode()].decode()
+                  for key in cls._snapshot_keys(snapshot, prefix, keep)}
         return values if decode is None else {key: decode(value) for key, value in values.items()}
 
     async def follow(self, key: str, prefix: str) -> Tuple[Optional[str], Optional[str]]:
@@ -702,8 +726,10 @@ class DbmKV:
         return [None if value is None else json.loads(value)
                 for value in (self._get(key) for key in keys)]
 
-    async def scan_counts(self, prefix: str) -> Dict[str, List[int]]:
-        return await self._scan(prefix, json.loads)
+    async def scan_counts(self, prefix: str, keep: Optional[Callable[[str], bool]] = None
+                          ) -> Dict[str, List[int]]:
+        """The counters whose keys start with ``prefix`` (and that ``keep`` keeps)."""
+        return await self._scan(prefix, json.loads, keep)
 
     async def ping(self) -> bool:
         return True
@@ -976,6 +1002,12 @@ REDIS_SCRIPTS = {
             at = at + n + 1
         end
         return 1""",
+    # hashes: the fields and values of each hash KEYS names, as one JSON text
+    # (an array of [field, value, ...] arrays; an empty one may come as {}).
+    "hashes": """
+        local found = {}
+        for i, key in ipairs(KEYS) do found[i] = redis.call('HGETALL', key) end
+        return cjson.encode(found)""",
     # take_slot: a sliding window of ARGV[2] ms holding at most ARGV[1]
     # requests, timed by Redis's clock so every instance agrees; -1 if this
     # one fits, else the milliseconds until one does.
@@ -1092,6 +1124,10 @@ class RedisKV:
         start = len(self.PREFIX)
         return {key[start:]: value for key, value in zip(keys, values) if value is not None}
 
+    async def keys(self, prefix: str) -> List[str]:
+        start = len(self.PREFIX)
+        return [key[start:] for key in await self._keys(prefix)]
+
     async def follow(self, key: str, prefix: str) -> Tuple[Optional[str], Optional[str]]:
         found = await self._do(self._scripts["follow"](keys=[self._key(key)],
                                                        args=[self._key(prefix)]))
@@ -1109,13 +1145,26 @@ class RedisKV:
                 return await pipe.execute()
         return [_counter(fields) for fields in await self._do(fetch())]
 
+    async def _many_hashes(self, keys: List[str]) -> List[Optional[List[int]]]:
+        """The counters at ``keys`` (thousands: a month of every user's usage),
+        ``REDIS_BATCH`` at a time, each batch one JSON reply made by a script:
+        redis-py parses the fields of that many hashes slowly, and without a
+        pause of the event loop within one reply."""
+        counters: List[Optional[List[int]]] = []
+        for start in range(0, len(keys), REDIS_BATCH):
+            text = await self._do(self._scripts["hashes"](keys=keys[start:start + REDIS_BATCH]))
+            counters += [_counter(dict(zip(flat[0::2], flat[1::2]))) if flat else None
+                         for flat in json.loads(text)]
+        return counters
+
     async def counts(self, keys: Iterable[str]) -> List[Optional[List[int]]]:
         return await self._hashes([self._key(key) for key in keys])
 
-    async def scan_counts(self, prefix: str) -> Dict[str, List[int]]:
-        keys = await self._keys(prefix)
+    async def scan_counts(self, prefix: str, keep: Optional[Callable[[str], bool]] = None
+                          ) -> Dict[str, List[int]]:
         start = len(self.PREFIX)
-        return {key[start:]: counter for key, counter in zip(keys, await self._hashes(keys))
+        keys = [key for key in await self._keys(prefix) if keep is None or keep(key[start:])]
+        return {key[start:]: counter for key, counter in zip(keys, await self._many_hashes(keys))
                 if counter is not None}
 
     async def ping(self) -> bool:
@@ -1390,6 +1439,7 @@ class Store:
         self._remembered: Dict[str, Tuple[float, Any]] = {}
         self._changes = 0  # own writes so far: a lookup begun before one is not remembered
         self._lookups: Dict[Tuple[str, int], "asyncio.Future[Optional[Dict[str, Any]]]"] = {}
+        self._scans: Dict[Tuple[Optional[str], str, str, int], "asyncio.Future[Dict[str, List[int]]]"] = {}
 
     def _recall(self, key: str) -> Any:
         if self.kv.cache_seconds:
@@ -1534,11 +1584,8 @@ class Store:
 
     async def last_used(self, name: Optional[str] = None) -> Dict[str, str]:
         """The last day each user (or this one) has usage on."""
-        last: Dict[str, str] = {}
-        for key in await self.kv.scan_counts("usage:" + (f"{name}:" if name else "")):
-            _, user, day, _ = key.split(":", 3)
-            last[user] = max(day, last.get(user, day))
-        return last
+        keys = await self.kv.keys("usage:" + (f"{name}:" if name else ""))
+        return await asyncio.get_running_loop().run_in_executor(None, last_days, keys)
 
     async def count_once(self, object_id: str) -> bool:
         """Whether the usage now seen of an object whose creation showed none
@@ -1557,15 +1604,30 @@ class Store:
     async def usage_rows(self, name: Optional[str], first_day: str,
                          last_day: str) -> List[Dict[str, Any]]:
         """Stored usage per day, user and model, oldest first."""
-        rows = []
-        prefix = "usage:" + (f"{name}:" if name else "")
-        for key, counts in (await self.kv.scan_counts(prefix)).items():
-            _, user, day, model = key.split(":", 3)
-            if first_day <= day <= last_day:
-                rows.append({"day": day, "user": user, "model": model,
-                             **dict(zip(USAGE_FIELDS, counts + [0] * len(USAGE_FIELDS)))})
-        rows.sort(key=lambda row: (row["day"], row["user"], row["model"]))
-        return rows
+        return (await self.usage_sums(name, first_day, last_day, USAGE_GROUPS))[0]
+
+    async def usage_sums(self, name: Optional[str], first_day: str, last_day: str,
+                         group: Tuple[str, ...], top: int = 0) -> Tuple[List[Dict[str, Any]], int]:
+        """Stored usage summed per ``group`` (``sum_usage``), in a thread: a month
+        of a thousand users is forty thousand counters."""
+        counters = await self.usage_counters(name, first_day, last_day)
+        return await asyncio.get_running_loop().run_in_executor(
+            None, sum_usage, counters, group, top)
+
+    async def usage_counters(self, name: Optional[str], first_day: str,
+                             last_day: str) -> Dict[str, List[int]]:
+        """The usage counters of the user (or everyone's) from ``first_day`` to
+        ``last_day`` (the other days' are never read), as a dict not to change.
+        Calls for the same days at the same time share one read (the dashboard's)."""
+        pending = (name, first_day, last_day, self._changes)
+        scan = self._scans.get(pending)
+        if scan is None:
+            def in_period(key: str) -> bool:
+                return first_day <= key.split(":", 3)[2] <= last_day
+            scan = self._scans[pending] = asyncio.ensure_future(
+                self.kv.scan_counts("usage:" + (f"{name}:" if name else ""), in_period))
+            scan.add_done_callback(lambda _: self._scans.pop(pending, None))
+        return await asyncio.shield(scan)
 
     # -- objects: who created what ----------------------------------------------
 
@@ -1692,6 +1754,79 @@ def _dump(value: Any) -> str:
 # A usage row's counters, in the order the store keeps them.
 USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "total_tokens", "cost",
                 "cached_tokens", "audio_input_tokens", "audio_output_tokens")
+
+
+def last_days(keys: List[str]) -> Dict[str, str]:
+    """The last day in each user's usage keys (``usage:USER:DAY:MODEL``)."""
+    last: Dict[str, str] = {}
+    for key in keys:
+        _, user, day, _ = key.split(":", 3)
+        if day > last.get(user, ""):
+            last[user] = day
+    return last
+
+
+# What usage can be summed per (the stats' ``group=``), in the order rows show them.
+USAGE_GROUPS = ("day", "user", "model")
+
+
+def sum_usage(counters: Dict[str, List[int]], group: Tuple[str, ...],
+              top: int = 0) -> Tuple[List[Dict[str, Any]], int]:
+    """Usage counters (``usage:USER:DAY:MODEL``) summed per ``group`` (some of
+    ``USAGE_GROUPS``): rows of the group's fields and every ``USAGE_FIELDS``,
+    ordered by the group's fields. With ``top``, only the ``top`` users or
+    models (or pairs) that cost most keep their names (``_keep_top``). Returns
+    the rows and how many users or models were summed under None."""
+    fields = tuple(name for name in USAGE_GROUPS if name in group)
+    pick = _picker([{"user": 1, "day": 2, "model": 3}[name] for name in fields])
+    sums: Dict[Tuple[Optional[str], ...], List[int]] = {}
+    for key, values in counters.items():
+        _add(sums, pick(key.split(":", 3)), values)
+    named = [i for i, name in enumerate(fields) if name != "day"]
+    others = 0
+    if top and named:
+        sums, others = _keep_top(sums, named, top)
+    # (By the key alone: comparing (key, counter) pairs in one C call holds the GIL longer.)
+    rows = sorted(sums.items(), key=(lambda item: [(part is None, part or "") for part in item[0]])
+                  if others else (lambda item: item[0]))
+    columns = fields + USAGE_FIELDS
+    return [dict(zip(columns, (*key, *values))) for key, values in rows], others
+
+
+def _picker(at: List[int]) -> Callable[[Any], Tuple[Any, ...]]:
+    """A function that takes the items at ``at`` out of a sequence, as a tuple."""
+    if len(at) == 1:
+        return lambda parts: (parts[at[0]],)
+    return operator.itemgetter(*at)
+
+
+def _add(sums: Dict[Tuple[Optional[str], ...], List[int]], key: Tuple[Optional[str], ...],
+         values: List[int]) -> None:
+    """Add a counter to the sum at ``key`` (new lists: counters may be shared)."""
+    if len(values) != len(USAGE_FIELDS):  # (a counter from before costs were kept has 4)
+        values = (values + [0] * len(USAGE_FIELDS))[:len(USAGE_FIELDS)]
+    total = sums.get(key)
+    sums[key] = values if total is None else list(map(operator.add, total, values))
+
+
+def _keep_top(sums: Dict[Tuple[Optional[str], ...], List[int]], named: List[int],
+              top: int) -> Tuple[Dict[Tuple[Optional[str], ...], List[int]], int]:
+    """Keep the names (the key's parts at ``named``) of the ``top`` that cost most
+    over all the rows, then used most tokens; sum the others' rows into rows
+    with None there. Returns those rows and how many names were folded."""
+    pick = _picker(named)
+    per_name: Dict[Tuple[Optional[str], ...], List[int]] = {}
+    for key, values in sums.items():
+        _add(per_name, pick(key), values)
+    cost, tokens = USAGE_FIELDS.index("cost"), USAGE_FIELDS.index("total_tokens")
+    ranked = sorted(per_name, key=lambda name: (-per_name[name][cost], -per_name[name][tokens], name))
+    kept = set(ranked[:top])
+    folded: Dict[Tuple[Optional[str], ...], List[int]] = {}
+    for key, values in sums.items():
+        if pick(key) not in kept:
+            key = tuple(None if i in named else part for i, part in enumerate(key))
+        _add(folded, key, values)
+    return folded, len(ranked) - len(kept)
 
 
 def add_to_periods(counts: Dict[str, List[int]], name: str, day: str, row: List[int]) -> None:
@@ -5327,12 +5462,13 @@ class AdminHandler(BaseHandler):
             self.finish(f"error: {self.app.redactor.redact(message)}\n")
 
     def answer(self, text: str, data: Dict[str, Any]) -> None:
-        if self.wants_json():
-            self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps(data) + "\n")
-        else:
-            self.set_header("Content-Type", "text/plain; charset=utf-8")
-            self.finish(text + "\n")
+        self.send_answer(json.dumps(data) if self.wants_json() else text)
+
+    def send_answer(self, body: str) -> None:
+        """The answer's text table, or its JSON if the client asked for JSON."""
+        self.set_header("Content-Type", "application/json" if self.wants_json()
+                        else "text/plain; charset=utf-8")
+        self.finish(body + "\n")
 
     async def run_command(self, command: str, name: Optional[str]) -> None:
         store = self.app.store
@@ -5419,32 +5555,52 @@ class AdminHandler(BaseHandler):
         counts = collections.Counter(r["user"] for r in await self.app.store.objects_of())
         await self.app.usage.flush()
         last_used = await self.app.store.last_used()
-        rows = [{**await self.user_row(user, last_used), "objects": counts[user["name"]]}
-                for user in await self.app.store.list_users()]
+        rows = []
+        for user in await self.app.store.list_users():
+            rows.append({**await self.user_row(user, last_used), "objects": counts[user["name"]]})
+            if len(rows) % 100 == 0:  # (the embedded store answers at once: let others in)
+                await asyncio.sleep(0)
         self.answer(render_table([money_cells(row) for row in rows]) if rows else "no users",
                     {"users": rows})
 
     async def show_stats(self, name: Optional[str]) -> None:
+        """``stats``: usage per day, user and model; with ``group=``, summed per
+        some of them (``top=N``: the N users or models that cost most, and others)."""
         first_day, last_day = self.stats_period()
+        group, top = self.stats_group()
         await self.app.usage.flush()  # so the table includes the last seconds
-        rows = await self.app.store.usage_rows(name, first_day, last_day)
-        total = {"day": "total", "user": "", "model": "", **{
-            field: sum(row[field] for row in rows) for field in USAGE_FIELDS}}
-        shown = ("day", "user", "model", *STATS_COLUMNS)
-        text = (render_table([money_cells({k: row[k] for k in shown}, units=True)
-                              for row in rows + [total]])
-                if rows else f"no usage from {first_day} to {last_day}")
-        self.answer(text, {"from": first_day, "to": last_day,
-                           "usage": [in_dollars(row) for row in rows],
-                           "total": in_dollars({k: v for k, v in total.items()
-                                                if k not in ("day", "user", "model")})})
+        rows, others = await self.app.store.usage_sums(name, first_day, last_day,
+                                                       group or USAGE_GROUPS, top)
+        as_json = self.wants_json()
+        # (A month of a thousand users is megabytes of text: made in a thread.)
+        self.send_answer(await asyncio.get_running_loop().run_in_executor(
+            None, stats_answer, rows, first_day, last_day, group, others if top else None, as_json))
+
+    def stats_group(self) -> Tuple[Tuple[str, ...], int]:
+        """``?group=`` (some of day, user, model, comma-separated) and ``?top=N``."""
+        fields = self.fields()
+        group = tuple(word.strip() for word in fields.get("group", "").split(",") if word.strip())
+        wrong = [word for word in group if word not in USAGE_GROUPS]
+        if wrong or ("group" in fields and not group):
+            raise AdminError(400, "group must name day, user or model, or several of them "
+                                  "separated by commas" + (f"; {wrong[0]!r} is none of them"
+                                                           if wrong else ""))
+        if "top" not in fields:
+            return group, 0
+        top = _whole_number(fields["top"], "top")
+        if not 1 <= top <= 100000:
+            raise AdminError(400, "top must be a whole number from 1 to 100000")
+        if not set(group) & {"user", "model"}:
+            raise AdminError(400, "top needs user or model in group (e.g. group=day,user&top=7)")
+        return group, top
 
     def stats_period(self) -> Tuple[str, str]:
         """``?days=N`` (default 30, today included) or ``?from=&to=`` as UTC days."""
         fields = self.fields()
-        unknown = sorted(set(fields) - {"days", "from", "to", "format"})
+        unknown = sorted(set(fields) - {"days", "from", "to", "format", "group", "top"})
         if unknown:
-            raise AdminError(400, f"unknown field {unknown[0]}; fields are days, from, to")
+            raise AdminError(400, f"unknown field {unknown[0]}; fields are days, from, to, "
+                                  f"group, top")
         today = utcnow().date()
         if "days" in fields and ("from" in fields or "to" in fields):
             raise AdminError(400, "days and from/to: give one of them")
@@ -5512,6 +5668,39 @@ async def spend_in_period(app: "App", user: Dict[str, Any]) -> Dict[str, Any]:
     resets = period_resets(period, utcnow().date())
     return {"period": period, "used": tokens, "spent": usd(cost), "spent_units": cost,
             "resets_at": iso(resets) if resets else None}
+
+
+def stats_answer(rows: List[Dict[str, Any]], first_day: str, last_day: str,
+                 group: Tuple[str, ...], others: Optional[int], as_json: bool) -> str:
+    """The stats as a table for curl or as JSON: its rows (of the ``group``'s
+    fields, or day, user and model) and their total; ``others`` with ``top``."""
+    fields = [field for field in USAGE_GROUPS if field in group] if group else list(USAGE_GROUPS)
+    total = {field: sum(row[field] for row in rows) for field in USAGE_FIELDS}
+    if as_json:
+        data: Dict[str, Any] = {"from": first_day, "to": last_day}
+        if group:
+            data["group"] = fields
+        data.update(usage=[in_dollars(row) for row in rows], total=in_dollars(total))
+        if others is not None:
+            data["others"] = others
+        return json_in_pieces(data)
+    if not rows:
+        return f"no usage from {first_day} to {last_day}"
+    label = {field: "total" if field == fields[0] else "" for field in fields}
+    shown = (*fields, *STATS_COLUMNS)
+    return render_table([money_cells({k: "(others)" if row[k] is None else row[k] for k in shown},
+                                     units=True) for row in rows + [{**label, **total}]])
+
+
+def json_in_pieces(data: Dict[str, Any], items: int = 1000) -> str:
+    """``json.dumps(data)``, its lists encoded ``items`` at a time: one json.dumps
+    of megabytes holds the GIL, so the event loop too, until it ends."""
+    def encode(value: Any) -> str:
+        if not isinstance(value, list):
+            return json.dumps(value)
+        return "[%s]" % ", ".join(json.dumps(value[i:i + items])[1:-1]
+                                  for i in range(0, len(value), items))
+    return "{%s}" % ", ".join(f"{json.dumps(key)}: {encode(value)}" for key, value in data.items())
 
 
 def render_table(rows: List[Dict[str, Any]]) -> str:
@@ -5823,10 +6012,11 @@ function chart(host, days, series, fmt, label) {
     return h('li', {}, dot, x.name);
   })));
 }
-// Series per day for the keys that spend most; the rest as "others".
+// Series per day for the keys that spend most; the rest (and rows whose key is
+// null: the server's own "others") as "others".
 function stacked(rows, days, keyOf, valueOf, most) {
   const sums = new Map();
-  for (const r of rows) sums.set(keyOf(r), (sums.get(keyOf(r)) || 0) + valueOf(r));
+  for (const r of rows) if (keyOf(r) !== null) sums.set(keyOf(r), (sums.get(keyOf(r)) || 0) + valueOf(r));
   const names = [...sums.keys()].sort((a, b) => sums.get(b) - sums.get(a));
   const shown = names.slice(0, names.length > most ? most - 1 : most);
   const index = new Map(days.map((d, i) => [d, i]));
@@ -5835,10 +6025,10 @@ function stacked(rows, days, keyOf, valueOf, most) {
   for (const r of rows) {
     const i = index.get(r.day);
     if (i === undefined) continue;
-    const j = shown.indexOf(keyOf(r));
+    const j = keyOf(r) === null ? -1 : shown.indexOf(keyOf(r));
     (j < 0 ? others : series[j]).values[i] += valueOf(r);
   }
-  return names.length > shown.length ? series.concat([others]) : series;
+  return names.length > shown.length || rows.some((r) => keyOf(r) === null) ? series.concat([others]) : series;
 }
 function ask(dialog) {
   return new Promise((resolve) => {
@@ -5946,7 +6136,7 @@ separated by commas, <code>*</code> for all. Empty fields keep their value (or t
 </form></dialog>
 """ + DIALOGS, r"""
 const xsrf = document.querySelector('main').dataset.xsrf;
-let users = [], stats = { usage: [], total: {} }, money_ = false, lastDay = new Map();
+let users = [], stats = { byUser: [], byModel: [], total: {} }, money_ = false, lastDay = new Map();
 async function api(method, path, fields) {
   const init = { method, credentials: 'same-origin', headers: { Accept: 'application/json', 'X-XSRF-Token': xsrf } };
   if (fields) init.body = new URLSearchParams(fields);
@@ -5996,26 +6186,26 @@ function sums(rows) {
 }
 function render() {
   const today = new Date().toISOString().slice(0, 10), month = today.slice(0, 7);
-  for (const [id, rows] of [['today', stats.usage.filter((r) => r.day === today)],
-                            ['month', stats.usage.filter((r) => r.day.startsWith(month))]]) {
+  for (const [id, rows] of [['today', stats.byUser.filter((r) => r.day === today)],
+                            ['month', stats.byUser.filter((r) => r.day.startsWith(month))]]) {
     const t = sums(rows);
     if (hasMoney()) setValue($('#' + id), money(t.cost)); else setValue($('#' + id), tokens(t.total_tokens), 'tokens');
     $('#' + id + '-sub').textContent = `${compact.format(t.requests)} requests` +
       (hasMoney() ? ` · ${tokens(t.total_tokens)} tokens` : '');
   }
   $('#count').textContent = users.length.toLocaleString('en');
-  const active = new Set(stats.usage.filter((r) => r.day.startsWith(month)).map((r) => r.user));
-  $('#count-sub').textContent = `${active.size.toLocaleString('en')} active this month`;
+  const active = users.filter((u) => (u.last_used || '') >= month).length;
+  $('#count-sub').textContent = `${active.toLocaleString('en')} active this month`;
   $('#chart-title').textContent = (hasMoney() ? 'Spend' : 'Tokens') + ' per day, last 30 days, by user';
   const days = lastDays(30);
-  chart($('#chart'), days, stacked(stats.usage, days, (r) => r.user, spend, 8), amount,
+  chart($('#chart'), days, stacked(stats.byUser, days, (r) => r.user, spend, 8), amount,
     'Stacked bar chart of ' + (hasMoney() ? 'spend' : 'tokens') + ' per day by user');
   const find = $('#filter').value.trim().toLowerCase();
   const shown = find ? users.filter((u) => u.name.toLowerCase().includes(find)) : users;
   $('#users').replaceChildren(...(shown.length ? shown.map(userRow) : [h('tr', {}, h('td', { colspan: 7,
     class: 'muted', text: users.length ? 'No user matches.' : 'No users yet: register the first one.' }))]));
   const byModel = new Map();
-  for (const r of stats.usage.filter((r) => r.day >= days[0])) {
+  for (const r of stats.byModel.filter((r) => r.day >= days[0])) {
     if (!byModel.has(r.model)) byModel.set(r.model, []);
     byModel.get(r.model).push(r);
   }
@@ -6031,12 +6221,20 @@ function render() {
     : [h('tr', {}, h('td', { colspan: 6, class: 'muted', text: 'No usage in the last 30 days.' }))]));
 }
 // Usage only on opening: register, set and delete change the users, not the stats.
+// The server sums it: per day for the 7 users who spent most and the others, and
+// per day and model (both over the same days, so the server reads them once).
+const STATS = '/admin/stats?format=json&days=31&group=';
+async function loadStats() {
+  const [byUser, byModel] = await Promise.all([api('GET', STATS + 'day,user&top=7'),
+                                               api('GET', STATS + 'day,model')]);
+  return { byUser: byUser.usage, byModel: byModel.usage, total: byUser.total };
+}
 async function load(withStats = true) {
   try {
     [users, stats] = await Promise.all([api('GET', '/admin/users?format=json').then((d) => d.users),
-                                        withStats ? api('GET', '/admin/stats?format=json&days=31') : stats]);
-    money_ = 'cost' in stats.total || stats.usage.some((r) => 'cost' in r);
-    lastDay = new Map(stats.usage.map((r) => [r.user, r.day]));  // (rows are oldest first)
+                                        withStats ? loadStats() : stats]);
+    money_ = 'cost' in stats.total || stats.byUser.some((r) => 'cost' in r);
+    lastDay = new Map(stats.byUser.map((r) => [r.user, r.day]));  // (rows are oldest first)
     $('#problem').textContent = '';
     render();
   } catch (e) { $('#problem').textContent = e.message; }
