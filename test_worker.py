@@ -10548,3 +10548,52 @@ class TestRealtimeBackPressure:
                   f"resident {before:.0f} MB before, {peak:.0f} MB at most")
             assert peak - before < 32, f"{peak - before:.0f} MB more for a slow realtime client"
             assert w.models(key).status == 200
+
+
+# ---------------------------------------------------------------------------
+# The review after issues 15, 17 and 18: where the parallel branches meet
+# ---------------------------------------------------------------------------
+
+class TestReviewAnswersEndInANewline:
+    """Every JSON answer ends in a newline, as every answer curl shows (issue 15
+    item 20), the billing views of §8 (issue 17) included."""
+
+    @pytest.mark.parametrize("path", [
+        "/dashboard/billing/subscription", "/v1/dashboard/billing/subscription",
+        "/dashboard/billing/usage", "/v1/dashboard/billing/usage?start_date=2026-01-01&end_date=2026-02-01",
+    ])
+    def test_the_billing_views_end_in_a_newline(self, worker, user_key, path):
+        answer = request("GET", worker.url + path, headers=bearer(user_key))
+        assert answer.status == 200, answer
+        assert answer.headers["Content-Type"].startswith("application/json"), answer.headers
+        assert answer.body.endswith(b"}\n"), answer
+        assert isinstance(answer.json(), dict)
+
+
+class TestReviewSelfServiceMessages:
+    def test_post_me_without_an_action_names_the_path_it_was_sent_to(self, worker, user_key):
+        error = is_openai_error(request("POST", worker.url + "/me", b"", bearer(user_key)),
+                                404, "unknown_url")
+        assert "(POST /me)" in error["message"] and "None" not in error["message"], error
+        error = is_openai_error(request("POST", worker.url + "/me/nope", b"", bearer(user_key)),
+                                404, "unknown_url")
+        assert "(POST /me/nope)" in error["message"], error
+
+
+class TestReviewDashboardLogout:
+    """A sign-out posted without the session's XSRF token (another site's form)
+    is refused as every other admin refusal is: 403 ``Access forbidden``, and
+    the session goes on."""
+
+    def test_a_cross_site_logout_is_403_access_forbidden(self, worker):
+        signed_in = request("POST", worker.url + "/admin", urllib.parse.urlencode(
+            {"token": ACCESS_TOKEN}).encode(), {"Content-Type": "application/x-www-form-urlencoded"})
+        assert signed_in.status == 303, signed_in
+        cookie = signed_in.headers["Set-Cookie"].split(";")[0]
+        for fields in ({"action": "logout"}, {"action": "logout", "xsrf": "0" * 64}):
+            answer = request("POST", worker.url + "/admin", urllib.parse.urlencode(fields).encode(),
+                             {"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie})
+            assert (answer.status, answer.text) == (403, "Access forbidden\n"), answer
+            assert "Set-Cookie" not in answer.headers, answer.headers
+        page = request("GET", worker.url + "/admin", headers={"Cookie": cookie, "Accept": "text/html"})
+        assert page.status == 200 and "data-xsrf=" in page.text  # still signed in

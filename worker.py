@@ -5026,7 +5026,8 @@ class MeHandler(UserHandler):
 
     async def post(self, action: Optional[str]) -> None:
         if action != "reset":
-            raise ApiError(404, f"Invalid URL (POST /me/{action}): try POST /me/reset",
+            path = "/me" + (f"/{action}" if action else "")
+            raise ApiError(404, f"Invalid URL (POST {path}): try POST /me/reset",
                            code="unknown_url")
         key = await self.app.store.reset_key(self.user["name"])
         log.info("self-service: %s reset their key", self.user["name"])
@@ -5048,7 +5049,7 @@ class BillingHandler(UserHandler):
             budget = self.user.get("budget") or 0
             limit = usd(budget) if budget else self.NO_BUDGET_USD
             expires = self.user.get("expires")
-            self.write({
+            self.finish_json({
                 "object": "billing_subscription", "has_payment_method": True,
                 "canceled": False, "canceled_at": None, "delinquent": None,
                 "access_until": int(parse_time(expires).timestamp()) if expires else 0,
@@ -5066,7 +5067,7 @@ class BillingHandler(UserHandler):
         for row in rows:
             days.setdefault(row["day"], []).append(
                 {"name": row["model"], "cost": usd(row["cost"] * 100)})
-        self.write({"object": "list", "total_usage": usd(sum(row["cost"] for row in rows) * 100),
+        self.finish_json({"object": "list", "total_usage": usd(sum(row["cost"] for row in rows) * 100),
                     "daily_costs": [{"timestamp": int(datetime.datetime.strptime(
                         day, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc).timestamp()),
                         "line_items": items} for day, items in sorted(days.items())]})
@@ -5482,6 +5483,14 @@ class AdminPageHandler(BaseHandler):
             log.info("admin: signed in from the web page")
             start_session(self)
             self.redirect("/admin/", status=303)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(error, AdminError):  # (a sign-out without the XSRF token)
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.finish(error.message + "\n")
+        else:
+            super().write_error(status_code, **kwargs)
 
 
 PAGE_STYLE = r"""
