@@ -10597,3 +10597,58 @@ class TestReviewDashboardLogout:
             assert "Set-Cookie" not in answer.headers, answer.headers
         page = request("GET", worker.url + "/admin", headers={"Cookie": cookie, "Accept": "text/html"})
         assert page.status == 200 and "data-xsrf=" in page.text  # still signed in
+
+
+GOOD_ROW = {"day": "2026-12-01", "model": "gpt-4o-mini", "requests": 1, "input_tokens": 10,
+            "output_tokens": 5, "total_tokens": 15, "cost": 2_000_000}
+
+
+class TestReviewImportRefusesBadUsage:
+    """``import`` takes back an export, usage rows, totals and objects included; a
+    file whose rows are not what export writes is refused like a bad limit: one
+    line naming the user, exit 2, nothing half-imported (CONTRACT.md §1), never a
+    traceback, and never a negative cost that would hand out budget (§11)."""
+
+    @pytest.mark.parametrize("part, value", [
+        ("usage", [{"model": "gpt-4o-mini"}]),                     # no day
+        ("usage", ["2026-12-01"]),                                 # not a row
+        ("usage", [dict(GOOD_ROW, day="2026-13-01")]),             # not a day
+        ("usage", [dict(GOOD_ROW, model=7)]),                      # not a model
+        ("usage", [dict(GOOD_ROW, cost=None)]),
+        ("usage", [dict(GOOD_ROW, cost=-10 ** 15)]),               # a budget for free
+        ("usage", [dict(GOOD_ROW, total_tokens=-1)]),
+        ("usage", [dict(GOOD_ROW, cost=1.5)]),                     # export writes integers
+        ("usage", {"day": "2026-12-01"}),                          # not a list
+        ("total", ["x"]),
+        ("total", [1, 15, -5]),
+        ("objects", [{"kind": "File"}]),                           # no id
+        ("objects", ["file-abc"]),
+    ])
+    def test_a_bad_usage_row_total_or_object_is_one_line_and_exit_2(self, tmp_root, upstream,
+                                                                      part, value):
+        worker = Worker(tmp_root, upstream.url)
+        users_json = os.path.join(worker.dir, "users.json")
+        with open(users_json, "w") as f:
+            json.dump({"ok": {"key": "sk-cfw" + "A" * 45, "usage": [GOOD_ROW]},
+                       "bad": {"key": "sk-cfw" + "B" * 45, part: value}}, f)
+        done = worker.command("import", users_json)
+        err = done.stderr.decode()
+        assert done.returncode == 2, done
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith("worker.py: import: user 'bad'") and part in err, err
+        assert json.loads(worker.command("export").stdout) == {}  # nothing half-imported
+
+    def test_an_export_with_costs_still_imports(self, tmp_root, upstream):
+        worker = Worker(tmp_root, upstream.url)
+        users_json = os.path.join(worker.dir, "users.json")
+        row = dict(GOOD_ROW, cached_tokens=4, audio_input_tokens=0, audio_output_tokens=0)
+        with open(users_json, "w") as f:
+            json.dump({"fine": {"key": "sk-cfw" + "A" * 45, "budget": 5 * 10 ** 12,
+                                "period": "month", "usage": [row], "total": [1, 15, 2_000_000],
+                                "objects": [{"id": "file-abc", "kind": "File",
+                                             "created": "2026-12-01T00:00:00Z"}]}}, f)
+        done = worker.command("import", users_json)
+        assert done.returncode == 0, done
+        exported = json.loads(worker.command("export").stdout)["fine"]
+        assert exported["usage"] == [row] and exported["total"] == [1, 15, 2_000_000]
+        assert [o["id"] for o in exported["objects"]] == ["file-abc"]

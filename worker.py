@@ -1599,15 +1599,15 @@ class Store:
             ops["user:" + name] = _dump(record)
             ops["key:" + record["key_hash"]] = name
             periods: Dict[str, List[int]] = {}
-            for row in entry.get("usage", []):
+            for row in imported_rows(name, entry.get("usage", [])):
                 key = f"usage:{name}:{row['day']}:{row['model']}"
-                ops[key] = [int(row.get(field, 0)) for field in USAGE_FIELDS]
+                ops[key] = [row.get(field, 0) for field in USAGE_FIELDS]
                 add_to_periods(periods, name, row["day"], ops[key])
-            total = [int(n) for n in entry.get("total") or []]
+            total = imported_total(name, entry.get("total") or [])
             if total:  # (an export from before costs were kept has two)
                 periods["total:" + name] = (total + periods.get("total:" + name, [0] * 3)[2:])[:3]
             ops.update(periods)
-            for obj in entry.get("objects", []):
+            for obj in imported_objects(name, entry.get("objects", [])):
                 ops["own:" + obj["id"]] = _dump({"user": name, **{
                     k: obj.get(k) for k in ("kind", "created", "expires", "counted") if k in obj}})
         await self.kv.write(ops)
@@ -1650,6 +1650,51 @@ def check_imported_limits(name: str, record: Dict[str, Any]) -> None:
         raise wrong("models")
     if record.get("scope", "own") not in ("own", "all"):
         raise wrong("scope")
+
+
+def imported_rows(name: str, rows: Any) -> List[Dict[str, Any]]:
+    """An imported user's usage rows, as export writes them (a day, a model,
+    counts that are whole numbers of 0 or more: a negative cost would hand out
+    budget); ValueError naming the user otherwise."""
+    if not isinstance(rows, list):
+        raise ValueError(f"user {name!r}: usage must be a list of rows")
+    for row in rows:
+        if not (isinstance(row, dict) and isinstance(row.get("model"), str)
+                and _is_day(row.get("day"))):
+            raise ValueError(f"user {name!r}: each usage row needs a day (YYYY-MM-DD) "
+                             f"and a model, got {str(row)[:80]}")
+        if not all(_is_count(row.get(field, 0)) for field in USAGE_FIELDS):
+            raise ValueError(f"user {name!r}: the usage row of {row['day']} {row['model']!r} "
+                             f"must count in whole numbers of 0 or more")
+    return rows
+
+
+def imported_total(name: str, total: Any) -> List[int]:
+    """An imported user's total: requests, tokens and (since costs are kept) cost."""
+    if not (isinstance(total, list) and len(total) <= 3 and all(map(_is_count, total))):
+        raise ValueError(f"user {name!r}: total must be up to 3 whole numbers of 0 or more")
+    return total
+
+
+def imported_objects(name: str, objects: Any) -> List[Dict[str, Any]]:
+    """An imported user's objects: each with its id."""
+    if not (isinstance(objects, list) and all(
+            isinstance(obj, dict) and isinstance(obj.get("id"), str) and obj["id"]
+            for obj in objects)):
+        raise ValueError(f"user {name!r}: objects must be a list of objects with an id")
+    return objects
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_day(value: Any) -> bool:
+    try:
+        return (isinstance(value, str) and bool(re.match(r"\d{4}-\d{2}-\d{2}\Z", value))
+                and bool(datetime.date.fromisoformat(value)))
+    except ValueError:
+        return False
 
 
 def _dump(value: Any) -> str:
