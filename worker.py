@@ -5508,6 +5508,10 @@ class AdminPageHandler(BaseHandler):
             DASHBOARD_PAGE.render(self, xsrf=xsrf_token(self, session))
 
     def post(self) -> None:
+        if self.request.headers.get("Sec-Fetch-Site") == "cross-site":
+            # Another site's form (browsers say so, and a page cannot forge it):
+            # no try at the token, so no step towards locking the owner out.
+            raise AdminError(403, "Access forbidden")
         if self.get_body_argument("action", "") == "logout":
             session = read_session(self)
             if session is not None and not hmac.compare_digest(
