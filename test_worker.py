@@ -10730,3 +10730,23 @@ class TestReviewModelsCostNothing:
         answer = request("DELETE", priced.url + "/v1/models/ft:test-model:acme::abc123",
                          headers=bearer(key))
         assert answer.status == 200, answer
+
+
+class TestReviewAllowHeader:
+    """A 405's ``Allow`` names the methods of the route it was sent to (RFC 9110
+    §15.5.6), not the proxy's: ``PUT /me`` is not told that PUT is allowed."""
+
+    @pytest.mark.parametrize("method, path, allowed", [
+        ("PUT", "/me", "GET, POST, OPTIONS"),
+        ("DELETE", "/me/reset", "GET, POST, OPTIONS"),
+        ("PUT", "/healthz", "GET, HEAD"),
+        ("POST", "/dashboard/billing/usage", "GET, OPTIONS"),
+        ("PUT", "/admin", "GET, POST"),
+        ("PROPFIND", "/v1/models", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+    ])
+    def test_allow_names_the_routes_methods(self, worker, user_key, method, path, allowed):
+        answer = request(method, worker.url + path, b"", bearer(user_key))
+        error = is_openai_error(answer, 405, "method_not_allowed")
+        assert answer.headers["Allow"] == allowed, answer.headers
+        assert f"({method} {path})" in error["message"] and allowed in error["message"], error
+        assert answer.body.endswith(b"\n")

@@ -2991,7 +2991,7 @@ class BaseHandler(tornado.web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
         if not isinstance(error, ApiError) and status_code == 405:
-            error = method_not_allowed(self.request.method, self.log_path)
+            error = method_not_allowed(self.request.method, self.log_path, self.allowed_methods())
         else:
             error = self.api_error(status_code, error)
         self.set_status(error.status_code)
@@ -3001,10 +3001,20 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(self.app.redactor.redact(json.dumps(error.body())) + "\n")
 
 
-def method_not_allowed(method: str, path: str) -> ApiError:
-    """A method Tornado refuses before any handler runs (``PROPFIND``, ``get``)."""
-    allowed = "GET, HEAD, " + CORS_ALLOW_METHODS.replace("GET, ", "")
-    return ApiError(405, f"Invalid method for URL ({method[:20]} {path}): this proxy takes "
+    def allowed_methods(self) -> str:
+        """The methods this route answers: a 405's ``Allow`` (RFC 9110 §10.2.1)."""
+        base = tornado.web.RequestHandler
+        return ", ".join(m for m in HTTP_METHODS
+                         if getattr(type(self), m.lower()) is not getattr(base, m.lower()))
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def method_not_allowed(method: str, path: str, allowed: str) -> ApiError:
+    """A method the route does not take (``PUT /me``), or Tornado refuses before
+    any handler runs (``PROPFIND``, ``get``)."""
+    return ApiError(405, f"Invalid method for URL ({method[:20]} {path}): it takes "
                          f"{allowed}.", code="method_not_allowed", headers={"Allow": allowed})
 
 
