@@ -10750,3 +10750,16 @@ class TestReviewAllowHeader:
         assert answer.headers["Allow"] == allowed, answer.headers
         assert f"({method} {path})" in error["message"] and allowed in error["message"], error
         assert answer.body.endswith(b"\n")
+
+
+class TestReviewOwnListsEndInANewline:
+    """An isolated user's list (``GET /v1/files``…) is JSON that worker.py writes
+    itself (only the caller's objects): it ends in a newline like every other."""
+
+    @pytest.mark.xfail(strict=True, reason="ProxyHandler.answer_own_list finishes its "
+                                           "json.dumps without the newline (finish_json)")
+    def test_an_own_list_ends_in_a_newline(self, worker, user_key):
+        answer = request("GET", worker.url + "/v1/files", headers=dict(
+            bearer(user_key), **{"x-fake-store": "1"}))
+        assert answer.status == 200 and answer.json()["object"] == "list", answer
+        assert answer.body.endswith(b"}\n"), answer
