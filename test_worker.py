@@ -10763,3 +10763,27 @@ class TestReviewOwnListsEndInANewline:
             bearer(user_key), **{"x-fake-store": "1"}))
         assert answer.status == 200 and answer.json()["object"] == "list", answer
         assert answer.body.endswith(b"}\n"), answer
+
+
+class TestReviewSessionCookieBehindAProxy:
+    """§12: the session cookie is ``Secure`` under TLS, also where TLS ends at the
+    reverse proxy the README recommends (Caddy says ``X-Forwarded-Proto: https``),
+    when that proxy is trusted (TRUSTED_PROXIES); the header of anyone else is not
+    believed (a Secure cookie would not be kept over plain HTTP)."""
+
+    @staticmethod
+    def cookie(w: Worker, **headers: str) -> str:
+        answer = request("POST", w.url + "/admin", urllib.parse.urlencode(
+            {"token": ACCESS_TOKEN}).encode(), dict(
+                {"Content-Type": "application/x-www-form-urlencoded"}, **headers))
+        assert answer.status == 303, answer
+        return answer.headers["Set-Cookie"]
+
+    def test_secure_behind_a_trusted_tls_proxy_only(self, tmp_root, upstream):
+        https = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.5"}
+        with running_worker(tmp_root, upstream.url, TRUSTED_PROXIES="127.0.0.1/32") as w:
+            assert "; Secure" in self.cookie(w, **https)
+            assert "Secure" not in self.cookie(w, **{"X-Forwarded-Proto": "http"})
+            assert "Secure" not in self.cookie(w)
+        with running_worker(tmp_root, upstream.url, TRUSTED_PROXIES="10.0.0.0/8") as w:
+            assert "Secure" not in self.cookie(w, **https)  # 127.0.0.1 is not the proxy

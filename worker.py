@@ -5457,10 +5457,11 @@ def read_session(handler: tornado.web.RequestHandler) -> Optional[str]:
     return value.decode() if value else None
 
 
-def start_session(handler: tornado.web.RequestHandler) -> None:
+def start_session(handler: tornado.web.RequestHandler, secure: bool) -> None:
+    """The session cookie; ``secure`` when the browser came over HTTPS."""
     put = getattr(handler, "set_signed_cookie", None) or handler.set_secure_cookie
     put(SESSION_COOKIE, secrets.token_urlsafe(24), expires_days=SESSION_DAYS, path="/admin",
-        httponly=True, samesite="Strict", secure=handler.request.protocol == "https")
+        httponly=True, samesite="Strict", secure=secure)
 
 
 def is_page_request(request: tornado.httputil.HTTPServerRequest) -> bool:
@@ -5540,7 +5541,7 @@ class AdminPageHandler(BaseHandler):
             LOGIN_PAGE.render(self, 403, message="That is not the access token.")
         else:
             log.info("admin: signed in from the web page")
-            start_session(self)
+            start_session(self, self.app.came_over_https(self.request))
             self.redirect("/admin/", status=303)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -6185,6 +6186,14 @@ class App:
         """Who sent ``request``: the peer, or the address a trusted proxy forwarded."""
         return client_address(request.remote_ip or "-", request.headers,
                               self.settings.trusted_proxies)
+
+    def came_over_https(self, request: tornado.httputil.HTTPServerRequest) -> bool:
+        """Whether the browser's request came over HTTPS: to this server (TLS_CERT),
+        or to a trusted reverse proxy that says so (``X-Forwarded-Proto``)."""
+        forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        return request.protocol == "https" or (
+            forwarded == "https" and _is_trusted(request.remote_ip or "-",
+                                                 self.settings.trusted_proxies))
 
     def note_admin_failure(self, client: str) -> None:
         now = time.monotonic()
