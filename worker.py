@@ -5122,10 +5122,11 @@ class BillingHandler(UserHandler):
         for row in rows:
             days.setdefault(row["day"], []).append(
                 {"name": row["model"], "cost": usd(row["cost"] * 100)})
-        self.finish_json({"object": "list", "total_usage": usd(sum(row["cost"] for row in rows) * 100),
-                    "daily_costs": [{"timestamp": int(datetime.datetime.strptime(
-                        day, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc).timestamp()),
-                        "line_items": items} for day, items in sorted(days.items())]})
+        self.finish_json({
+            "object": "list", "total_usage": usd(sum(row["cost"] for row in rows) * 100),
+            "daily_costs": [{"timestamp": int(datetime.datetime.strptime(
+                day, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc).timestamp()),
+                "line_items": items} for day, items in sorted(days.items())]})
 
 
 # ---------------------------------------------------------------------------
