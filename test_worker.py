@@ -10787,3 +10787,24 @@ class TestReviewSessionCookieBehindAProxy:
             assert "Secure" not in self.cookie(w)
         with running_worker(tmp_root, upstream.url, TRUSTED_PROXIES="10.0.0.0/8") as w:
             assert "Secure" not in self.cookie(w, **https)  # 127.0.0.1 is not the proxy
+
+
+class TestReviewScannersBasicAuth:
+    """§6: only a Bearer on ``/admin/…`` is a try at the token. Scanners try HTTP
+    Basic on ``/admin/`` paths (routers' and CMSs' admin pages): 403, and they do
+    not lock out the address they share with the owner (a proxy not in
+    TRUSTED_PROXIES, a NAT)."""
+
+    def test_basic_auth_on_admin_paths_does_not_lock_out(self, tmp_root, upstream):
+        basic = "Basic " + base64.b64encode(b"admin:admin").decode()
+        with running_worker(tmp_root, upstream.url) as w:
+            for path in ("/admin/users", "/admin/login.php", "/admin/register/x") * 4:
+                answer = request("GET", w.url + path, headers={"Authorization": basic})
+                assert (answer.status, answer.text) == (403, "Access forbidden\n"), answer
+            answer = request("GET", w.url + "/admin/users", headers=bearer(ACCESS_TOKEN))
+            assert answer.status == 200, answer
+            for _ in range(10):  # a wrong Bearer still counts
+                assert request("GET", w.url + "/admin/users",
+                               headers=bearer("not-the-token")).status == 403
+            assert request("GET", w.url + "/admin/users",
+                           headers=bearer(ACCESS_TOKEN)).status == 429

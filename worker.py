@@ -5178,8 +5178,9 @@ class AdminHandler(BaseHandler):
 
     def names_a_command(self) -> bool:
         """Whether the request names an admin command, so counts as a try at the token."""
-        if not self.token_in_path:
-            return "Authorization" in self.request.headers  # a Bearer on /admin/…
+        if not self.token_in_path:  # a Bearer on /admin/… (a scanner's Basic is not one)
+            scheme = self.request.headers.get("Authorization", "").strip().partition(" ")[0]
+            return scheme.lower() == "bearer"
         command, name = self._split()
         return command in ADMIN_COMMANDS or (self.request.method == "DELETE" and name is None)
     def authorised_by_session(self) -> bool:
