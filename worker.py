@@ -1694,15 +1694,15 @@ class Store:
             ops["user:" + name] = _dump(record)
             ops["key:" + record["key_hash"]] = name
             periods: Dict[str, List[int]] = {}
-            for row in entry.get("usage", []):
+            for row in imported_rows(name, entry.get("usage", [])):
                 key = f"usage:{name}:{row['day']}:{row['model']}"
-                ops[key] = [int(row.get(field, 0)) for field in USAGE_FIELDS]
+                ops[key] = [row.get(field, 0) for field in USAGE_FIELDS]
                 add_to_periods(periods, name, row["day"], ops[key])
-            total = [int(n) for n in entry.get("total") or []]
+            total = imported_total(name, entry.get("total") or [])
             if total:  # (an export from before costs were kept has two)
                 periods["total:" + name] = (total + periods.get("total:" + name, [0] * 3)[2:])[:3]
             ops.update(periods)
-            for obj in entry.get("objects", []):
+            for obj in imported_objects(name, entry.get("objects", [])):
                 ops["own:" + obj["id"]] = _dump({"user": name, **{
                     k: obj.get(k) for k in ("kind", "created", "expires", "counted") if k in obj}})
         await self.kv.write(ops)
@@ -1745,6 +1745,51 @@ def check_imported_limits(name: str, record: Dict[str, Any]) -> None:
         raise wrong("models")
     if record.get("scope", "own") not in ("own", "all"):
         raise wrong("scope")
+
+
+def imported_rows(name: str, rows: Any) -> List[Dict[str, Any]]:
+    """An imported user's usage rows, as export writes them (a day, a model,
+    counts that are whole numbers of 0 or more: a negative cost would hand out
+    budget); ValueError naming the user otherwise."""
+    if not isinstance(rows, list):
+        raise ValueError(f"user {name!r}: usage must be a list of rows")
+    for row in rows:
+        if not (isinstance(row, dict) and isinstance(row.get("model"), str)
+                and _is_day(row.get("day"))):
+            raise ValueError(f"user {name!r}: each usage row needs a day (YYYY-MM-DD) "
+                             f"and a model, got {str(row)[:80]}")
+        if not all(_is_count(row.get(field, 0)) for field in USAGE_FIELDS):
+            raise ValueError(f"user {name!r}: the usage row of {row['day']} {row['model']!r} "
+                             f"must count in whole numbers of 0 or more")
+    return rows
+
+
+def imported_total(name: str, total: Any) -> List[int]:
+    """An imported user's total: requests, tokens and (since costs are kept) cost."""
+    if not (isinstance(total, list) and len(total) <= 3 and all(map(_is_count, total))):
+        raise ValueError(f"user {name!r}: total must be up to 3 whole numbers of 0 or more")
+    return total
+
+
+def imported_objects(name: str, objects: Any) -> List[Dict[str, Any]]:
+    """An imported user's objects: each with its id."""
+    if not (isinstance(objects, list) and all(
+            isinstance(obj, dict) and isinstance(obj.get("id"), str) and obj["id"]
+            for obj in objects)):
+        raise ValueError(f"user {name!r}: objects must be a list of objects with an id")
+    return objects
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_day(value: Any) -> bool:
+    try:
+        return (isinstance(value, str) and bool(re.match(r"\d{4}-\d{2}-\d{2}\Z", value))
+                and bool(datetime.date.fromisoformat(value)))
+    except ValueError:
+        return False
 
 
 def _dump(value: Any) -> str:
@@ -3119,7 +3164,7 @@ class BaseHandler(tornado.web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
         if not isinstance(error, ApiError) and status_code == 405:
-            error = method_not_allowed(self.request.method, self.log_path)
+            error = method_not_allowed(self.request.method, self.log_path, self.allowed_methods())
         else:
             error = self.api_error(status_code, error)
         self.set_status(error.status_code)
@@ -3129,10 +3174,20 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(self.app.redactor.redact(json.dumps(error.body())) + "\n")
 
 
-def method_not_allowed(method: str, path: str) -> ApiError:
-    """A method Tornado refuses before any handler runs (``PROPFIND``, ``get``)."""
-    allowed = "GET, HEAD, " + CORS_ALLOW_METHODS.replace("GET, ", "")
-    return ApiError(405, f"Invalid method for URL ({method[:20]} {path}): this proxy takes "
+    def allowed_methods(self) -> str:
+        """The methods this route answers: a 405's ``Allow`` (RFC 9110 §10.2.1)."""
+        base = tornado.web.RequestHandler
+        return ", ".join(m for m in HTTP_METHODS
+                         if getattr(type(self), m.lower()) is not getattr(base, m.lower()))
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def method_not_allowed(method: str, path: str, allowed: str) -> ApiError:
+    """A method the route does not take (``PUT /me``), or Tornado refuses before
+    any handler runs (``PROPFIND``, ``get``)."""
+    return ApiError(405, f"Invalid method for URL ({method[:20]} {path}): it takes "
                          f"{allowed}.", code="method_not_allowed", headers={"Allow": allowed})
 
 
@@ -5326,7 +5381,8 @@ class MeHandler(UserHandler):
 
     async def post(self, action: Optional[str]) -> None:
         if action != "reset":
-            raise ApiError(404, f"Invalid URL (POST /me/{action}): try POST /me/reset",
+            path = "/me" + (f"/{action}" if action else "")
+            raise ApiError(404, f"Invalid URL (POST {path}): try POST /me/reset",
                            code="unknown_url")
         key = await self.app.store.reset_key(self.user["name"])
         log.info("self-service: %s reset their key", self.user["name"])
@@ -5348,7 +5404,7 @@ class BillingHandler(UserHandler):
             budget = self.user.get("budget") or 0
             limit = usd(budget) if budget else self.NO_BUDGET_USD
             expires = self.user.get("expires")
-            self.write({
+            self.finish_json({
                 "object": "billing_subscription", "has_payment_method": True,
                 "canceled": False, "canceled_at": None, "delinquent": None,
                 "access_until": int(parse_time(expires).timestamp()) if expires else 0,
@@ -5366,10 +5422,11 @@ class BillingHandler(UserHandler):
         for row in rows:
             days.setdefault(row["day"], []).append(
                 {"name": row["model"], "cost": usd(row["cost"] * 100)})
-        self.write({"object": "list", "total_usage": usd(sum(row["cost"] for row in rows) * 100),
-                    "daily_costs": [{"timestamp": int(datetime.datetime.strptime(
-                        day, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc).timestamp()),
-                        "line_items": items} for day, items in sorted(days.items())]})
+        self.finish_json({
+            "object": "list", "total_usage": usd(sum(row["cost"] for row in rows) * 100),
+            "daily_costs": [{"timestamp": int(datetime.datetime.strptime(
+                day, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc).timestamp()),
+                "line_items": items} for day, items in sorted(days.items())]})
 
 
 # ---------------------------------------------------------------------------
@@ -5421,8 +5478,9 @@ class AdminHandler(BaseHandler):
 
     def names_a_command(self) -> bool:
         """Whether the request names an admin command, so counts as a try at the token."""
-        if not self.token_in_path:
-            return "Authorization" in self.request.headers  # a Bearer on /admin/…
+        if not self.token_in_path:  # a Bearer on /admin/… (a scanner's Basic is not one)
+            scheme = self.request.headers.get("Authorization", "").strip().partition(" ")[0]
+            return scheme.lower() == "bearer"
         command, name = self._split()
         return command in ADMIN_COMMANDS or (self.request.method == "DELETE" and name is None)
     def authorised_by_session(self) -> bool:
@@ -5755,10 +5813,11 @@ def read_session(handler: tornado.web.RequestHandler) -> Optional[str]:
     return value.decode() if value else None
 
 
-def start_session(handler: tornado.web.RequestHandler) -> None:
+def start_session(handler: tornado.web.RequestHandler, secure: bool) -> None:
+    """The session cookie; ``secure`` when the browser came over HTTPS."""
     put = getattr(handler, "set_signed_cookie", None) or handler.set_secure_cookie
     put(SESSION_COOKIE, secrets.token_urlsafe(24), expires_days=SESSION_DAYS, path="/admin",
-        httponly=True, samesite="Strict", secure=handler.request.protocol == "https")
+        httponly=True, samesite="Strict", secure=secure)
 
 
 def is_page_request(request: tornado.httputil.HTTPServerRequest) -> bool:
@@ -5816,6 +5875,10 @@ class AdminPageHandler(BaseHandler):
             DASHBOARD_PAGE.render(self, xsrf=xsrf_token(self, session))
 
     def post(self) -> None:
+        if self.request.headers.get("Sec-Fetch-Site") == "cross-site":
+            # Another site's form (browsers say so, and a page cannot forge it):
+            # no try at the token, so no step towards locking the owner out.
+            raise AdminError(403, "Access forbidden")
         if self.get_body_argument("action", "") == "logout":
             session = read_session(self)
             if session is not None and not hmac.compare_digest(
@@ -5834,8 +5897,16 @@ class AdminPageHandler(BaseHandler):
             LOGIN_PAGE.render(self, 403, message="That is not the access token.")
         else:
             log.info("admin: signed in from the web page")
-            start_session(self)
+            start_session(self, self.app.came_over_https(self.request))
             self.redirect("/admin/", status=303)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(error, AdminError):  # (a sign-out without the XSRF token)
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.finish(error.message + "\n")
+        else:
+            super().write_error(status_code, **kwargs)
 
 
 PAGE_STYLE = r"""
@@ -6480,6 +6551,14 @@ class App:
         """Who sent ``request``: the peer, or the address a trusted proxy forwarded."""
         return client_address(request.remote_ip or "-", request.headers,
                               self.settings.trusted_proxies)
+
+    def came_over_https(self, request: tornado.httputil.HTTPServerRequest) -> bool:
+        """Whether the browser's request came over HTTPS: to this server (TLS_CERT),
+        or to a trusted reverse proxy that says so (``X-Forwarded-Proto``)."""
+        forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        return request.protocol == "https" or (
+            forwarded == "https" and _is_trusted(request.remote_ip or "-",
+                                                 self.settings.trusted_proxies))
 
     def note_admin_failure(self, client: str) -> None:
         now = time.monotonic()
