@@ -11568,8 +11568,6 @@ class TestReviewModelsCostNothing:
     fine-tuned ``ft:…`` model of a ``scope=all`` key: deleting it is account
     housekeeping, not spend)."""
 
-    @pytest.mark.xfail(strict=True, reason="ProxyHandler.check_named_models prices every "
-                                           "method but GET/HEAD of /v1/models/{id}")
     def test_deleting_an_unpriced_model_is_not_model_not_priced(self, priced):
         key = priced.register(unique("ftowner"), "?budget=5&scope=all")
         answer = request("DELETE", priced.url + "/v1/models/ft:test-model:acme::abc123",
@@ -11601,8 +11599,6 @@ class TestReviewOwnListsEndInANewline:
     """An isolated user's list (``GET /v1/files``…) is JSON that worker.py writes
     itself (only the caller's objects): it ends in a newline like every other."""
 
-    @pytest.mark.xfail(strict=True, reason="ProxyHandler.answer_own_list finishes its "
-                                           "json.dumps without the newline (finish_json)")
     def test_an_own_list_ends_in_a_newline(self, worker, user_key):
         answer = request("GET", worker.url + "/v1/files", headers=dict(
             bearer(user_key), **{"x-fake-store": "1"}))

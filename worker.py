@@ -4425,13 +4425,16 @@ class ProxyHandler(BaseHandler):
 
     def check_named_models(self, plan: RequestPlan, user: Dict[str, Any]) -> None:
         """The models named in the path or query against the allowlist (and a
-        price, for a budget: retrieving a model costs nothing)."""
-        models = ([plan.path_model] if plan.path_model else []) + self.get_query_arguments("model")
-        for model in models:  # every one: see models_in_body
+        price, for a budget: not a model in the path, which is retrieved or
+        deleted, at no cost)."""
+        named = [plan.path_model] if plan.path_model else []
+        queried = self.get_query_arguments("model")  # every one: see models_in_body
+        for model in named + queried:
             self.request_model = model  # (the log names the one refused)
             refuse_unlisted_models(user, [model])
-            if not plan.costs_nothing:
+            if model in queried and not plan.costs_nothing:
                 refuse_unpriced(self.app, user, model)
+        models = named + queried
         self.request_model = models[0] if models else None
 
     def refuse_body_models(self, models: List[str]) -> None:
@@ -4536,12 +4539,11 @@ class ProxyHandler(BaseHandler):
                     after = str(items[-1].get("id"))
                     continue
             break
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({**{k: v for k, v in first_page.items() if k not in ("data",)},
-                                "object": "list", "data": mine,
-                                "first_id": mine[0].get("id") if mine else None,
-                                "last_id": mine[-1].get("id") if mine else None,
-                                "has_more": has_more}))
+        self.finish_json({**{k: v for k, v in first_page.items() if k not in ("data",)},
+                          "object": "list", "data": mine,
+                          "first_id": mine[0].get("id") if mine else None,
+                          "last_id": mine[-1].get("id") if mine else None,
+                          "has_more": has_more})
 
 
     # -- the body: read whole, sniffed, or streamed (as the plan says) ----------
