@@ -6228,7 +6228,7 @@ function lastUse(u) {
   return day(u.last_used || lastDay.get(u.name));
 }
 function periodCell(u) {
-  const per = u.period && u.period !== 'all' ? ' this ' + u.period : '';
+  const per = { day: ' today', week: ' this week', month: ' this month' }[u.period] || '';
   const resets = u.resets_at ? h('div', { class: 'muted small', text: 'resets ' + day(u.resets_at) }) : null;
   if (u.budget > 0) return [h('div', { text: `${money(u.spent)} of ${money(u.budget)}${per}` }),
     meter(u.spent, u.budget, `${u.name}: budget used`), resets];
@@ -6415,7 +6415,7 @@ async function call(method, path) {
   return data;
 }
 function show(me) {
-  const money_ = 'budget' in me, per = me.period && me.period !== 'all' ? 'Used this ' + me.period : 'Used so far';
+  const money_ = 'budget' in me, per = { day: 'Used today', week: 'Used this week', month: 'Used this month' }[me.period] || 'Used so far';
   $('#use-label').textContent = per;
   let used = tokens(me.used), unit = 'tokens', sub = '';
   if (me.budget > 0) {
