@@ -4310,8 +4310,9 @@ def models_in_body(content_type: str, body: bytes) -> Tuple[List[str], Any]:
     return _models_in_json(body)
 
 
-# A form part's header naming it "model" (not "filename=" nor "name*="), quoted or not.
-MODEL_FIELD = re.compile(rb'(?<![\w*])(?i:name)[ \t]*=[ \t]*(?:"model"|model(?=[;\s]))')
+# A form part's header naming it "model" (not "filename=model"), quoted or not,
+# or as RFC 2231 spells it (name*=UTF-8''model), as Tornado's parser reads it too.
+MODEL_FIELD = re.compile(rb'(?<![\w*])(?i:name)\*?[ \t]*=[ \t]*"?(?:[\w-]*\'\w*\')?model(?=["; \t\r\n])')
 MODEL_FIELD_WINDOW = 32  # bytes before a "model" in which its header's name= must be
 FILE_PART = re.compile(rb'(?i)\bfilename\*?[ \t]*=')
 
@@ -4651,7 +4652,7 @@ class ProxyHandler(BaseHandler):
             return  # hold on
         self.holding_form, self.body_chunks = False, None  # (from here on, to the upstream or nowhere)
         try:
-            self.check_form_fields(held[:end] if boundary and end is not None else None, boundary)
+            self.check_form_fields(None if end is None else held[:end], boundary)
             if self.form_tail is not None and names_model_field(b"", held[end:]):
                 raise self.late_model()
             await self.admit()  # now: the body goes upstream as it comes
