@@ -11812,6 +11812,21 @@ class TestHeldFormUploads:
         time.sleep(0.2)
         assert upstream.find(test_id) == [], "the upstream got the whole body"
 
+    def test_a_large_json_body_labelled_a_form_is_still_read_whole_and_checked(self, held, upstream):
+        key, test_id = held.register(unique("heldjson"), "?models=test-whisper"), new_test_id()
+        body = b'{"model":"gpt-4o-transcribe","pad":"' + b"a" * (2 << 20) + b'"}'
+        answer = self.upload(held, key, body, "multipart/form-data; boundary=b", test_id)
+        assert (answer.status, answer.json()["error"]["code"]) in (
+            (404, "model_not_found"), (400, "invalid_body")), answer  # (as before: read whole)
+        assert upstream.find(test_id) == []
+
+    def test_a_large_form_without_a_boundary_is_refused_to_a_key_with_limits(self, held, upstream):
+        key, test_id = held.register(unique("heldnob"), "?budget=5"), new_test_id()
+        body, _ = big_form({"model": "test-whisper"}, {}, mb=2)
+        is_openai_error(self.upload(held, key, body, "multipart/form-data", test_id),
+                        400, "invalid_body")
+        assert upstream.find(test_id) == []
+
     def test_a_small_form_with_its_model_after_the_file_is_read_whole_as_before(self, held, upstream):
         key, test_id = held.register(unique("heldsmall"), "?models=test-whisper"), new_test_id()
         body, content_type = multipart({}, {"file": ("a.wav", det_bytes(5000, "wav"), "audio/wav")})
