@@ -4650,6 +4650,11 @@ class ProxyHandler(BaseHandler):
         end = form_fields_end(held, boundary) if boundary else None
         if boundary and end is None and len(held) < FORM_FIELDS_MAX_BYTES:
             return  # hold on
+        if self.plan.checks_models and (end is None or not names_model_field(b"", held[:end])):
+            # No model before the file (curl -F file=@… -F model=…, as OpenAI's
+            # own examples write it): read whole and checked at its end, as before.
+            self.holding_form = False
+            return
         self.holding_form, self.body_chunks = False, None  # (from here on, to the upstream or nowhere)
         try:
             self.check_form_fields(None if end is None else held[:end], boundary)
