@@ -4692,10 +4692,9 @@ class ProxyHandler(BaseHandler):
             self.form_tail = b""
 
     def late_model(self) -> ApiError:
-        return ApiError(400, "This key may use only some models, or has a budget: in a multipart "
-                             f"body over {SMALL_BODY_BYTES >> 10} KB, the model field must come "
-                             "before the file (within the first "
-                             f"{FORM_FIELDS_MAX_BYTES >> 20} MB), and only there.",
+        return ApiError(400, "This key may use only some models, or has a budget: this multipart "
+                             "body names a model again after its file, and an upstream may read "
+                             "either one. Send one model field, before the file.",
                         code="invalid_body")
 
     def refused_late_model(self, chunk: bytes) -> bool:
