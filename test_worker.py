@@ -4210,7 +4210,7 @@ AUDIO_IMAGE_PLANS = [
      dict(priced_per="characters", priced_by_request=True, inspect=True)),
     ("POST", "/v1/audio/transcriptions", ALL, {"Content-Type": "multipart/form-data; boundary=b",
                                                "Content-Length": BIG},
-     dict(priced_per=None, priced_by_request=True, inspect=True, body="whole")),
+     dict(priced_per=None, priced_by_request=True, inspect=True, body="hold_model")),
     ("POST", "/v1/images/generations", ALL, PLAN_JSON,
      dict(priced_per="images", priced_by_request=True, refusal=None)),
     ("POST", "/v1/images/variations", BUDGET, PLAN_JSON, dict(refusal=403)),
@@ -11612,3 +11612,248 @@ def _json_or_none_test(data: bytes) -> Any:
         return json.loads(data)
     except (ValueError, RecursionError):
         return None
+
+
+# ---------------------------------------------------------------------------
+# Proxy: large forms whose model is read from their first fields (HOLD_MODEL)
+# ---------------------------------------------------------------------------
+
+FORM_BIG = {"Content-Type": "multipart/form-data; boundary=b", "Content-Length": BIG}
+
+HOLD_MODEL_PLANS = [  # (method, path, user, headers, expected)
+    ("POST", "/v1/audio/transcriptions", LISTED, FORM_BIG, dict(body="hold_model", checks_models=True)),
+    ("POST", "/v1/audio/transcriptions", BUDGET, FORM_BIG, dict(body="hold_model", checks_models=True)),
+    ("POST", "/v1/audio/transcriptions", ALL, FORM_BIG, dict(body="hold_model", checks_models=False)),
+    ("POST", "/v1/audio/transcriptions", OWN, FORM_BIG, dict(body="hold_model")),  # was sniffed
+    ("POST", "/v1/audio/translations", LISTED, FORM_BIG, dict(body="hold_model")),
+    ("POST", "/v1/images/edits", BUDGET, FORM_BIG, dict(body="hold_model", priced_per="images")),
+    ("POST", "/v1/embeddings", LISTED, FORM_BIG, dict(body="hold_model")),
+    ("POST", "/v1/embeddings", ALL, FORM_BIG, dict(body="stream")),  # no model to read
+    ("POST", "/v1/files", LISTED, FORM_BIG, dict(body="stream")),
+    ("POST", "/v1/audio/transcriptions", LISTED, dict(FORM_BIG, **{"Content-Length": "1000"}),
+     dict(body="whole")),  # small: read whole, every field checked
+    ("POST", "/v1/audio/transcriptions", LISTED, dict(FORM_BIG, **{"Content-Encoding": "gzip"}),
+     dict(body="whole")),
+    ("POST", "/v1/audio/transcriptions", LISTED,
+     {"Content-Type": "multipart/form-data; boundary=b", "Transfer-Encoding": "chunked"},
+     dict(body="hold_model")),
+    ("POST", "/v1/audio/transcriptions", LISTED,
+     {"Content-Type": "application/octet-stream", "Content-Length": BIG}, dict(body="whole")),
+    ("POST", "/v1/chat/completions", LISTED, FORM_BIG, dict(body="whole")),  # its usage is asked for
+]
+
+
+class TestHeldFormPlan:
+    """plan_request's HOLD_MODEL, and the pure functions that read a held form's
+    first fields (no server)."""
+
+    @pytest.mark.parametrize("method, path, user, headers, expected", HOLD_MODEL_PLANS)
+    def test_a_large_form_whose_model_is_read_is_held_not_read_whole(
+            self, method, path, user, headers, expected):
+        check_plan(method, path, user, headers, expected)
+
+    FIELDS_FIRST = (b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+                    b'--b\r\nContent-Disposition: form-data; name="language"\r\n\r\nen\r\n'
+                    b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+                    b'Content-Type: audio/wav\r\n\r\nRIFF....')
+
+    def test_the_fields_end_where_the_first_file_begins(self):
+        worker = import_worker()
+        body = self.FIELDS_FIRST
+        end = worker.form_fields_end(body, b"b")
+        assert end == body.index(b'--b\r\nContent-Disposition: form-data; name="file"')
+        fields = worker.closed_form(body[:end], b"b")
+        assert worker.models_in_body("multipart/form-data; boundary=b", fields)[0] == ["whisper-1"]
+
+    def test_fields_not_all_in_yet_are_held_on(self):
+        worker = import_worker()
+        for cut in range(1, self.FIELDS_FIRST.index(b"filename") + 12):
+            assert worker.form_fields_end(self.FIELDS_FIRST[:cut], b"b") is None, cut
+
+    def test_a_file_first_ends_the_fields_at_once(self):
+        worker = import_worker()
+        body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF'
+                b'\r\n--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--b--\r\n')
+        assert worker.form_fields_end(body, b"b") == 0
+        no_file = b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nx\r\n--b--\r\n'
+        assert worker.form_fields_end(no_file, b"b") == no_file.index(b"--b--")
+
+    @pytest.mark.parametrize("content_type, boundary", [
+        ("multipart/form-data; boundary=AbC", b"AbC"),
+        ('multipart/form-data; boundary="a b"', b"a b"),
+        ("multipart/form-data; charset=utf-8; boundary=x-1", b"x-1"),
+        ("multipart/form-data", None),
+        ("multipart/form-data; boundary=", None),
+    ])
+    def test_the_boundary_is_read_as_tornado_reads_it(self, content_type, boundary):
+        assert import_worker().form_boundary(content_type) == boundary
+
+    @pytest.mark.parametrize("before, chunk, found", [
+        (b"", b'x\r\n--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n', True),
+        (b"", b"content-disposition: form-data; NAME=model\r\n", True),
+        (b"", b"Content-Disposition: form-data; name*=UTF-8''model\r\n", True),
+        (b"", b'Content-Disposition: form-data; name="modelx"\r\n', False),
+        (b'--b\r\nContent-Disposition: form-data; na', b'me="model"\r\n\r\n', True),
+        (b'--b\r\nContent-Disposition: form-data; name="mo', b'del"\r\n\r\n', True),
+        (b"", b'Content-Disposition: form-data; name="file"; filename="model"\r\n', False),
+        (b"", b'Content-Disposition: form-data; name="models"\r\n', False),
+        (b"", b"a model of everything " * 100, False),
+    ])
+    def test_a_part_named_model_is_found_in_the_bytes_that_follow(self, before, chunk, found):
+        assert import_worker().names_model_field(before[-32:], chunk) is found
+
+
+UPLOAD_MB = 24
+
+
+def big_form(fields_before: Dict[str, str], fields_after: Dict[str, str],
+             mb: int = UPLOAD_MB) -> Tuple[bytes, str]:
+    """A transcription form with an ``mb`` MiB file between its fields."""
+    boundary = "----held-" + secrets.token_hex(8)
+    out = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+           for name, value in fields_before.items()]
+    out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.mp3"'
+               f'\r\nContent-Type: audio/mpeg\r\n\r\n'.encode())
+    out.extend([BIG_BLOCK] * mb)
+    out.append(b"\r\n")
+    out.extend(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+               .encode() for name, value in fields_after.items())
+    out.append(f"--{boundary}--\r\n".encode())
+    return b"".join(out), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.fixture(scope="class")
+def held(upstream: FakeUpstream, tmp_root: str) -> Iterator[Worker]:
+    with priced_worker(tmp_root, upstream.url) as w:
+        yield w
+
+
+@pytest.fixture
+def fresh_held(upstream: FakeUpstream, tmp_root: str) -> Iterator[Worker]:
+    """A priced worker for one test: its peak memory (read from /proc) is its own."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc to read the server's peak memory")
+    with priced_worker(tmp_root, upstream.url) as w:
+        yield w
+
+
+class TestHeldFormUploads:
+    """A key with an allowlist or a budget uploading a large form (a transcription):
+    only its first fields are held to check its model; the file streams through."""
+
+    def upload(self, worker: Worker, key: str, body: bytes, content_type: str,
+               test_id: str, **headers: str) -> Answer:
+        return request("POST", worker.url + "/v1/audio/transcriptions", body, dict(
+            bearer(key), **{"Content-Type": content_type, "x-test-id": test_id}, **headers),
+            timeout=120)
+
+    @pytest.mark.parametrize("limits", ["?models=test-whisper", "?budget=5"])
+    def test_a_large_upload_streams_through_with_little_memory(self, fresh_held, upstream, limits):
+        held, name, test_id = fresh_held, unique("held"), new_test_id()
+        key = held.register(name, limits)
+        body, content_type = big_form({"model": "test-whisper", "language": "en"}, {})
+        # A first one, so the peak memory of a request of this kind is reached before measuring.
+        assert self.upload(held, key, body[:512 << 10] + body[-64:], content_type,
+                           new_test_id()).status in (200, 400)
+        before, started = peak_memory_mb(held.proc.pid), time.monotonic()
+        answer = self.upload(held, key, body, content_type, test_id, **answered(
+            {"text": "hi", "usage": {"type": "duration", "seconds": 7}}))
+        grown = peak_memory_mb(held.proc.pid) - before
+        print(f"{limits}: peak memory +{grown:.1f} MB for a {UPLOAD_MB} MiB upload, "
+              f"{time.monotonic() - started:.2f} s")
+        assert answer.status == 200, answer
+        record = upstream.one(test_id)
+        assert (record["body_len"], record["body_sha256"]) == (len(body), sha256(body))
+        assert grown < 20, f"+{grown:.1f} MB for a {UPLOAD_MB} MiB upload"
+        day = admin_json(held, f"stats/{name}")
+        assert cost_units(day["total"]["cost"]) >= 7 * P_SECOND, day  # (and the first one's)
+        assert "test-whisper" in json.dumps(day), day
+
+    def test_its_cost_is_counted_by_the_model_held(self, held, upstream):
+        name = unique("heldcost")
+        key = held.register(name, "?budget=5")
+        body, content_type = big_form({"model": "test-whisper"}, {}, mb=2)
+        answer = self.upload(held, key, body, content_type, new_test_id(), **answered(
+            {"text": "hi", "usage": {"type": "duration", "seconds": 7}}))
+        assert answer.status == 200, answer
+        assert stats_cost(held, name) == 7 * P_SECOND
+
+    @pytest.mark.parametrize("limits, model, status, code", [
+        ("?models=test-whisper", "gpt-4o-transcribe", 404, "model_not_found"),
+        ("?budget=5", "no-such-model", 400, "model_not_priced"),
+    ])
+    def test_a_wrong_model_is_refused_before_anything_goes_upstream(self, held, upstream,
+                                                                    limits, model, status, code):
+        key, test_id = held.register(unique("heldno"), limits), new_test_id()
+        body, content_type = big_form({"model": model}, {}, mb=8)
+        error = is_openai_error(self.upload(held, key, body, content_type, test_id), status, code)
+        assert model in error["message"]
+        time.sleep(0.2)
+        assert upstream.find(test_id) == []
+        assert not [note for note in upstream.notes  # not even its headers
+                    if ("X-Test-Id", test_id) in note["headers"]]
+
+    @pytest.mark.parametrize("limits, wrong_model", [("?models=test-whisper", "gpt-4o-transcribe"),
+                                                     ("?budget=5", "no-such-model")])
+    def test_a_model_after_the_file_is_read_whole_and_checked_as_before(self, held, upstream,
+                                                                        limits, wrong_model):
+        key, test_id = held.register(unique("heldlate"), limits), new_test_id()
+        body, content_type = big_form({"language": "en"}, {"model": "test-whisper"}, mb=4)
+        assert self.upload(held, key, body, content_type, test_id).status == 200
+        assert upstream.one(test_id)["body_sha256"] == sha256(body)
+        test_id = new_test_id()
+        wrong, content_type = big_form({"language": "en"}, {"model": wrong_model}, mb=4)
+        answer = self.upload(held, key, wrong, content_type, test_id)
+        assert answer.status in (400, 404), answer  # (404 off the list, 400 without a price)
+        time.sleep(0.2)
+        assert upstream.find(test_id) == []
+
+    def test_a_second_model_after_the_file_does_not_slip_through(self, held, upstream):
+        key, test_id = held.register(unique("heldtwo"), "?models=test-whisper"), new_test_id()
+        body, content_type = big_form({"model": "test-whisper"}, {"model": "gpt-4o-transcribe"}, mb=4)
+        answer = self.upload(held, key, body, content_type, test_id)
+        is_openai_error(answer, 400, "invalid_body")
+        time.sleep(0.2)
+        assert upstream.find(test_id) == [], "the upstream got the whole body"
+
+    def test_a_large_json_body_labelled_a_form_is_still_read_whole_and_checked(self, held, upstream):
+        key, test_id = held.register(unique("heldjson"), "?models=test-whisper"), new_test_id()
+        body = b'{"model":"gpt-4o-transcribe","pad":"' + b"a" * (2 << 20) + b'"}'
+        answer = self.upload(held, key, body, "multipart/form-data; boundary=b", test_id)
+        assert (answer.status, answer.json()["error"]["code"]) in (
+            (404, "model_not_found"), (400, "invalid_body")), answer  # (as before: read whole)
+        assert upstream.find(test_id) == []
+
+    def test_a_large_form_without_a_boundary_is_refused_to_a_key_with_limits(self, held, upstream):
+        key, test_id = held.register(unique("heldnob"), "?budget=5"), new_test_id()
+        body, _ = big_form({"model": "test-whisper"}, {}, mb=2)
+        is_openai_error(self.upload(held, key, body, "multipart/form-data", test_id),
+                        400, "invalid_body")
+        assert upstream.find(test_id) == []
+
+    def test_a_small_form_with_its_model_after_the_file_is_read_whole_as_before(self, held, upstream):
+        key, test_id = held.register(unique("heldsmall"), "?models=test-whisper"), new_test_id()
+        body, content_type = multipart({}, {"file": ("a.wav", det_bytes(5000, "wav"), "audio/wav")})
+        body = body.replace(b"--\r\n", b'\r\nContent-Disposition: form-data; name="model"'
+                                       b'\r\n\r\ntest-whisper\r\n' + body[:body.index(b"\r\n")]
+                            + b"--\r\n")
+        assert self.upload(held, key, body, content_type, test_id).status == 200
+        assert upstream.one(test_id)["body_sha256"] == sha256(body)
+
+    def test_a_key_without_limits_streams_whatever_the_order(self, held, upstream):
+        name, test_id = unique("heldfree"), new_test_id()
+        key = held.register(name)
+        body, content_type = big_form({"language": "en"}, {"model": "test-whisper"}, mb=4)
+        assert self.upload(held, key, body, content_type, test_id).status == 200
+        assert upstream.one(test_id)["body_sha256"] == sha256(body)
+
+    def test_the_openai_sdk_sends_its_fields_first(self, held, upstream):
+        name, test_id = unique("heldsdk"), new_test_id()
+        key = held.register(name, "?models=test-whisper&budget=5")
+        client = sdk(held, key, **{"x-test-id": test_id})
+        audio = det_bytes(3 << 20, "sdk-audio")
+        answer = client.audio.transcriptions.create(model="test-whisper", file=("a.mp3", audio))
+        assert answer.text == sha256(audio)
+        assert upstream.one(test_id)["file_sha256"] == sha256(audio)
+        with pytest.raises(openai.NotFoundError):
+            sdk(held, key).audio.transcriptions.create(model="whisper-1", file=("a.mp3", audio))

@@ -182,6 +182,7 @@ WS_MAX_MESSAGE_BYTES = 64 << 20  # a realtime message with a long audio chunk
 STREAMED_BODY_METHODS = ("POST", "PUT", "PATCH")
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")  # safe to send twice (RFC 9110 §9.2.2)
 SMALL_BODY_BYTES = 256 << 10  # request bodies up to this are read whole, then sent
+FORM_FIELDS_MAX_BYTES = 1 << 20  # a large form's fields before its file, held to read its model
 REQUEST_MEMBERS_MAX = 1000  # gzip members in a compressed request body this proxy reads
 IO_CHUNK_BYTES = 256 << 10  # bodies move in pieces of up to this (Tornado's default: 64 KB)
 USAGE_FLUSH_SECONDS = 5.0  # usage counted in memory reaches the disk this often
@@ -3949,6 +3950,7 @@ METERED_LATER = {"responses": 1, "batches": 2}
 NO_BODY = "none"  # it has none
 READ_WHOLE = "whole"  # read whole (and inspected, if the plan says), then sent
 SNIFF = "sniff"  # read whole if its first bytes may start JSON, whatever its label; else streamed
+HOLD_MODEL = "hold_model"  # a large form: held until its first file part, its model checked; then streamed
 STREAM = "stream"  # sent upstream as it arrives
 DROP = "drop"  # dropped as it arrives: the answer is made here (the user's own list)
 
@@ -3962,7 +3964,7 @@ class RequestPlan:
     method: str
     route: str  # the path as the checks read it (route_path), not as it is sent
     refusal: Optional[ApiError] = None  # what the route refuses this user, whatever the body says
-    body: str = NO_BODY  # NO_BODY, READ_WHOLE, SNIFF, STREAM or DROP
+    body: str = NO_BODY  # NO_BODY, READ_WHOLE, SNIFF, HOLD_MODEL, STREAM or DROP
     inspect: bool = False  # a body read whole is parsed (inspect_body)
     checks_models: bool = False  # the models it names must be allowed (allowlist) and priced (budget)
     model_in_body: bool = False  # the endpoint's body names a model (MODEL_IN_BODY)
@@ -4009,13 +4011,19 @@ def plan_request(method: str, route: str, headers: tornado.httputil.HTTPHeaders,
         or (bool(user.get("budget")) and model_in_body) or (isolated and may_be_json))
     sniffs = (isolated and not declared_json and not small and not usage_route
               and not (checks_models and model_in_body))
+    # A large form whose model is read only to check or price it: its fields come first.
+    holds_model = (method == "POST" and not small and not usage_route
+                   and content_type.startswith("multipart/form-data")
+                   and headers.get("Content-Encoding", "identity").strip().lower() == "identity"
+                   and (priced_by_request or (checks_models and model_in_body)))
     objects = object_plan(method, route, isolated)
     model_path = MODEL_IN_PATH.match(route)
     updates = objects.get("updates", False)
     return RequestPlan(
         method, route,
         refusal=route_refusal(method, route, user),
-        body=body_plan(method, headers, inspect, sniffs, objects.get("lists") is not None),
+        body=body_plan(method, headers, inspect, sniffs, objects.get("lists") is not None,
+                       holds_model),
         inspect=inspect, checks_models=checks_models, model_in_body=model_in_body,
         isolated=isolated, asks_usage=method == "POST" and usage_route,
         priced_by_request=priced_by_request,
@@ -4028,14 +4036,18 @@ def plan_request(method: str, route: str, headers: tornado.httputil.HTTPHeaders,
 
 
 def body_plan(method: str, headers: tornado.httputil.HTTPHeaders, inspect: bool,
-              sniffs: bool, answered_here: bool) -> str:
+              sniffs: bool, answered_here: bool, holds_model: bool = False) -> str:
     """How to read the body. Whole first: small ones (so a kept-alive connection
     that went stale can be retried with it), those to inspect, and a chunked
     one on a method other than POST, PUT or PATCH (which the upstream would not
     see framed: sent on as it came, its bytes would be read as a request of
-    their own). ``sniffs``: a large one read whole only if it may be JSON."""
+    their own). ``sniffs``: a large one read whole only if it may be JSON.
+    ``holds_model``: a large form, held only until its fields before its file
+    are in (ProxyHandler.check_held_form)."""
     if not has_body(headers):
         return NO_BODY
+    if holds_model:
+        return HOLD_MODEL
     length = headers.get("Content-Length", "")
     small = length.isdigit() and int(length) <= SMALL_BODY_BYTES
     if small or inspect or (not length.isdigit() and method not in STREAMED_BODY_METHODS):
@@ -4298,6 +4310,62 @@ def models_in_body(content_type: str, body: bytes) -> Tuple[List[str], Any]:
     return _models_in_json(body)
 
 
+# A form part's header naming it "model" (not "filename=model"), quoted or not,
+# or as RFC 2231 spells it (name*=UTF-8''model), as Tornado's parser reads it too.
+MODEL_FIELD = re.compile(rb'(?<![\w*])(?i:name)\*?[ \t]*=[ \t]*"?(?:[\w-]*\'\w*\')?model(?=["; \t\r\n])')
+MODEL_FIELD_WINDOW = 32  # bytes before a "model" in which its header's name= must be
+FILE_PART = re.compile(rb'(?i)\bfilename\*?[ \t]*=')
+
+
+def form_boundary(content_type: str) -> Optional[bytes]:
+    """A multipart body's boundary, as Tornado's parse_body_arguments reads it."""
+    for field in content_type.split(";"):
+        key, _, value = field.strip().partition("=")
+        if key == "boundary" and value:
+            boundary = value.encode("utf-8", "replace")
+            return boundary[1:-1] if boundary[:1] == b'"' == boundary[-1:] and len(boundary) > 1 else boundary
+    return None
+
+
+def form_fields_end(body: bytes, boundary: bytes) -> Optional[int]:
+    """Where the fields at the start of a multipart body end: the offset of the
+    delimiter that opens its first file part (or closes it); None while ``body``,
+    its first bytes, reaches neither. Only the headers of each part are read."""
+    delimiter = b"--" + boundary
+    at = body.find(delimiter)
+    while at >= 0:
+        after = at + len(delimiter)
+        if body[after:after + 2] == b"--":
+            return at  # the closing delimiter: a form without a file
+        headers_end = body.find(b"\r\n\r\n", after)
+        if headers_end < 0:
+            return None
+        if FILE_PART.search(body, after, headers_end):
+            return at
+        at = body.find(b"\r\n" + delimiter, headers_end)
+        at = at + 2 if at >= 0 else -1
+    return None
+
+
+def closed_form(fields: bytes, boundary: bytes) -> bytes:
+    """The fields before a form's file (form_fields_end) as a whole form, to parse."""
+    return fields + b"--" + boundary + b"--\r\n"
+
+
+def names_model_field(before: bytes, chunk: bytes) -> bool:
+    """Whether ``chunk`` (after ``before``, the last MODEL_FIELD_WINDOW bytes
+    before it) holds the header of a form part named model. A find per chunk:
+    the pattern is tried only where "model" is."""
+    if MODEL_FIELD.search(before + chunk[:MODEL_FIELD_WINDOW]):
+        return True
+    at = chunk.find(b"model")
+    while at >= 0:
+        if MODEL_FIELD.search(chunk[max(0, at - MODEL_FIELD_WINDOW):at + 7]):
+            return True
+        at = chunk.find(b"model", at + 1)
+    return False
+
+
 def may_start_json(start: bytes) -> bool:
     """Whether a body that begins with ``start`` (4 bytes or more) may be a JSON
     object or array, in any of the encodings RFC 8259 §8.1 lets a parser accept."""
@@ -4363,6 +4431,8 @@ class ProxyHandler(BaseHandler):
     request_model: Optional[str] = None  # the model it names (path, query, body): logged if refused
     body_chunks: Optional[List[bytes]] = None  # a body being read whole
     sniffing = False  # a SNIFF body whose first bytes are not in yet
+    holding_form = False  # a HOLD_MODEL body whose fields before its file are not in yet
+    form_tail: Optional[bytes] = None  # a held form sent on: its last bytes, watched for a late model
     body_received = 0  # the body's bytes so far (MAX_BODY_MB)
     body_queue: "asyncio.Queue[Optional[bytes]]"  # a streamed body, on its way upstream
     uploading = False  # watched by App.watch_clients (upload_stalled)
@@ -4415,9 +4485,10 @@ class ProxyHandler(BaseHandler):
         if plan.body == STREAM:
             await self.admit()  # now: the body goes upstream as it comes
         self.watch_upload()
-        if plan.body in (READ_WHOLE, SNIFF):
+        if plan.body in (READ_WHOLE, SNIFF, HOLD_MODEL):
             self.body_chunks = []
             self.sniffing = plan.body == SNIFF
+            self.holding_form = plan.body == HOLD_MODEL
         elif plan.body == STREAM:
             self.start_streamed_upstream()
 
@@ -4562,6 +4633,82 @@ class ProxyHandler(BaseHandler):
             return
         self.start_streamed_upstream()
         await self.body_queue.put(held)
+
+    async def check_held_form(self) -> None:
+        """A HOLD_MODEL body, as it comes: once the fields before its first file
+        are in, the models they name are checked (and priced by), and the body
+        is sent on as it comes. One that starts as JSON may is read whole (as
+        SNIFF does); one that ends before its file is read whole (inspect_body)."""
+        held = b"".join(self.body_chunks or [])
+        self.body_chunks = [held]
+        if len(held) < 4:
+            return
+        if may_start_json(held):
+            self.holding_form = False
+            return
+        boundary = form_boundary(self.request.headers.get("Content-Type", ""))
+        end = form_fields_end(held, boundary) if boundary else None
+        if boundary and end is None and len(held) < FORM_FIELDS_MAX_BYTES:
+            return  # hold on
+        if self.plan.checks_models and (end is None or not names_model_field(b"", held[:end])):
+            # No model before the file (curl -F file=@… -F model=…, as OpenAI's
+            # own examples write it): read whole and checked at its end, as before.
+            self.holding_form = False
+            return
+        self.holding_form, self.body_chunks = False, None  # (from here on, to the upstream or nowhere)
+        try:
+            self.check_form_fields(None if end is None else held[:end], boundary)
+            if self.form_tail is not None and names_model_field(b"", held[end:]):
+                raise self.late_model()
+            await self.admit()  # now: the body goes upstream as it comes
+        except ApiError as error:
+            self.send_error(error.status_code, exc_info=(ApiError, error, None))
+            return
+        if self.form_tail is not None:
+            self.form_tail = held[-MODEL_FIELD_WINDOW:]
+        self.start_streamed_upstream()
+        await self.body_queue.put(held)
+
+    def check_form_fields(self, fields: Optional[bytes], boundary: Optional[bytes]) -> None:
+        """The models named by a form's fields before its file (None: not found
+        in its first FORM_FIELDS_MAX_BYTES), as inspect_body checks a whole body.
+        A key with limits watches the rest for a late one (refused_late_model)."""
+        plan = self.plan
+        if fields is None or boundary is None:
+            if plan.checks_models:
+                raise self.late_model()
+            return
+        content_type = self.request.headers.get("Content-Type", "")
+        models, obj = models_in_body(content_type, closed_form(fields, boundary))
+        if plan.checks_models and obj is None:
+            raise ApiError(400, "This key may use only some models, or has a budget, and the "
+                                "model named in this request body could not be read.",
+                           code="invalid_body")
+        self.request_model = models[0] if models else None
+        self.refuse_body_models(models)
+        length = self.request.headers.get("Content-Length", "")
+        self.facts = body_facts(plan, {}, int(length) if length.isdigit() else len(fields))
+        if plan.checks_models:
+            self.form_tail = b""
+
+    def late_model(self) -> ApiError:
+        return ApiError(400, "This key may use only some models, or has a budget: this multipart "
+                             "body names a model again after its file, and an upstream may read "
+                             "either one. Send one model field, before the file.",
+                        code="invalid_body")
+
+    def refused_late_model(self, chunk: bytes) -> bool:
+        """A held form sent on after its model was checked: a part named model
+        in what follows is refused before the body is complete upstream."""
+        assert self.form_tail is not None
+        if not names_model_field(self.form_tail, chunk):
+            self.form_tail = (self.form_tail + chunk[-MODEL_FIELD_WINDOW:])[-MODEL_FIELD_WINDOW:]
+            return False
+        self.form_tail = None
+        self.abort_upstream()
+        error = self.late_model()
+        self.send_error(error.status_code, exc_info=(ApiError, error, None))
+        return True
 
     async def inspect_body(self, sent: bytes) -> Tuple[bytes, BodyFacts]:
         """Look at a body read whole, if the plan says so: the models it names,
@@ -4725,7 +4872,11 @@ class ProxyHandler(BaseHandler):
             self.body_chunks.append(chunk)
             if self.sniffing and self.body_received >= 4:
                 await self.sniff_body()
+            elif self.holding_form:
+                await self.check_held_form()
         else:
+            if self.form_tail is not None and self.refused_late_model(chunk):
+                return
             self.body_held = True  # the upstream is behind: the client is not to blame
             await self.body_queue.put(chunk)
             self.body_held, self.body_seen = False, time.monotonic()
