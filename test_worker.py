@@ -8488,11 +8488,17 @@ def fill_disk(folder: str) -> str:
     return filler
 
 
-def use_up(worker: Worker) -> Answer:
+def use_up(worker: Worker, spare: Optional[str] = None) -> Answer:
     """Register users until the store refuses: the journal's last page may still
-    take a line or two once the disk is full. Returns the refusal."""
+    take a line or two once the disk is full. Then, with ``spare`` (a user's
+    name), small writes of its limits until those are refused too, so that no
+    write of a user's record fits any more. Returns the last refusal."""
     for _ in range(64):
         answer = request("GET", f"{worker.admin}/register/{unique('full')}")
+        if answer.status != 200:
+            break
+    for n in range(64 if spare else 0):
+        answer = request("GET", f"{worker.admin}/set/{spare}?rpm={n + 1}")
         if answer.status != 200:
             break
     return answer
@@ -8514,8 +8520,9 @@ class TestFullDisk:
             worker.start()
             try:
                 key = worker.register("alice")
+                worker.register("bobby")  # (a record as long as alice's, for use_up)
                 filler = fill_disk(disk)
-                answer = use_up(worker)
+                answer = use_up(worker, spare="bobby")
                 assert answer.status == 503, answer
                 assert answer.text.startswith("error: ") and "disk is full" in answer.text
                 assert answer.text.endswith("\n") and answer.text.count("\n") == 1, answer
