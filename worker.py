@@ -1265,10 +1265,6 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def check_name(name: str) -> str:
     if not NAME_RE.match(name) or name in ROUTE_WORDS:
         raise AdminError(400, "invalid name: use 1-64 of A-Z a-z 0-9 . _ @ -, "
@@ -1523,7 +1519,7 @@ class Store:
 
     async def create_user(self, name: str, limits: Dict[str, Any]) -> str:
         key = new_key()
-        user = {"name": name, "key_hash": hash_key(key), "created": now_iso(),
+        user = {"name": name, "key_hash": hash_key(key), "created": iso(utcnow()),
                 **LIMIT_DEFAULTS, **limits}
         created = await self.kv.write(
             {"user:" + name: _dump(user), "key:" + user["key_hash"]: name,
@@ -1686,7 +1682,7 @@ class Store:
             if not re.match(r"[0-9a-f]{64}\Z", str(record.get("key_hash", ""))):
                 raise ValueError(f"user {name!r}: needs a key or a key_hash")
             record = {**LIMIT_DEFAULTS, **record, "name": name,
-                      "created": record.get("created") or now_iso()}
+                      "created": record.get("created") or iso(utcnow())}
             check_imported_limits(name, record)
             old = await self.get_user(name)
             if old is not None and old["key_hash"] != record["key_hash"]:
