@@ -1367,9 +1367,7 @@ def dollar_text(units: int) -> str:
     """Cost units as dollars for people: cents at least, up to 8 decimals (``0.00000525``)."""
     amount = (decimal.Decimal(units) / COST_UNITS_PER_USD).quantize(
         decimal.Decimal("1e-8"), rounding=decimal.ROUND_HALF_UP)
-    text = f"{amount:f}".rstrip("0")
-    whole, _, fraction = text.partition(".")
-    return f"{whole}.{fraction.ljust(2, '0')}"
+    return _decimal_text(amount)
 
 
 def period_key(period: str, day: datetime.date) -> str:
