@@ -1899,33 +1899,17 @@ JSON_DECODER = json.JSONDecoder()
 BLANK_LINE = re.compile(rb"\r?\n\r?\n")  # ends an event of a stream, and an HTTP head
 
 
-def token_counts(usage: Any) -> List[int]:
-    """``[input, output, total]`` from a usage object of any OpenAI API."""
-    if not isinstance(usage, dict):
-        return [0, 0, 0]
-    def number(*names: str) -> int:
-        for name in names:
-            value = usage.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                return value
-        return 0
-    input_tokens = number("prompt_tokens", "input_tokens")
-    output_tokens = number("completion_tokens", "output_tokens")
-    return [input_tokens, output_tokens, number("total_tokens") or input_tokens + output_tokens]
-
-
 def usage_counts(prices: "PriceTable", model: str, usage: Any) -> List[int]:
     """A request's usage row fields after ``requests``: tokens, the cost of
     every kind at its price (0 where the model has none), cached and audio
     tokens. ``usage`` is the upstream's usage object, or ``TokenCounts``."""
     if usage is None:
         return [0] * (len(USAGE_FIELDS) - 1)
-    if isinstance(usage, TokenCounts):
-        kinds, tokens = usage, [usage.input, usage.output, usage.input + usage.output]
-    else:
-        kinds, tokens = token_counts_of(usage), token_counts(usage)
+    kinds = usage if isinstance(usage, TokenCounts) else token_counts_of(usage)
+    total = _whole(usage, "total_tokens") or kinds.input + kinds.output
     cost = prices.cost(model, kinds) or 0
-    return tokens + [cost, kinds.cached, kinds.audio_input, kinds.audio_output]
+    return [kinds.input, kinds.output, total, cost, kinds.cached, kinds.audio_input,
+            kinds.audio_output]
 
 
 def usage_in(obj: Any) -> Optional[Tuple[Optional[str], Dict[str, Any]]]:
