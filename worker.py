@@ -1350,12 +1350,10 @@ def _whole_number(text: str, field: str) -> int:
 
 def parse_dollars(text: str, field: str) -> int:
     """US dollars (``5``, ``2.50``, ``0.005``) as integer cost units, exactly."""
-    match = re.match(r"(\d{1,9})(?:\.(\d{0,12}))?\Z", text.strip())
-    if not match:
+    if not re.match(r"\d{1,9}(?:\.\d{0,12})?\Z", text.strip()):
         raise AdminError(400, f"{field} must be an amount of US dollars of 0 or more, "
                               f"such as 5 or 2.50, got {text!r}")
-    fraction = (match.group(2) or "").ljust(12, "0")  # in millionths of a millionth
-    return int(match.group(1)) * COST_UNITS_PER_USD + int(fraction) * COST_UNITS_PER_USD // 10**12
+    return usd_units(text)  # (exact: at most 12 decimals, the cost units' own)
 
 
 def usd(units: int) -> float:
