@@ -4105,15 +4105,16 @@ async def check_limits(app: "App", user: Dict[str, Any], models: List[str]) -> N
     then the quota and budget. Requests per minute come last (take_rpm_slot),
     so a request refused here takes no slot."""
     for model in models:
-        refuse_unlisted_models(user, [model])
-        refuse_unpriced(app, user, model)
+        refuse_model(app, user, model)
     await refuse_over_limits(app, user)
 
 
-def refuse_unlisted_models(user: Dict[str, Any], models: List[str]) -> None:
-    for model in models:
-        if not allows_model(user, model):
-            raise model_not_found(model)
+def refuse_model(app: "App", user: Dict[str, Any], model: str, priced: bool = True) -> None:
+    """404 for a model off the key's allowlist; then, if ``priced``, refuse_unpriced."""
+    if not allows_model(user, model):
+        raise model_not_found(model)
+    if priced:
+        refuse_unpriced(app, user, model)
 
 
 async def take_rpm_slot(app: "App", user: Dict[str, Any]) -> None:
@@ -4407,9 +4408,8 @@ class ProxyHandler(BaseHandler):
         queried = self.get_query_arguments("model")  # every one: see models_in_body
         for model in named + queried:
             self.request_model = model  # (the log names the one refused)
-            refuse_unlisted_models(user, [model])
-            if model in queried and not plan.costs_nothing:
-                refuse_unpriced(self.app, user, model)
+            refuse_model(self.app, user, model,
+                         priced=model in queried and not plan.costs_nothing)
         models = named + queried
         self.request_model = models[0] if models else None
 
@@ -4419,8 +4419,7 @@ class ProxyHandler(BaseHandler):
         for model in models:
             if not allows_model(self.user, model):
                 self.request_model = model  # (the log names the one refused)
-                raise model_not_found(model)
-            refuse_unpriced(self.app, self.user, model)
+            refuse_model(self.app, self.user, model)
 
     async def admit(self) -> None:
         """The last checks, just before the request goes upstream: the quota,
