@@ -5146,10 +5146,8 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                 await refuse_over_limits(self.app, user)
             for part in (event, event.get("response"), event.get("session")):
                 model = part.get("model") if isinstance(part, dict) else None
-                if isinstance(model, str) and not allows_model(user, model):
-                    return model_not_found(model)
                 if isinstance(model, str):
-                    refuse_unpriced(self.app, user, model)
+                    refuse_model(self.app, user, model)
         except ApiError as error:
             return error
         if self.isolated():
