@@ -1403,8 +1403,17 @@ def expiry_passed(user: Dict[str, Any]) -> bool:
 
 
 def allows_model(user: Dict[str, Any], model: str) -> bool:
-    models = user.get("models") or ["*"]
-    return "*" in models or model in models
+    return not has_allowlist(user) or model in user["models"]
+
+
+def has_allowlist(user: Dict[str, Any]) -> bool:
+    """Whether the key may use only some models (its ``models`` is not ``*``)."""
+    return "*" not in (user.get("models") or ["*"])
+
+
+def sees_own_only(user: Dict[str, Any]) -> bool:
+    """Whether the key sees only its own objects (``scope`` own, the default)."""
+    return user.get("scope", "own") != "all"
 
 
 class Store:
@@ -4176,7 +4185,7 @@ CLOSED_PATHS = {
 
 def refuse_closed_paths(user: Dict[str, Any], route: str, method: str) -> None:
     """For a user who sees only their own objects: no administration endpoints."""
-    isolated = user.get("scope", "own") != "all"
+    isolated = sees_own_only(user)
     closed = ADMIN_ONLY_PATH.match(route)
     if isolated and closed:
         what = CLOSED_PATHS.get(closed.group(1), "use the account's administration endpoints")
@@ -4199,7 +4208,7 @@ async def check_path_access(app: "App", user: Dict[str, Any], route: str, method
     their own."""
     refuse_closed_paths(user, route, method)
     match = COLLECTION_PATH.match(route)
-    if match is not None and user.get("scope", "own") != "all" and names_object(match):
+    if match is not None and sees_own_only(user) and names_object(match):
         collection, object_id, _ = match.groups()
         await refuse_unless_owner(app, user, collection, object_id)
 
@@ -4212,7 +4221,7 @@ def names_object(match: "re.Match[str]") -> bool:
 
 def refuse_ephemeral_keys(user: Dict[str, Any], path: str) -> None:
     limited = (user.get("quota") or user.get("budget") or user.get("rpm")
-               or "*" not in (user.get("models") or ["*"]))
+               or has_allowlist(user))
     if limited and EPHEMERAL_KEYS.match(path):
         raise ApiError(403, "This key has limits, so it may not get a short-lived upstream key "
                             "(its use would bypass them): connect through this proxy instead.",
@@ -5124,7 +5133,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         await super().get(*args, **kwargs)
 
     def isolated(self) -> bool:
-        return self.user is not None and self.user.get("scope", "own") != "all"
+        return self.user is not None and sees_own_only(self.user)
 
     async def refusal(self, message: str) -> Optional[ApiError]:
         """What a client event may not do: name a model outside the key's list (or
@@ -5132,7 +5141,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         response once the quota or budget is used up."""
         user = self.user
         assert user is not None, "authenticated in get, before the upgrade"
-        limited = "*" not in (user.get("models") or ["*"]) or bool(user.get("budget"))
+        limited = has_allowlist(user) or bool(user.get("budget"))
         if not (limited or self.isolated() or user.get("quota")):
             return None
         if not any(marker in message for marker in ('"model"', '"response.create"', "\\u")
