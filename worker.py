@@ -4202,6 +4202,14 @@ async def refuse_unless_owner(app: "App", user: Dict[str, Any], collection: str,
         raise no_such_object(object_id, OWNED_COLLECTIONS[collection])
 
 
+async def refuse_others_ids(app: "App", user: Dict[str, Any], obj: Any) -> None:
+    """404 for the first object ``obj`` refers to (a request body, a client event)
+    that is not the user's own."""
+    for object_id in referenced_ids(obj):
+        if await app.owners.owner(object_id) != user["name"]:
+            raise no_such_object(object_id)
+
+
 async def check_path_access(app: "App", user: Dict[str, Any], route: str, method: str) -> None:
     """The path rules for a WebSocket (the HTTP proxy's are in its plan): no
     administration endpoints, no one else's object, for a user who sees only
@@ -4445,9 +4453,7 @@ class ProxyHandler(BaseHandler):
 
     async def refuse_others_objects(self, obj: Any) -> None:
         assert self.user is not None  # (authenticated in prepare)
-        for object_id in referenced_ids(obj):
-            if await self.app.owners.owner(object_id) != self.user["name"]:
-                raise no_such_object(object_id)
+        await refuse_others_ids(self.app, self.user, obj)
 
     def note_objects(self, status: int) -> bool:
         """After a 2xx answer: the objects it made are the caller's; a deleted
@@ -5157,12 +5163,10 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                 model = part.get("model") if isinstance(part, dict) else None
                 if isinstance(model, str):
                     refuse_model(self.app, user, model)
+            if self.isolated():
+                await refuse_others_ids(self.app, user, event)
         except ApiError as error:
             return error
-        if self.isolated():
-            for object_id in referenced_ids(event):
-                if await self.app.owners.owner(object_id) != user["name"]:
-                    return no_such_object(object_id)
         return None
 
     def subprotocols(self) -> List[str]:
