@@ -3222,13 +3222,15 @@ class MissingVersionHandler(BaseHandler):
 # Authentication of user keys
 # ---------------------------------------------------------------------------
 
+def bearer(headers: tornado.httputil.HTTPHeaders) -> Optional[str]:
+    """What follows ``Authorization: Bearer`` ("" if nothing); None for no such header."""
+    scheme, _, value = headers.get("Authorization", "").strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
 def key_from_headers(headers: tornado.httputil.HTTPHeaders) -> Optional[str]:
     """The caller's key from ``Authorization: Bearer …`` or ``api-key: …``."""
-    auth = headers.get("Authorization", "")
-    scheme, _, value = auth.strip().partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return headers.get("api-key", "").strip() or None
+    return bearer(headers) or headers.get("api-key", "").strip() or None
 
 
 async def authenticate(store: Store, headers: tornado.httputil.HTTPHeaders,
@@ -5455,11 +5457,7 @@ class AdminHandler(BaseHandler):
         if wait:
             raise AdminError(429, "too many wrong tokens; try again in a minute",
                              headers={"Retry-After": str(math.ceil(wait))})
-        if self.token_in_path:
-            given = self.path_args[0]
-        else:
-            scheme, _, given = self.request.headers.get("Authorization", "").strip().partition(" ")
-            given = given.strip() if scheme.lower() == "bearer" else ""
+        given = self.path_args[0] if self.token_in_path else bearer(self.request.headers) or ""
         if not self.app.is_access_token(given):
             self.app.note_admin_failure(client)
             raise AdminError(403, "Access forbidden")
@@ -5467,8 +5465,7 @@ class AdminHandler(BaseHandler):
     def names_a_command(self) -> bool:
         """Whether the request names an admin command, so counts as a try at the token."""
         if not self.token_in_path:  # a Bearer on /admin/… (a scanner's Basic is not one)
-            scheme = self.request.headers.get("Authorization", "").strip().partition(" ")[0]
-            return scheme.lower() == "bearer"
+            return bearer(self.request.headers) is not None
         command, name = self._split()
         return command in ADMIN_COMMANDS or (self.request.method == "DELETE" and name is None)
     def authorised_by_session(self) -> bool:
