@@ -4163,7 +4163,7 @@ def over_limit(limit: str, used: str, period: str) -> str:
 
 def refuse_unpriced(app: "App", user: Dict[str, Any], model: str) -> None:
     """For a key with a budget, a model without a price is 400: it would cost nothing."""
-    if user.get("budget") and not app.prices.has_price(model):
+    if user.get("budget") and not app.settings.prices.has_price(model):
         raise ApiError(400, f"The model `{model}` has no price in this proxy's price table, "
                             "and this key has a budget. Ask the owner of this proxy to add "
                             "its price (PRICES_FILE).", code="model_not_priced")
@@ -4921,7 +4921,7 @@ class ProxyHandler(BaseHandler):
             return
         model, usage, price_name = self.usage_found() or (None, None, None)
         model = self.app.model_label(model or self.request_model or "-")
-        counts = usage_counts(self.app.prices, price_name or model, usage)
+        counts = usage_counts(self.app.settings.prices, price_name or model, usage)
         if self.plan.fetched_later is not None:
             counts[3] //= METERED_LATER[self.plan.fetched_later]  # (the Batch API's price)
         self.app.usage.record(self.user["name"], model, counts)
@@ -5291,7 +5291,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                 model = model or self.transcription_model
             model = self.app.model_label(model or self.get_query_argument("model", "-"))
             self.app.usage.record(self.user["name"], model,
-                                  usage_counts(self.app.prices, model, usage))
+                                  usage_counts(self.app.settings.prices, model, usage))
 
     def note_transcription_model(self, message: str) -> None:
         """The model the session transcribes input audio with, from its
@@ -6482,7 +6482,6 @@ class App:
         self._token_digest = hashlib.sha256(settings.access_token.encode()).digest()
         self._admin_failures: Dict[str, List[float]] = {}
         self.usage = UsageBook(store)
-        self.prices = settings.prices  # what each request's usage costs
         self.owners = Ownership(store)
         self.limiter = RateLimiter(store)
         self.active: "set[BaseHandler]" = set()  # requests in flight, for a graceful stop
