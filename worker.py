@@ -380,6 +380,11 @@ class Settings:
     def scheme(self) -> str:
         return "https" if self.tls_cert else "http"
 
+    @property
+    def connect_timeout(self) -> float:
+        """How long connecting upstream may take: UPSTREAM_CONNECT_TIMEOUT, at most UPSTREAM_TIMEOUT."""
+        return min(UPSTREAM_CONNECT_TIMEOUT, self.upstream_timeout)
+
 
 def load_settings(environ: Dict[str, str]) -> Settings:
     """Parse every setting from ``environ``; raise ConfigError naming the first bad one."""
@@ -4679,7 +4684,7 @@ class ProxyHandler(BaseHandler):
             decompress_response=False,
             follow_redirects=False,
             allow_nonstandard_methods=True,
-            connect_timeout=min(UPSTREAM_CONNECT_TIMEOUT, self.app.settings.upstream_timeout),
+            connect_timeout=self.app.settings.connect_timeout,
             request_timeout=self.app.settings.upstream_timeout,
         )
         self.upstream_request = request
@@ -5193,7 +5198,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         headers["Authorization"] = "Bearer " + self.app.settings.openapi_api_key
         request = tornado.httpclient.HTTPRequest(
             url, headers=headers, request_timeout=self.app.settings.upstream_timeout,
-            connect_timeout=min(UPSTREAM_CONNECT_TIMEOUT, self.app.settings.upstream_timeout))
+            connect_timeout=self.app.settings.connect_timeout)
         protocols = [p for p in self.subprotocols() if not p.startswith(KEY_SUBPROTOCOL)]
         try:
             return await tornado.websocket.websocket_connect(
