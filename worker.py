@@ -1403,8 +1403,9 @@ def period_counter(name: str, period: str, day: datetime.date) -> str:
     return "total:" + name if period == "all" else f"spend:{name}:{period_key(period, day)}"
 
 
-def expiry_passed(user: Dict[str, Any]) -> bool:
-    return bool(user.get("expires")) and user["expires"] <= iso(utcnow())
+def expiry_passed(record: Dict[str, Any]) -> bool:
+    """Whether a user's (or an object's, or new limits') ``expires`` has passed."""
+    return bool(record.get("expires")) and record["expires"] <= iso(utcnow())
 
 
 def allows_model(user: Dict[str, Any], model: str) -> bool:
@@ -3037,7 +3038,7 @@ class Ownership:
     async def owner(self, object_id: str) -> Optional[str]:
         record = (self.pending[object_id] if object_id in self.pending
                   else await self.store.object_record(object_id))
-        if record is None or (record.get("expires") and record["expires"] <= iso(utcnow())):
+        if record is None or expiry_passed(record):
             return None
         return record["user"]
 
@@ -5531,7 +5532,7 @@ class AdminHandler(BaseHandler):
             raise AdminError(404, "unknown command; see the README for the admin commands")
         elif command == "register":
             limits = parse_limits(self.fields())
-            if limits.get("expires") and limits["expires"] <= iso(utcnow()):
+            if expiry_passed(limits):
                 # A key that could never work: say so rather than hand it out.
                 raise AdminError(400, f"expires {limits['expires']} is in the past")
             await self.app.usage.flush()  # a name's unsaved usage is not the new user's
