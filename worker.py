@@ -5581,8 +5581,10 @@ class AdminHandler(BaseHandler):
         if last_used is None:
             await self.app.usage.flush()  # (the day of the last request may not be written)
             last_used = await self.app.store.last_used(name)
-        requests = (await self.app.usage.used(name, fresh=True))[0]
         spend = await spend_in_period(self.app, user)
+        # (All-time requests: the period's counter when the period is all time.)
+        requests = (spend["requests"] if spend["period"] == "all"
+                    else (await self.app.usage.used(name, fresh=True))[0])
         return {"name": name, "created": user.get("created"),
                 "expires": user.get("expires"), "quota": user.get("quota", 0),
                 "used": spend["used"], "period": spend["period"],
@@ -5710,13 +5712,13 @@ def in_dollars(row: Dict[str, Any]) -> Dict[str, Any]:
 
 
 async def spend_in_period(app: "App", user: Dict[str, Any]) -> Dict[str, Any]:
-    """What the user used in the current period: ``period``, ``used`` (tokens),
-    ``spent`` (USD) and ``spent_units``, ``resets_at``."""
+    """What the user used in the current period: ``period``, ``requests``,
+    ``used`` (tokens), ``spent`` (USD) and ``spent_units``, ``resets_at``."""
     period = user.get("period") or "all"
-    _, tokens, cost = await app.usage.used(user["name"], period, fresh=True)
+    requests, tokens, cost = await app.usage.used(user["name"], period, fresh=True)
     resets = period_resets(period, utcnow().date())
-    return {"period": period, "used": tokens, "spent": usd(cost), "spent_units": cost,
-            "resets_at": iso(resets) if resets else None}
+    return {"period": period, "requests": requests, "used": tokens, "spent": usd(cost),
+            "spent_units": cost, "resets_at": iso(resets) if resets else None}
 
 
 def stats_answer(rows: List[Dict[str, Any]], first_day: str, last_day: str,
