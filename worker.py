@@ -3120,6 +3120,15 @@ class BaseHandler(tornado.web.RequestHandler):
     def compute_etag(self) -> Optional[str]:
         return None  # answers are passed through or freshly made: never 304
 
+    def answer_preflight(self) -> None:
+        """CORS preflight, answered here: browsers send no key with it."""
+        self.set_status(204)
+        self.set_header("Access-Control-Allow-Methods", CORS_ALLOW_METHODS)
+        self.set_header("Access-Control-Allow-Headers",
+                        self.request.headers.get("Access-Control-Request-Headers")
+                        or CORS_DEFAULT_HEADERS)
+        self.set_header("Access-Control-Max-Age", "86400")
+
     @property
     def log_path(self) -> str:
         """The request path as logs may show it: no query string, no token."""
@@ -3221,7 +3230,7 @@ class MissingVersionHandler(BaseHandler):
                             f"must end in /v1 ({base})", code="unknown_url")
 
     def options(self, *args: str) -> None:
-        answer_preflight(self)
+        self.answer_preflight()
 
 
 # ---------------------------------------------------------------------------
@@ -4813,7 +4822,7 @@ class ProxyHandler(BaseHandler):
     get = post = put = patch = delete = head = _pass_through
 
     def options(self, *args: str) -> None:
-        answer_preflight(self)
+        self.answer_preflight()
 
     # -- the answer: upstream → client (this handler is the UpstreamReceiver) ---
 
@@ -5318,16 +5327,6 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 # Self-service: /me, /me/reset and the billing views, with the user's own key
 # ---------------------------------------------------------------------------
 
-def answer_preflight(handler: tornado.web.RequestHandler) -> None:
-    """CORS preflight, answered here: browsers send no key with it."""
-    handler.set_status(204)
-    handler.set_header("Access-Control-Allow-Methods", CORS_ALLOW_METHODS)
-    handler.set_header("Access-Control-Allow-Headers",
-                       handler.request.headers.get("Access-Control-Request-Headers")
-                       or CORS_DEFAULT_HEADERS)
-    handler.set_header("Access-Control-Max-Age", "86400")
-
-
 class UserHandler(BaseHandler):
     """A route answered here for the caller's own key."""
 
@@ -5337,7 +5336,7 @@ class UserHandler(BaseHandler):
             self.log_user = self.user["name"]
 
     def options(self, *args: Optional[str]) -> None:
-        answer_preflight(self)
+        self.answer_preflight()
 
 
 class MeHandler(UserHandler):
