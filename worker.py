@@ -381,6 +381,11 @@ class Settings:
     def scheme(self) -> str:
         return "https" if self.tls_cert else "http"
 
+    @property
+    def connect_timeout(self) -> float:
+        """How long connecting upstream may take: UPSTREAM_CONNECT_TIMEOUT, at most UPSTREAM_TIMEOUT."""
+        return min(UPSTREAM_CONNECT_TIMEOUT, self.upstream_timeout)
+
 
 def load_settings(environ: Dict[str, str]) -> Settings:
     """Parse every setting from ``environ``; raise ConfigError naming the first bad one."""
@@ -1266,10 +1271,6 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def check_name(name: str) -> str:
     if not NAME_RE.match(name) or name in ROUTE_WORDS:
         raise AdminError(400, "invalid name: use 1-64 of A-Z a-z 0-9 . _ @ -, "
@@ -1355,12 +1356,10 @@ def _whole_number(text: str, field: str) -> int:
 
 def parse_dollars(text: str, field: str) -> int:
     """US dollars (``5``, ``2.50``, ``0.005``) as integer cost units, exactly."""
-    match = re.match(r"(\d{1,9})(?:\.(\d{0,12}))?\Z", text.strip())
-    if not match:
+    if not re.match(r"\d{1,9}(?:\.\d{0,12})?\Z", text.strip()):
         raise AdminError(400, f"{field} must be an amount of US dollars of 0 or more, "
                               f"such as 5 or 2.50, got {text!r}")
-    fraction = (match.group(2) or "").ljust(12, "0")  # in millionths of a millionth
-    return int(match.group(1)) * COST_UNITS_PER_USD + int(fraction) * COST_UNITS_PER_USD // 10**12
+    return usd_units(text)  # (exact: at most 12 decimals, the cost units' own)
 
 
 def usd(units: int) -> float:
@@ -1372,9 +1371,7 @@ def dollar_text(units: int) -> str:
     """Cost units as dollars for people: cents at least, up to 8 decimals (``0.00000525``)."""
     amount = (decimal.Decimal(units) / COST_UNITS_PER_USD).quantize(
         decimal.Decimal("1e-8"), rounding=decimal.ROUND_HALF_UP)
-    text = f"{amount:f}".rstrip("0")
-    whole, _, fraction = text.partition(".")
-    return f"{whole}.{fraction.ljust(2, '0')}"
+    return _decimal_text(amount)
 
 
 def period_key(period: str, day: datetime.date) -> str:
@@ -1407,13 +1404,23 @@ def period_counter(name: str, period: str, day: datetime.date) -> str:
     return "total:" + name if period == "all" else f"spend:{name}:{period_key(period, day)}"
 
 
-def expiry_passed(user: Dict[str, Any]) -> bool:
-    return bool(user.get("expires")) and user["expires"] <= iso(utcnow())
+def expiry_passed(record: Dict[str, Any]) -> bool:
+    """Whether a user's (or an object's, or new limits') ``expires`` has passed."""
+    return bool(record.get("expires")) and record["expires"] <= iso(utcnow())
 
 
 def allows_model(user: Dict[str, Any], model: str) -> bool:
-    models = user.get("models") or ["*"]
-    return "*" in models or model in models
+    return not has_allowlist(user) or model in user["models"]
+
+
+def has_allowlist(user: Dict[str, Any]) -> bool:
+    """Whether the key may use only some models (its ``models`` is not ``*``)."""
+    return "*" not in (user.get("models") or ["*"])
+
+
+def sees_own_only(user: Dict[str, Any]) -> bool:
+    """Whether the key sees only its own objects (``scope`` own, the default)."""
+    return user.get("scope", "own") != "all"
 
 
 class Store:
@@ -1524,7 +1531,7 @@ class Store:
 
     async def create_user(self, name: str, limits: Dict[str, Any]) -> str:
         key = new_key()
-        user = {"name": name, "key_hash": hash_key(key), "created": now_iso(),
+        user = {"name": name, "key_hash": hash_key(key), "created": iso(utcnow()),
                 **LIMIT_DEFAULTS, **limits}
         created = await self.kv.write(
             {"user:" + name: _dump(user), "key:" + user["key_hash"]: name,
@@ -1687,7 +1694,7 @@ class Store:
             if not re.match(r"[0-9a-f]{64}\Z", str(record.get("key_hash", ""))):
                 raise ValueError(f"user {name!r}: needs a key or a key_hash")
             record = {**LIMIT_DEFAULTS, **record, "name": name,
-                      "created": record.get("created") or now_iso()}
+                      "created": record.get("created") or iso(utcnow())}
             check_imported_limits(name, record)
             old = await self.get_user(name)
             if old is not None and old["key_hash"] != record["key_hash"]:
@@ -1906,33 +1913,17 @@ JSON_DECODER = json.JSONDecoder()
 BLANK_LINE = re.compile(rb"\r?\n\r?\n")  # ends an event of a stream, and an HTTP head
 
 
-def token_counts(usage: Any) -> List[int]:
-    """``[input, output, total]`` from a usage object of any OpenAI API."""
-    if not isinstance(usage, dict):
-        return [0, 0, 0]
-    def number(*names: str) -> int:
-        for name in names:
-            value = usage.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                return value
-        return 0
-    input_tokens = number("prompt_tokens", "input_tokens")
-    output_tokens = number("completion_tokens", "output_tokens")
-    return [input_tokens, output_tokens, number("total_tokens") or input_tokens + output_tokens]
-
-
 def usage_counts(prices: "PriceTable", model: str, usage: Any) -> List[int]:
     """A request's usage row fields after ``requests``: tokens, the cost of
     every kind at its price (0 where the model has none), cached and audio
     tokens. ``usage`` is the upstream's usage object, or ``TokenCounts``."""
     if usage is None:
         return [0] * (len(USAGE_FIELDS) - 1)
-    if isinstance(usage, TokenCounts):
-        kinds, tokens = usage, [usage.input, usage.output, usage.input + usage.output]
-    else:
-        kinds, tokens = token_counts_of(usage), token_counts(usage)
+    kinds = usage if isinstance(usage, TokenCounts) else token_counts_of(usage)
+    total = _whole(usage, "total_tokens") or kinds.input + kinds.output
     cost = prices.cost(model, kinds) or 0
-    return tokens + [cost, kinds.cached, kinds.audio_input, kinds.audio_output]
+    return [kinds.input, kinds.output, total, cost, kinds.cached, kinds.audio_input,
+            kinds.audio_output]
 
 
 def usage_in(obj: Any) -> Optional[Tuple[Optional[str], Dict[str, Any]]]:
@@ -3048,7 +3039,7 @@ class Ownership:
     async def owner(self, object_id: str) -> Optional[str]:
         record = (self.pending[object_id] if object_id in self.pending
                   else await self.store.object_record(object_id))
-        if record is None or (record.get("expires") and record["expires"] <= iso(utcnow())):
+        if record is None or expiry_passed(record):
             return None
         return record["user"]
 
@@ -3129,6 +3120,15 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def compute_etag(self) -> Optional[str]:
         return None  # answers are passed through or freshly made: never 304
+
+    def answer_preflight(self) -> None:
+        """CORS preflight, answered here: browsers send no key with it."""
+        self.set_status(204)
+        self.set_header("Access-Control-Allow-Methods", CORS_ALLOW_METHODS)
+        self.set_header("Access-Control-Allow-Headers",
+                        self.request.headers.get("Access-Control-Request-Headers")
+                        or CORS_DEFAULT_HEADERS)
+        self.set_header("Access-Control-Max-Age", "86400")
 
     @property
     def log_path(self) -> str:
@@ -3231,20 +3231,22 @@ class MissingVersionHandler(BaseHandler):
                             f"must end in /v1 ({base})", code="unknown_url")
 
     def options(self, *args: str) -> None:
-        answer_preflight(self)
+        self.answer_preflight()
 
 
 # ---------------------------------------------------------------------------
 # Authentication of user keys
 # ---------------------------------------------------------------------------
 
+def bearer(headers: tornado.httputil.HTTPHeaders) -> Optional[str]:
+    """What follows ``Authorization: Bearer`` ("" if nothing); None for no such header."""
+    scheme, _, value = headers.get("Authorization", "").strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
 def key_from_headers(headers: tornado.httputil.HTTPHeaders) -> Optional[str]:
     """The caller's key from ``Authorization: Bearer …`` or ``api-key: …``."""
-    auth = headers.get("Authorization", "")
-    scheme, _, value = auth.strip().partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return headers.get("api-key", "").strip() or None
+    return bearer(headers) or headers.get("api-key", "").strip() or None
 
 
 async def authenticate(store: Store, headers: tornado.httputil.HTTPHeaders,
@@ -4141,15 +4143,16 @@ async def check_limits(app: "App", user: Dict[str, Any], models: List[str]) -> N
     then the quota and budget. Requests per minute come last (take_rpm_slot),
     so a request refused here takes no slot."""
     for model in models:
-        refuse_unlisted_models(user, [model])
-        refuse_unpriced(app, user, model)
+        refuse_model(app, user, model)
     await refuse_over_limits(app, user)
 
 
-def refuse_unlisted_models(user: Dict[str, Any], models: List[str]) -> None:
-    for model in models:
-        if not allows_model(user, model):
-            raise model_not_found(model)
+def refuse_model(app: "App", user: Dict[str, Any], model: str, priced: bool = True) -> None:
+    """404 for a model off the key's allowlist; then, if ``priced``, refuse_unpriced."""
+    if not allows_model(user, model):
+        raise model_not_found(model)
+    if priced:
+        refuse_unpriced(app, user, model)
 
 
 async def take_rpm_slot(app: "App", user: Dict[str, Any]) -> None:
@@ -4187,7 +4190,7 @@ def over_limit(limit: str, used: str, period: str) -> str:
 
 def refuse_unpriced(app: "App", user: Dict[str, Any], model: str) -> None:
     """For a key with a budget, a model without a price is 400: it would cost nothing."""
-    if user.get("budget") and not app.prices.has_price(model):
+    if user.get("budget") and not app.settings.prices.has_price(model):
         raise ApiError(400, f"The model `{model}` has no price in this proxy's price table, "
                             "and this key has a budget. Ask the owner of this proxy to add "
                             "its price (PRICES_FILE).", code="model_not_priced")
@@ -4211,7 +4214,7 @@ CLOSED_PATHS = {
 
 def refuse_closed_paths(user: Dict[str, Any], route: str, method: str) -> None:
     """For a user who sees only their own objects: no administration endpoints."""
-    isolated = user.get("scope", "own") != "all"
+    isolated = sees_own_only(user)
     closed = ADMIN_ONLY_PATH.match(route)
     if isolated and closed:
         what = CLOSED_PATHS.get(closed.group(1), "use the account's administration endpoints")
@@ -4228,13 +4231,21 @@ async def refuse_unless_owner(app: "App", user: Dict[str, Any], collection: str,
         raise no_such_object(object_id, OWNED_COLLECTIONS[collection])
 
 
+async def refuse_others_ids(app: "App", user: Dict[str, Any], obj: Any) -> None:
+    """404 for the first object ``obj`` refers to (a request body, a client event)
+    that is not the user's own."""
+    for object_id in referenced_ids(obj):
+        if await app.owners.owner(object_id) != user["name"]:
+            raise no_such_object(object_id)
+
+
 async def check_path_access(app: "App", user: Dict[str, Any], route: str, method: str) -> None:
     """The path rules for a WebSocket (the HTTP proxy's are in its plan): no
     administration endpoints, no one else's object, for a user who sees only
     their own."""
     refuse_closed_paths(user, route, method)
     match = COLLECTION_PATH.match(route)
-    if match is not None and user.get("scope", "own") != "all" and names_object(match):
+    if match is not None and sees_own_only(user) and names_object(match):
         collection, object_id, _ = match.groups()
         await refuse_unless_owner(app, user, collection, object_id)
 
@@ -4247,7 +4258,7 @@ def names_object(match: "re.Match[str]") -> bool:
 
 def refuse_ephemeral_keys(user: Dict[str, Any], path: str) -> None:
     limited = (user.get("quota") or user.get("budget") or user.get("rpm")
-               or "*" not in (user.get("models") or ["*"]))
+               or has_allowlist(user))
     if limited and EPHEMERAL_KEYS.match(path):
         raise ApiError(403, "This key has limits, so it may not get a short-lived upstream key "
                             "(its use would bypass them): connect through this proxy instead.",
@@ -4502,9 +4513,8 @@ class ProxyHandler(BaseHandler):
         queried = self.get_query_arguments("model")  # every one: see models_in_body
         for model in named + queried:
             self.request_model = model  # (the log names the one refused)
-            refuse_unlisted_models(user, [model])
-            if model in queried and not plan.costs_nothing:
-                refuse_unpriced(self.app, user, model)
+            refuse_model(self.app, user, model,
+                         priced=model in queried and not plan.costs_nothing)
         models = named + queried
         self.request_model = models[0] if models else None
 
@@ -4514,8 +4524,7 @@ class ProxyHandler(BaseHandler):
         for model in models:
             if not allows_model(self.user, model):
                 self.request_model = model  # (the log names the one refused)
-                raise model_not_found(model)
-            refuse_unpriced(self.app, self.user, model)
+            refuse_model(self.app, self.user, model)
 
     async def admit(self) -> None:
         """The last checks, just before the request goes upstream: the quota,
@@ -4532,9 +4541,7 @@ class ProxyHandler(BaseHandler):
 
     async def refuse_others_objects(self, obj: Any) -> None:
         assert self.user is not None  # (authenticated in prepare)
-        for object_id in referenced_ids(obj):
-            if await self.app.owners.owner(object_id) != self.user["name"]:
-                raise no_such_object(object_id)
+        await refuse_others_ids(self.app, self.user, obj)
 
     def note_objects(self, status: int) -> bool:
         """After a 2xx answer: the objects it made are the caller's; a deleted
@@ -4834,7 +4841,7 @@ class ProxyHandler(BaseHandler):
             decompress_response=False,
             follow_redirects=False,
             allow_nonstandard_methods=True,
-            connect_timeout=min(UPSTREAM_CONNECT_TIMEOUT, self.app.settings.upstream_timeout),
+            connect_timeout=self.app.settings.connect_timeout,
             request_timeout=self.app.settings.upstream_timeout,
         )
         self.upstream_request = request
@@ -4966,7 +4973,7 @@ class ProxyHandler(BaseHandler):
     get = post = put = patch = delete = head = _pass_through
 
     def options(self, *args: str) -> None:
-        answer_preflight(self)
+        self.answer_preflight()
 
     # -- the answer: upstream → client (this handler is the UpstreamReceiver) ---
 
@@ -5080,7 +5087,7 @@ class ProxyHandler(BaseHandler):
             return
         model, usage, price_name = self.usage_found() or (None, None, None)
         model = self.app.model_label(model or self.request_model or "-")
-        counts = usage_counts(self.app.prices, price_name or model, usage)
+        counts = usage_counts(self.app.settings.prices, price_name or model, usage)
         if self.plan.fetched_later is not None:
             counts[3] //= METERED_LATER[self.plan.fetched_later]  # (the Batch API's price)
         self.app.usage.record(self.user["name"], model, counts)
@@ -5300,7 +5307,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         await super().get(*args, **kwargs)
 
     def isolated(self) -> bool:
-        return self.user is not None and self.user.get("scope", "own") != "all"
+        return self.user is not None and sees_own_only(self.user)
 
     async def refusal(self, message: str) -> Optional[ApiError]:
         """What a client event may not do: name a model outside the key's list (or
@@ -5308,7 +5315,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         response once the quota or budget is used up."""
         user = self.user
         assert user is not None, "authenticated in get, before the upgrade"
-        limited = "*" not in (user.get("models") or ["*"]) or bool(user.get("budget"))
+        limited = has_allowlist(user) or bool(user.get("budget"))
         if not (limited or self.isolated() or user.get("quota")):
             return None
         if not any(marker in message for marker in ('"model"', '"response.create"', "\\u")
@@ -5322,16 +5329,12 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                 await refuse_over_limits(self.app, user)
             for part in (event, event.get("response"), event.get("session")):
                 model = part.get("model") if isinstance(part, dict) else None
-                if isinstance(model, str) and not allows_model(user, model):
-                    return model_not_found(model)
                 if isinstance(model, str):
-                    refuse_unpriced(self.app, user, model)
+                    refuse_model(self.app, user, model)
+            if self.isolated():
+                await refuse_others_ids(self.app, user, event)
         except ApiError as error:
             return error
-        if self.isolated():
-            for object_id in referenced_ids(event):
-                if await self.app.owners.owner(object_id) != user["name"]:
-                    return no_such_object(object_id)
         return None
 
     def subprotocols(self) -> List[str]:
@@ -5356,7 +5359,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         headers["Authorization"] = "Bearer " + self.app.settings.openapi_api_key
         request = tornado.httpclient.HTTPRequest(
             url, headers=headers, request_timeout=self.app.settings.upstream_timeout,
-            connect_timeout=min(UPSTREAM_CONNECT_TIMEOUT, self.app.settings.upstream_timeout))
+            connect_timeout=self.app.settings.connect_timeout)
         protocols = [p for p in self.subprotocols() if not p.startswith(KEY_SUBPROTOCOL)]
         try:
             return await tornado.websocket.websocket_connect(
@@ -5454,7 +5457,7 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                 model = model or self.transcription_model
             model = self.app.model_label(model or self.get_query_argument("model", "-"))
             self.app.usage.record(self.user["name"], model,
-                                  usage_counts(self.app.prices, model, usage))
+                                  usage_counts(self.app.settings.prices, model, usage))
 
     def note_transcription_model(self, message: str) -> None:
         """The model the session transcribes input audio with, from its
@@ -5475,16 +5478,6 @@ class RealtimeHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 # Self-service: /me, /me/reset and the billing views, with the user's own key
 # ---------------------------------------------------------------------------
 
-def answer_preflight(handler: tornado.web.RequestHandler) -> None:
-    """CORS preflight, answered here: browsers send no key with it."""
-    handler.set_status(204)
-    handler.set_header("Access-Control-Allow-Methods", CORS_ALLOW_METHODS)
-    handler.set_header("Access-Control-Allow-Headers",
-                       handler.request.headers.get("Access-Control-Request-Headers")
-                       or CORS_DEFAULT_HEADERS)
-    handler.set_header("Access-Control-Max-Age", "86400")
-
-
 class UserHandler(BaseHandler):
     """A route answered here for the caller's own key."""
 
@@ -5494,7 +5487,7 @@ class UserHandler(BaseHandler):
             self.log_user = self.user["name"]
 
     def options(self, *args: Optional[str]) -> None:
-        answer_preflight(self)
+        self.answer_preflight()
 
 
 class MeHandler(UserHandler):
@@ -5620,11 +5613,7 @@ class AdminHandler(BaseHandler):
         if wait:
             raise AdminError(429, "too many wrong tokens; try again in a minute",
                              headers={"Retry-After": str(math.ceil(wait))})
-        if self.token_in_path:
-            given = self.path_args[0]
-        else:
-            scheme, _, given = self.request.headers.get("Authorization", "").strip().partition(" ")
-            given = given.strip() if scheme.lower() == "bearer" else ""
+        given = self.path_args[0] if self.token_in_path else bearer(self.request.headers) or ""
         if not self.app.is_access_token(given):
             self.app.note_admin_failure(client)
             raise AdminError(403, "Access forbidden")
@@ -5632,8 +5621,7 @@ class AdminHandler(BaseHandler):
     def names_a_command(self) -> bool:
         """Whether the request names an admin command, so counts as a try at the token."""
         if not self.token_in_path:  # a Bearer on /admin/… (a scanner's Basic is not one)
-            scheme = self.request.headers.get("Authorization", "").strip().partition(" ")[0]
-            return scheme.lower() == "bearer"
+            return bearer(self.request.headers) is not None
         command, name = self._split()
         return command in ADMIN_COMMANDS or (self.request.method == "DELETE" and name is None)
     def authorised_by_session(self) -> bool:
@@ -5694,7 +5682,7 @@ class AdminHandler(BaseHandler):
             raise AdminError(404, "unknown command; see the README for the admin commands")
         elif command == "register":
             limits = parse_limits(self.fields())
-            if limits.get("expires") and limits["expires"] <= iso(utcnow()):
+            if expiry_passed(limits):
                 # A key that could never work: say so rather than hand it out.
                 raise AdminError(400, f"expires {limits['expires']} is in the past")
             await self.app.usage.flush()  # a name's unsaved usage is not the new user's
@@ -5743,8 +5731,10 @@ class AdminHandler(BaseHandler):
         if last_used is None:
             await self.app.usage.flush()  # (the day of the last request may not be written)
             last_used = await self.app.store.last_used(name)
-        requests = (await self.app.usage.used(name, fresh=True))[0]
         spend = await spend_in_period(self.app, user)
+        # (All-time requests: the period's counter when the period is all time.)
+        requests = (spend["requests"] if spend["period"] == "all"
+                    else (await self.app.usage.used(name, fresh=True))[0])
         return {"name": name, "created": user.get("created"),
                 "expires": user.get("expires"), "quota": user.get("quota", 0),
                 "used": spend["used"], "period": spend["period"],
@@ -5872,13 +5862,13 @@ def in_dollars(row: Dict[str, Any]) -> Dict[str, Any]:
 
 
 async def spend_in_period(app: "App", user: Dict[str, Any]) -> Dict[str, Any]:
-    """What the user used in the current period: ``period``, ``used`` (tokens),
-    ``spent`` (USD) and ``spent_units``, ``resets_at``."""
+    """What the user used in the current period: ``period``, ``requests``,
+    ``used`` (tokens), ``spent`` (USD) and ``spent_units``, ``resets_at``."""
     period = user.get("period") or "all"
-    _, tokens, cost = await app.usage.used(user["name"], period, fresh=True)
+    requests, tokens, cost = await app.usage.used(user["name"], period, fresh=True)
     resets = period_resets(period, utcnow().date())
-    return {"period": period, "used": tokens, "spent": usd(cost), "spent_units": cost,
-            "resets_at": iso(resets) if resets else None}
+    return {"period": period, "requests": requests, "used": tokens, "spent": usd(cost),
+            "spent_units": cost, "resets_at": iso(resets) if resets else None}
 
 
 def stats_answer(rows: List[Dict[str, Any]], first_day: str, last_day: str,
@@ -6650,7 +6640,6 @@ class App:
         self._token_digest = hashlib.sha256(settings.access_token.encode()).digest()
         self._admin_failures: Dict[str, List[float]] = {}
         self.usage = UsageBook(store)
-        self.prices = settings.prices  # what each request's usage costs
         self.owners = Ownership(store)
         self.limiter = RateLimiter(store)
         self.active: "set[BaseHandler]" = set()  # requests in flight, for a graceful stop
