@@ -3997,8 +3997,8 @@ def plan_request(method: str, route: str, headers: tornado.httputil.HTTPHeaders,
                  user: Dict[str, Any]) -> RequestPlan:
     """What the proxy will do with a request: a pure function of its method,
     its route (route_path), its headers and the authenticated user."""
-    isolated = user.get("scope", "own") != "all"
-    allowlist = "*" not in (user.get("models") or ["*"])
+    isolated = sees_own_only(user)
+    allowlist = has_allowlist(user)
     checks_models = allowlist or bool(user.get("budget"))
     model_in_body = bool(MODEL_IN_BODY.match(route))
     usage_route = bool(USAGE_ON_REQUEST.match(route))
